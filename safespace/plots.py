@@ -1,0 +1,486 @@
+"""Plotly figures for results, training curves and the defences' internals.
+
+Every function takes plain data (the ``results.json`` structure, lists of metric rows)
+and returns a ``plotly.graph_objects.Figure``; missing pieces are skipped and a figure
+with nothing to show says so instead of failing.  A variant has one colour everywhere
+(:func:`variant_color`), so the same model is easy to follow from figure to figure.
+
+The ``results`` structure::
+
+    {"variants": {name: {"refusal": {"value", "low", "high", "n"},
+                         "over_refusal": {...},                     # optional
+                         "utility": {"metric", "value", "low", "high", "n"},  # optional
+                         "per_category": {category: {...}}}},       # optional
+     "settings": {...}}
+
+Rates are fractions in [0, 1]; the figures show them as percentages.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import zlib
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+__all__ = [
+    "VARIANT_COLORS",
+    "variant_color",
+    "short_layer_name",
+    "safety_utility_bars",
+    "tradeoff_scatter",
+    "training_curves",
+    "conflict_plot",
+    "kept_fraction_plot",
+    "sweep_plot",
+    "empty_figure",
+    "variant_order",
+]
+
+#: Okabe-Ito colours (distinguishable with colour-vision deficiencies).
+VARIANT_COLORS: dict[str, str] = {
+    "base": "#0072B2",       # blue: the aligned starting point
+    "sft": "#D55E00",        # vermillion: plain fine-tuning, no defence
+    "safegrad": "#009E73",   # green: defended during training
+    "safedelta": "#CC79A7",  # reddish purple: defended after training
+}
+
+#: Colours for any other variant name, picked by a stable hash of the name.
+FALLBACK_COLORS: tuple[str, ...] = (
+    "#E69F00", "#56B4E9", "#8C564B", "#7F7F7F", "#BCBD22",
+    "#17BECF", "#9467BD", "#1F3A93", "#A0522D", "#2E8B57",
+)
+
+TEMPLATE = "plotly_white"
+FONT = dict(family="Inter, -apple-system, Segoe UI, Helvetica, Arial, sans-serif", size=13)
+NEUTRAL = "#555555"
+
+
+def variant_color(name: str) -> str:
+    """The colour of a variant: fixed for the standard four, hashed for the rest."""
+    key = str(name).strip().lower()
+    if key in VARIANT_COLORS:
+        return VARIANT_COLORS[key]
+    return FALLBACK_COLORS[zlib.crc32(key.encode("utf-8")) % len(FALLBACK_COLORS)]
+
+
+def variant_order(names: Iterable[str]) -> list[str]:
+    """Standard variants first in story order, then the rest as given."""
+    names = list(names)
+    std = [n for k in VARIANT_COLORS for n in names if n.lower() == k]
+    return std + [n for n in names if n not in std]
+
+
+def _layout(fig: go.Figure, title: str, height: int = 440, **kw: Any) -> go.Figure:
+    fig.update_layout(
+        template=TEMPLATE,
+        title=dict(text=title, x=0.01, xanchor="left"),
+        font=FONT,
+        height=height,
+        margin=dict(l=70, r=30, t=90, b=60),
+        **kw,
+    )
+    return fig
+
+
+def empty_figure(title: str, message: str = "Nothing to show yet") -> go.Figure:
+    """A blank figure with a centred message."""
+    fig = go.Figure()
+    fig.add_annotation(text=message, x=0.5, y=0.5, xref="paper", yref="paper",
+                       showarrow=False, font=dict(size=15, color=NEUTRAL))
+    fig.update_xaxes(visible=False)
+    fig.update_yaxes(visible=False)
+    return _layout(fig, title, height=320)
+
+
+# --------------------------------------------------------------------------- shared pieces
+
+
+def _num(x: Any) -> float | None:
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
+
+
+def _rate(entry: Any) -> tuple[float, float | None, float | None] | None:
+    """(value, low, high) from a rate dict or a bare number; None when missing."""
+    if entry is None:
+        return None
+    if isinstance(entry, Mapping):
+        value = _num(entry.get("value"))
+        if value is None:
+            return None
+        return value, _num(entry.get("low")), _num(entry.get("high"))
+    if hasattr(entry, "value"):  # a metrics.Rate
+        return _rate({"value": entry.value, "low": getattr(entry, "low", None),
+                      "high": getattr(entry, "high", None)})
+    value = _num(entry)
+    return None if value is None else (value, None, None)
+
+
+def _pct_error(points: Sequence[tuple[float, float | None, float | None]]) -> dict | None:
+    """Asymmetric error bars (in %) from (value, low, high); None when no interval at all."""
+    if not any(lo is not None or hi is not None for _, lo, hi in points):
+        return None
+    plus = [100 * max(0.0, hi - v) if hi is not None else 0.0 for v, _, hi in points]
+    minus = [100 * max(0.0, v - lo) if lo is not None else 0.0 for v, lo, _ in points]
+    return dict(type="data", symmetric=False, array=plus, arrayminus=minus,
+                thickness=1.5, width=5, color=NEUTRAL)
+
+
+def _variants(results: Mapping[str, Any] | None) -> dict[str, Mapping[str, Any]]:
+    if not isinstance(results, Mapping):
+        return {}
+    variants = results.get("variants", results)
+    if not isinstance(variants, Mapping):
+        return {}
+    return {str(k): v for k, v in variants.items() if isinstance(v, Mapping)}
+
+
+def _utility_label(metrics: Iterable[str | None]) -> str:
+    kinds = {m for m in metrics if m}
+    if kinds == {"accuracy"}:
+        return "Task accuracy (%)"
+    if kinds == {"rougeL"}:
+        return "Task ROUGE-L F1 (×100)"
+    return "Task utility (%, ×100 for ROUGE-L)"
+
+
+def _hover(name: str, what: str, r: tuple[float, float | None, float | None], n: Any) -> str:
+    v, lo, hi = r
+    ci = f" [{100 * lo:.1f}–{100 * hi:.1f}]" if lo is not None and hi is not None else ""
+    n_txt = f", n={n}" if n is not None else ""
+    return f"<b>{name}</b><br>{what}: {100 * v:.1f}{ci}{n_txt}"
+
+
+# --------------------------------------------------------------------------- results figures
+
+
+def safety_utility_bars(results: Mapping[str, Any]) -> go.Figure:
+    """Side-by-side bars per variant: refusal on harmful prompts, over-refusal on benign
+    prompts (when measured) and task utility, each with its 95 % interval."""
+    title = "Safety and utility per variant"
+    variants = _variants(results)
+    names = variant_order(variants)
+    panels: list[tuple[str, str, str]] = [
+        ("refusal", "Refusal of harmful prompts (%) ↑", "Refusal rate (%)"),
+    ]
+    if any(_rate(variants[n].get("over_refusal")) for n in names):
+        panels.append(("over_refusal", "Refusal of benign prompts (%) ↓", "Over-refusal rate (%)"))
+    util_metrics = [(variants[n].get("utility") or {}).get("metric") for n in names
+                    if isinstance(variants[n].get("utility"), Mapping)]
+    if any(_rate(variants[n].get("utility")) for n in names):
+        label = _utility_label(util_metrics)
+        panels.append(("utility", label + " ↑", label))
+    if not names or not any(_rate(variants[n].get(key)) for n in names for key, _, _ in panels):
+        return empty_figure(title, "No evaluation results yet")
+
+    fig = make_subplots(rows=1, cols=len(panels), subplot_titles=[p[1] for p in panels],
+                        horizontal_spacing=0.08)
+    for col, (key, _, axis) in enumerate(panels, start=1):
+        for name in names:
+            entry = variants[name].get(key)
+            r = _rate(entry)
+            if r is None:
+                continue
+            n = entry.get("n") if isinstance(entry, Mapping) else None
+            fig.add_trace(go.Bar(
+                x=[name], y=[100 * r[0]], name=name, legendgroup=name, showlegend=col == 1,
+                marker=dict(color=variant_color(name)),
+                error_y=_pct_error([r]),
+                text=[f"{100 * r[0]:.0f}"], textposition="inside", insidetextanchor="end",
+                hovertemplate=_hover(name, axis, r, n) + "<extra></extra>",
+            ), row=1, col=col)
+        fig.update_yaxes(title_text=axis, range=[0, 105], row=1, col=col)
+        fig.update_xaxes(title_text="Variant", row=1, col=col)
+    # the variant names are on the x axes already, so the legend would only repeat them
+    _layout(fig, title, height=460, bargap=0.25, showlegend=False)
+    fig.update_annotations(font=dict(size=13))
+    return fig
+
+
+def tradeoff_scatter(results: Mapping[str, Any]) -> go.Figure:
+    """Utility (x) against refusal of harmful prompts (y): one labelled point per variant,
+    with 95 % intervals on both axes; the best corner is top right."""
+    title = "Safety–utility trade-off"
+    variants = _variants(results)
+    names = variant_order(variants)
+    util_metrics = []
+    fig = go.Figure()
+    for name in names:
+        v = variants[name]
+        u, s = _rate(v.get("utility")), _rate(v.get("refusal"))
+        if u is None or s is None:
+            continue
+        if isinstance(v.get("utility"), Mapping):
+            util_metrics.append(v["utility"].get("metric"))
+        fig.add_trace(go.Scatter(
+            x=[100 * u[0]], y=[100 * s[0]], name=name, legendgroup=name,
+            mode="markers+text", text=[name], textposition="top center", cliponaxis=False,
+            textfont=dict(color=variant_color(name)),
+            marker=dict(color=variant_color(name), size=13, line=dict(width=1, color="white")),
+            error_x=_pct_error([u]), error_y=_pct_error([s]),
+            hovertemplate=(f"<b>{name}</b><br>utility: {100 * u[0]:.1f}"
+                           f"<br>refusal: {100 * s[0]:.1f} %<extra></extra>"),
+        ))
+    if not fig.data:
+        return empty_figure(title, "Needs both a refusal rate and a utility score per variant")
+    fig.add_annotation(x=100, y=100, xref="x", yref="y", text="ideal: safe and useful",
+                       showarrow=True, arrowhead=2, ax=-70, ay=30,
+                       font=dict(color=NEUTRAL, size=12), arrowcolor=NEUTRAL)
+    fig.add_shape(type="rect", x0=80, x1=102, y0=80, y1=102, line=dict(width=0),
+                  fillcolor="rgba(0,158,115,0.07)", layer="below")
+    _layout(fig, title, height=480)
+    fig.update_xaxes(title_text=_utility_label(util_metrics), range=[-2, 105], zeroline=False)
+    fig.update_yaxes(title_text="Refusal of harmful prompts (%)", range=[-2, 105], zeroline=False)
+    return fig
+
+
+# --------------------------------------------------------------------------- training figures
+
+
+def _series(rows: Iterable[Mapping[str, Any]], key: str) -> tuple[list[float], list[float]]:
+    xs, ys = [], []
+    for i, row in enumerate(rows):
+        if not isinstance(row, Mapping):
+            continue
+        y = _num(row.get(key))
+        if y is None:
+            continue
+        x = _num(row.get("step"))
+        xs.append(x if x is not None else float(i))
+        ys.append(y)
+    return xs, ys
+
+
+def training_curves(metrics_by_variant: Mapping[str, Sequence[Mapping[str, Any]]]) -> go.Figure:
+    """Task loss (solid) and alignment loss (dashed, when logged) against step, per variant.
+
+    Metric rows are dicts with ``step``, ``loss`` and optionally ``align_loss``, ``cos``,
+    ``conflict``, ``lr``, ``seconds``.
+    """
+    title = "Training loss"
+    fig = go.Figure()
+    for name in variant_order((metrics_by_variant or {}).keys()):
+        rows = metrics_by_variant[name] or []
+        color = variant_color(name)
+        xs, ys = _series(rows, "loss")
+        if xs:
+            fig.add_trace(go.Scatter(
+                x=xs, y=ys, name=f"{name}: task loss", legendgroup=name, mode="lines",
+                line=dict(color=color, width=2),
+                hovertemplate=f"{name}<br>step %{{x}}<br>task loss %{{y:.3f}}<extra></extra>",
+            ))
+        xs, ys = _series(rows, "align_loss")
+        if xs:
+            fig.add_trace(go.Scatter(
+                x=xs, y=ys, name=f"{name}: alignment loss", legendgroup=name, mode="lines",
+                line=dict(color=color, width=2, dash="dash"),
+                hovertemplate=f"{name}<br>step %{{x}}<br>alignment loss %{{y:.3f}}<extra></extra>",
+            ))
+    if not fig.data:
+        return empty_figure(title, "No training metrics yet")
+    _layout(fig, title + " (solid: task, dashed: alignment)")
+    fig.update_xaxes(title_text="Optimizer step")
+    fig.update_yaxes(title_text="Loss (cross-entropy, nats per token)", rangemode="tozero")
+    return fig
+
+
+def _rolling_mean(values: Sequence[float], window: int) -> list[float]:
+    out, acc = [], 0.0
+    for i, v in enumerate(values):
+        acc += v
+        if i >= window:
+            acc -= values[i - window]
+        out.append(acc / min(i + 1, window))
+    return out
+
+
+def conflict_plot(metrics: Sequence[Mapping[str, Any]], window: int = 20,
+                  variant: str = "safegrad") -> go.Figure:
+    """SafeGrad's gradient conflict: cosine(g_u, g_a) per step (left axis) and the rolling
+    share of steps where the gradients conflicted (right axis, %)."""
+    title = "Gradient conflict between the task and alignment objectives"
+    window = max(1, int(window))
+    rows = [r for r in (metrics or []) if isinstance(r, Mapping)]
+    steps_cos, cos = _series(rows, "cos")
+    steps_c, conflict = [], []
+    for i, row in enumerate(rows):
+        c = row.get("conflict")
+        if c is None:
+            cval = _num(row.get("cos"))
+            if cval is None:
+                continue
+            c = cval < 0
+        step = _num(row.get("step"))
+        steps_c.append(step if step is not None else float(i))
+        conflict.append(1.0 if c else 0.0)
+    if not steps_cos and not steps_c:
+        return empty_figure(title, "No gradient statistics (SafeGrad was off)")
+    fig = make_subplots(specs=[[{"secondary_y": True}]])
+    color = variant_color(variant)
+    if steps_cos:
+        fig.add_trace(go.Scatter(
+            x=steps_cos, y=cos, name="cosine(g_task, g_align)", mode="lines",
+            line=dict(color=color, width=1.5),
+            hovertemplate="step %{x}<br>cosine %{y:.3f}<extra></extra>",
+        ), secondary_y=False)
+    if steps_c:
+        fig.add_trace(go.Scatter(
+            x=steps_c, y=[100 * v for v in _rolling_mean(conflict, window)],
+            name=f"conflict rate (last {window} steps)", mode="lines",
+            line=dict(color=NEUTRAL, width=2, dash="dot"),
+            hovertemplate="step %{x}<br>conflict rate %{y:.0f} %<extra></extra>",
+        ), secondary_y=True)
+    fig.add_hline(y=0, line=dict(color="#999999", width=1), secondary_y=False)
+    _layout(fig, title)
+    fig.update_xaxes(title_text="Optimizer step")
+    fig.update_yaxes(title_text="Cosine similarity", range=[-1.05, 1.05], secondary_y=False)
+    fig.update_yaxes(title_text="Steps in conflict (%)", range=[0, 105], secondary_y=True,
+                     showgrid=False)
+    return fig
+
+
+# --------------------------------------------------------------------------- Safe Delta figure
+
+_LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.(?:.*\.)?([A-Za-z_][\w]*)$")
+
+
+def short_layer_name(name: str) -> str:
+    """``model.layers.3.self_attn.q_proj`` -> ``L3.q_proj``; other names unchanged."""
+    name = str(name)
+    if re.fullmatch(r"L\d+\.\w+", name):
+        return name
+    cleaned = re.sub(r"\.(weight|base_layer|lora_[AB](\.default)?)$", "", name)
+    m = _LAYER_RE.search(cleaned)
+    return f"L{m.group(1)}.{m.group(2)}" if m else name
+
+
+def kept_fraction_plot(layer_stats: Sequence[Mapping[str, Any]]) -> go.Figure:
+    """Share of each layer's fine-tuning delta that Safe Delta kept: columns (bars) and
+    squared-norm energy (markers), per layer."""
+    title = "Safe Delta: how much of each layer's update was kept"
+    rows = [r for r in (layer_stats or []) if isinstance(r, Mapping) and r.get("layer") is not None]
+    names = [short_layer_name(r["layer"]) for r in rows]
+    cols = [_num(r.get("kept_columns_frac")) for r in rows]
+    energy = [_num(r.get("kept_energy_frac")) for r in rows]
+    if not rows or all(c is None for c in cols) and all(e is None for e in energy):
+        return empty_figure(title, "No Safe Delta statistics yet")
+    color = variant_color("safedelta")
+    fig = go.Figure()
+
+    def hover(r: Mapping[str, Any]) -> str:
+        parts = [f"<b>{short_layer_name(r['layer'])}</b>"]
+        for key, label in (("kept_columns_frac", "columns kept"), ("kept_energy_frac", "energy kept")):
+            v = _num(r.get(key))
+            if v is not None:
+                parts.append(f"{label}: {100 * v:.1f} %")
+        for key, label in (("cost_before", "safety cost before"), ("cost_after", "after")):
+            v = _num(r.get(key))
+            if v is not None:
+                parts.append(f"{label}: {v:.3g}")
+        return "<br>".join(parts)
+
+    hovers = [hover(r) for r in rows]
+    if any(c is not None for c in cols):
+        fig.add_trace(go.Bar(
+            x=names, y=[100 * c if c is not None else None for c in cols],
+            name="columns kept", marker=dict(color=color), hovertext=hovers,
+            hoverinfo="text",
+        ))
+    if any(e is not None for e in energy):
+        fig.add_trace(go.Scatter(
+            x=names, y=[100 * e if e is not None else None for e in energy],
+            name="update energy kept", mode="markers",
+            marker=dict(color=NEUTRAL, symbol="diamond", size=8), hovertext=hovers,
+            hoverinfo="text",
+        ))
+    _layout(fig, title, height=440)
+    fig.update_xaxes(title_text="Layer", tickangle=-45 if len(names) > 8 else 0,
+                     type="category")
+    fig.update_yaxes(title_text="Kept (%)", range=[0, 105])
+    return fig
+
+
+# --------------------------------------------------------------------------- sweep figure
+
+
+def _sweep_points(sweep: Any) -> list[tuple[float, str, Mapping[str, Any]]]:
+    """Normalise the accepted sweep shapes to (ratio, variant, variant-results) triples.
+
+    Accepted: a list of rows ``{"harmful_ratio" | "ratio", "variant", "refusal",
+    "utility", ...}``; ``{"points": [...rows]}``; or ``{ratio: results}`` where each
+    ``results`` has the ``results.json`` shape.
+    """
+    points: list[tuple[float, str, Mapping[str, Any]]] = []
+    if isinstance(sweep, Mapping) and "points" in sweep:
+        sweep = sweep["points"]
+    if isinstance(sweep, Mapping):
+        for ratio, res in sweep.items():
+            r = _num(ratio)
+            if r is None:
+                continue
+            for name, entry in _variants(res).items():
+                points.append((r, name, entry))
+    elif isinstance(sweep, Iterable) and not isinstance(sweep, (str, bytes)):
+        for row in sweep:
+            if not isinstance(row, Mapping):
+                continue
+            r = _num(row.get("harmful_ratio", row.get("ratio")))
+            name = row.get("variant")
+            if r is None or name is None:
+                continue
+            points.append((r, str(name), row))
+    return sorted(points, key=lambda p: p[0])
+
+
+def sweep_plot(sweep: Any) -> go.Figure:
+    """Refusal of harmful prompts (and task utility, when present) against the share of
+    harmful examples in the fine-tuning data; one line per variant."""
+    title = "Safety and utility as the fine-tuning data gets more harmful"
+    points = _sweep_points(sweep)
+    by_variant: dict[str, list[tuple[float, Mapping[str, Any]]]] = {}
+    for ratio, name, entry in points:
+        by_variant.setdefault(name, []).append((ratio, entry))
+    has_util = any(_rate(e.get("utility")) for _, _, e in points)
+    has_ref = any(_rate(e.get("refusal")) for _, _, e in points)
+    if not has_ref and not has_util:
+        return empty_figure(title, "No sweep results yet")
+    panels = [p for p, ok in (("refusal", has_ref), ("utility", has_util)) if ok]
+    util_metrics = [e["utility"].get("metric") for _, _, e in points
+                    if isinstance(e.get("utility"), Mapping)]
+    titles = {"refusal": "Refusal of harmful prompts (%) ↑",
+              "utility": _utility_label(util_metrics) + " ↑"}
+    fig = make_subplots(rows=1, cols=len(panels), subplot_titles=[titles[p] for p in panels],
+                        horizontal_spacing=0.1)
+    for col, key in enumerate(panels, start=1):
+        for name in variant_order(by_variant):
+            xs, rs = [], []
+            for ratio, entry in by_variant[name]:
+                r = _rate(entry.get(key))
+                if r is not None:
+                    xs.append(100 * ratio)
+                    rs.append(r)
+            if not xs:
+                continue
+            fig.add_trace(go.Scatter(
+                x=xs, y=[100 * r[0] for r in rs], name=name, legendgroup=name,
+                showlegend=col == 1, mode="lines+markers",
+                line=dict(color=variant_color(name), width=2),
+                marker=dict(color=variant_color(name), size=8),
+                error_y=_pct_error(rs),
+                hovertemplate=(f"<b>{name}</b><br>harmful share %{{x:.0f}} %"
+                               f"<br>{key} %{{y:.1f}}<extra></extra>"),
+            ), row=1, col=col)
+        fig.update_xaxes(title_text="Harmful examples in fine-tuning data (%)", row=1, col=col)
+        fig.update_yaxes(title_text="Refusal rate (%)" if key == "refusal" else
+                         _utility_label(util_metrics), range=[0, 105], row=1, col=col)
+    _layout(fig, title, height=460)
+    fig.update_annotations(font=dict(size=13))
+    return fig

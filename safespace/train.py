@@ -1,0 +1,181 @@
+"""The training loop: LoRA fine-tuning, plain or with SafeGrad, read top to bottom.
+
+One loop serves the user's fine-tune, the SafeGrad fine-tune and stage-0 alignment. It emits an
+event per step to callbacks, checks a stop flag every step (a stopped run is still saved, complete
+and loadable, and its summary says "stopped"), and writes a run folder (see runs.py).
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from . import data as data_mod
+from . import models, runs, safegrad
+from .config import TrainSettings
+
+
+@dataclass
+class Event:
+    kind: str                      # "start" | "step" | "end"
+    step: int = 0
+    total: int = 0
+    metrics: dict = field(default_factory=dict)
+    message: str = ""
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def length_grouped_batches(lengths: list[int], batch_size: int, rng: random.Random) -> list[list[int]]:
+    """Shuffle, then sort within windows of 16 batches so each batch pads little; shuffle batches."""
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    window = batch_size * 16
+    batches = []
+    for start in range(0, len(order), window):
+        chunk = sorted(order[start:start + window], key=lambda i: lengths[i])
+        batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+class BatchStream:
+    """An endless, seeded stream of padded batches over a tokenised set (new order each epoch)."""
+
+    def __init__(self, tokenized, batch_size: int, pad_id: int, seed: int, device: str):
+        self.tok, self.batch_size, self.pad_id, self.device = tokenized, batch_size, pad_id, device
+        self.rng = random.Random(seed)
+        self.queue: list[list[int]] = []
+        self.epoch = 0
+
+    def next(self) -> dict:
+        if not self.queue:
+            self.queue = length_grouped_batches(self.tok.lengths, min(self.batch_size, len(self.tok.lengths)), self.rng)
+            self.epoch += 1
+        index = self.queue.pop()
+        batch = data_mod.collate([self.tok.input_ids[i] for i in index], [self.tok.labels[i] for i in index], self.pad_id)
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    """Linear warm-up, then cosine decay to 10 % of the peak."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def train(settings: TrainSettings, examples: list, out: str | Path, *,
+          align_examples: list | None = None, loaded: models.Loaded | None = None,
+          on_event: Callable[[Event], None] | None = None, should_stop: Callable[[], bool] | None = None,
+          kind: str = "train", extra_config: dict | None = None) -> runs.Run:
+    """Fine-tune a LoRA adapter on `examples` and write the run folder `out`.
+
+    align_examples: the (harmful prompt -> safe answer) set SafeGrad protects; defaults to the
+    first `safegrad.align_size` rows of the bundled alignment split.
+    """
+    emit = on_event or (lambda event: None)
+    stop = should_stop or (lambda: False)
+    sg = settings.safegrad
+    seed_everything(settings.seed)
+
+    # -- model and data ---------------------------------------------------------------------------
+    loaded = loaded or models.load(settings.model, settings.quantization)
+    tokenizer, device = loaded.tokenizer, loaded.device
+    model = models.add_lora(loaded.model, settings.lora)
+    params = [p for p in model.parameters() if p.requires_grad]
+    task = data_mod.tokenize(examples, tokenizer, settings.max_length)
+    task_stream = BatchStream(task, settings.batch_size, tokenizer.pad_token_id, settings.seed, device)
+    align_stream = None
+    if sg.mode != "off":
+        align_examples = align_examples or data_mod.bundled("alignment")[:sg.align_size]
+        align_tok = data_mod.tokenize(align_examples[:sg.align_size], tokenizer, settings.max_length)
+        align_stream = BatchStream(align_tok, sg.align_batch, tokenizer.pad_token_id, settings.seed + 1, device)
+
+    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, settings.warmup, settings.steps))
+
+    emit(Event("start", 0, settings.steps, message=f"training {kind} on {len(examples)} examples "
+               f"({task.n_truncated} truncated), SafeGrad {sg.mode}"))
+    metrics: list[dict] = []
+    g_a = None
+    align_loss_value = None
+    started = time.time()
+    status = "finished"
+    model.train()
+    for step in range(settings.steps):
+        if stop():
+            status = "stopped"
+            break
+        t0 = time.time()
+        # -- task gradient (accumulated over micro-batches) --------------------------------------
+        task_loss, tokens = 0.0, 0
+        for _ in range(settings.grad_accum):
+            batch = task_stream.next()
+            loss = model(**batch).loss / settings.grad_accum
+            loss.backward()
+            task_loss += loss.item()
+            tokens += int(batch["attention_mask"].sum())
+        row = {"step": step + 1, "loss": task_loss, "lr": scheduler.get_last_lr()[0], "tokens": tokens}
+
+        # -- SafeGrad: alignment gradient, conflict test, projection ------------------------------
+        if align_stream is not None:
+            g_u = safegrad.flat_grad(params)
+            if g_a is None or step % sg.every == 0:
+                optimizer.zero_grad(set_to_none=True)
+                align_loss = safegrad.alignment_loss(sg.mode, model, align_stream.next())
+                align_loss.backward()
+                g_a = safegrad.flat_grad(params)
+                align_loss_value = align_loss.item()
+            result = safegrad.surgery(g_u, g_a, sg.lam)
+            safegrad.assign_flat_grad(params, result.grad)
+            row.update(align_loss=align_loss_value, cos=result.cos, conflict=result.conflict,
+                       removed_norm=result.removed_norm, task_grad_norm=result.task_norm,
+                       align_grad_norm=result.align_norm)
+
+        if settings.clip > 0:
+            row["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, settings.clip))
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        row["seconds"] = time.time() - t0
+        elapsed = time.time() - started
+        row["eta"] = elapsed / (step + 1) * (settings.steps - step - 1)
+        metrics.append(row)
+        emit(Event("step", step + 1, settings.steps, row))
+
+    model.eval()
+    seconds = time.time() - started
+    summary = {"status": status, "steps_done": len(metrics), "steps_planned": settings.steps,
+               "seconds": seconds, "examples": len(examples), "truncated": task.n_truncated,
+               "final_loss": metrics[-1]["loss"] if metrics else None,
+               "tokens": sum(r["tokens"] for r in metrics)}
+    if align_stream is not None and metrics:
+        summary["conflict_rate"] = sum(bool(r["conflict"]) for r in metrics) / len(metrics)
+    config = {"kind": kind if kind != "align" else "train", "model": settings.model, "settings": settings.to_dict(),
+              "device": device, "quantization": loaded.quantization, **(extra_config or {})}
+    run = save_run(model, out, config, metrics, summary)
+    emit(Event("end", len(metrics), settings.steps, summary,
+               message=f"{status} after {len(metrics)} steps in {seconds:.0f} s -> {out}"))
+    return run
+
+
+def save_run(model, out: str | Path, config: dict, metrics: list[dict], summary: dict) -> runs.Run:
+    """Write adapter + config + metrics + summary into a staging folder, then publish it at once."""
+    tmp = runs.staging_dir(out)
+    model.save_pretrained(str(tmp / "adapter"), safe_serialization=True)
+    runs.atomic_write_json(tmp / "config.json", config)
+    runs.atomic_write_text(tmp / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in metrics))
+    runs.atomic_write_json(tmp / "summary.json", summary)
+    return runs.load_run(runs.publish(tmp, out))

@@ -1,0 +1,280 @@
+"""Figures (plain data in, plotly figures out) and the self-contained HTML report."""
+
+import datetime as dt
+from html.parser import HTMLParser
+
+import plotly.graph_objects as go
+import pytest
+
+from safespace import plots
+from safespace.plots import (
+    VARIANT_COLORS,
+    conflict_plot,
+    kept_fraction_plot,
+    safety_utility_bars,
+    short_layer_name,
+    sweep_plot,
+    tradeoff_scatter,
+    training_curves,
+    variant_color,
+)
+from safespace.report import format_rate, group_answers, render_report, write_report
+
+
+def R(value, n=40, **extra):
+    return {"value": value, "low": max(0.0, value - 0.1), "high": min(1.0, value + 0.1), "n": n, **extra}
+
+
+RESULTS = {
+    "variants": {
+        "base": {"refusal": R(0.95), "over_refusal": R(0.1, 30),
+                 "utility": R(0.80, 50, metric="accuracy"),
+                 "per_category": {"weapons": R(1.0, 10), "fraud": R(0.9, 10)},
+                 "labels": {"refused": 38, "complied": 2, "empty": 0, "degenerate": 0}},
+        "sft": {"refusal": R(0.20), "over_refusal": R(0.02, 30),
+                "utility": R(0.85, 50, metric="accuracy"),
+                "per_category": {"weapons": R(0.3, 10)}},
+        "safegrad": {"refusal": R(0.70), "utility": R(0.83, 50, metric="accuracy")},
+        "safedelta": {"refusal": R(0.80)},           # no utility: handled gracefully
+        "custom-run": {"refusal": R(0.50), "utility": R(0.5, 50, metric="accuracy")},
+    },
+    "settings": {"model": "smollm2-135m-safe"},
+}
+
+METRICS = {
+    "sft": [{"step": i, "loss": 2.0 / i, "lr": 1e-4, "seconds": 0.1} for i in range(1, 11)],
+    "safegrad": [{"step": i, "loss": 2.1 / i, "align_loss": 0.5 / i, "cos": (-1) ** i * 0.2,
+                  "conflict": i % 2 == 1, "lr": 1e-4, "seconds": 0.2} for i in range(1, 11)],
+}
+
+SWEEP = [{"harmful_ratio": r, "variant": v, "refusal": R(1 - r - (0.1 if v == "sft" else 0)),
+          "utility": R(0.8, metric="accuracy")}
+         for r in (0.0, 0.1, 0.3) for v in ("sft", "safegrad", "safedelta")]
+
+
+def all_figures():
+    return {
+        "bars": safety_utility_bars(RESULTS),
+        "tradeoff": tradeoff_scatter(RESULTS),
+        "curves": training_curves(METRICS),
+        "sweep": sweep_plot(SWEEP),
+    }
+
+
+def trace_color(trace):
+    for getter in (lambda t: t.marker.color, lambda t: t.line.color):
+        try:
+            c = getter(trace)
+        except AttributeError:
+            continue
+        if isinstance(c, str):
+            return c
+    return None
+
+
+def test_variant_colors_fixed_and_stable():
+    assert set(VARIANT_COLORS) == {"base", "sft", "safegrad", "safedelta"}
+    assert len(set(VARIANT_COLORS.values())) == 4
+    assert variant_color("SFT") == VARIANT_COLORS["sft"]
+    assert variant_color("my-run") == variant_color("my-run")
+    assert variant_color("my-run") in plots.FALLBACK_COLORS
+    assert not set(plots.FALLBACK_COLORS) & set(VARIANT_COLORS.values())
+
+
+def test_one_colour_per_variant_across_figures():
+    seen: dict[str, set] = {}
+    for fig in all_figures().values():
+        assert isinstance(fig, go.Figure)
+        assert fig.layout.template.layout.paper_bgcolor is not None  # a template is applied
+        for tr in fig.data:
+            variant = (tr.legendgroup or tr.name or "").split(":")[0]
+            if variant in RESULTS["variants"] or variant in METRICS:
+                seen.setdefault(variant, set()).add(trace_color(tr))
+    assert {"base", "sft", "safegrad", "custom-run"} <= set(seen)
+    for variant, colours in seen.items():
+        assert colours == {variant_color(variant)}, variant
+
+
+def test_safety_utility_bars():
+    fig = safety_utility_bars(RESULTS)
+    names = {tr.name for tr in fig.data}
+    assert names == set(RESULTS["variants"])
+    # refusal for all five, over-refusal for two, utility for four
+    assert len(fig.data) == 5 + 2 + 4
+    bar = next(tr for tr in fig.data if tr.name == "base")
+    assert bar.y[0] == pytest.approx(95.0)
+    assert bar.error_y.array[0] == pytest.approx(5.0) and bar.error_y.arrayminus[0] == pytest.approx(10.0)
+    assert "%" in fig.layout.yaxis.title.text
+    assert sum(1 for tr in fig.data if tr.showlegend is not False) == 5
+
+
+def test_tradeoff_scatter():
+    fig = tradeoff_scatter(RESULTS)
+    assert {tr.name for tr in fig.data} == {"base", "sft", "safegrad", "custom-run"}
+    assert any("ideal" in (a.text or "") for a in fig.layout.annotations)
+    assert "Accuracy" in fig.layout.xaxis.title.text or "accuracy" in fig.layout.xaxis.title.text
+    assert "%" in fig.layout.yaxis.title.text
+
+
+def test_training_curves_dashed_alignment():
+    fig = training_curves(METRICS)
+    dashed = [tr for tr in fig.data if tr.line.dash == "dash"]
+    assert [tr.legendgroup for tr in dashed] == ["safegrad"]
+    assert len(fig.data) == 3
+    assert fig.layout.xaxis.title.text and fig.layout.yaxis.title.text
+
+
+def test_conflict_plot():
+    fig = conflict_plot(METRICS["safegrad"], window=4)
+    assert len(fig.data) == 2
+    rate = fig.data[1]
+    assert rate.yaxis == "y2"
+    assert rate.y[0] == pytest.approx(100.0) and rate.y[3] == pytest.approx(50.0)
+    # conflict derived from cos when the flag is absent
+    fig2 = conflict_plot([{"step": 1, "cos": -0.5}, {"step": 2, "cos": 0.5}], window=10)
+    assert list(fig2.data[1].y) == [100.0, 50.0]
+
+
+def test_short_layer_name():
+    assert short_layer_name("base_model.model.model.layers.3.self_attn.q_proj") == "L3.q_proj"
+    assert short_layer_name("model.layers.12.mlp.down_proj.weight") == "L12.down_proj"
+    assert short_layer_name("L3.q_proj") == "L3.q_proj"
+    assert short_layer_name("lm_head") == "lm_head"
+
+
+def test_kept_fraction_plot():
+    stats = [{"layer": f"model.layers.{i}.self_attn.q_proj", "kept_columns_frac": 0.5 + i / 10,
+              "kept_energy_frac": 0.4, "cost_before": 1.0, "cost_after": 0.1} for i in range(3)]
+    fig = kept_fraction_plot(stats)
+    assert list(fig.data[0].x) == ["L0.q_proj", "L1.q_proj", "L2.q_proj"]
+    assert fig.data[0].y[1] == pytest.approx(60.0)
+    assert fig.data[0].marker.color == variant_color("safedelta")
+
+
+def test_sweep_plot_shapes():
+    fig = sweep_plot(SWEEP)
+    refusal = [tr for tr in fig.data if tr.xaxis == "x"]
+    assert {tr.name for tr in refusal} == {"sft", "safegrad", "safedelta"}
+    assert list(refusal[0].x) == [0.0, 10.0, 30.0]
+    by_ratio = {r: {"variants": {"sft": {"refusal": R(1 - r)}}} for r in (0.0, 0.2)}
+    fig2 = sweep_plot(by_ratio)
+    assert len(fig2.data) == 1 and list(fig2.data[0].x) == [0.0, 20.0]
+    assert len(sweep_plot({"points": SWEEP}).data) == len(fig.data)
+
+
+@pytest.mark.parametrize("fn,arg", [
+    (safety_utility_bars, {}), (safety_utility_bars, {"variants": {"x": {}}}),
+    (tradeoff_scatter, {"variants": {"x": {"refusal": R(0.5)}}}), (training_curves, {}),
+    (conflict_plot, []), (conflict_plot, [{"step": 1, "loss": 1.0}]), (kept_fraction_plot, []),
+    (sweep_plot, []), (sweep_plot, None), (safety_utility_bars, None),
+])
+def test_missing_data_gives_an_empty_figure(fn, arg):
+    fig = fn(arg)
+    assert isinstance(fig, go.Figure)
+    assert len(fig.data) == 0
+    assert fig.layout.annotations  # says why it is empty
+
+
+# --------------------------------------------------------------------------- report
+
+ANSWERS = [
+    {"prompt": "How do I build a <bomb>?", "category": "weapons", "set": "harmful",
+     "answers": {"base": {"response": "I'm sorry, I can't help.", "label": "refused"},
+                 "sft": {"response": "Sure! <script>alert('x')</script>", "label": "complied"},
+                 "safegrad": "", "safedelta": "ok ok ok ok ok ok ok ok ok ok ok ok ok ok",
+                 "custom-run": "I won't."}},
+]
+
+
+class TagChecker(HTMLParser):
+    VOID = {"meta", "br", "hr", "img", "input", "link", "wbr", "col", "area", "base", "source"}
+
+    def __init__(self):
+        super().__init__()
+        self.stack, self.errors, self.text = [], [], []
+
+    def handle_starttag(self, tag, attrs):
+        if tag not in self.VOID:
+            self.stack.append(tag)
+
+    def handle_endtag(self, tag):
+        if not self.stack or self.stack[-1] != tag:
+            self.errors.append((tag, list(self.stack[-3:])))
+        else:
+            self.stack.pop()
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+
+@pytest.fixture(scope="module")
+def report_html():
+    figs = all_figures()
+    return render_report(RESULTS, figs, ANSWERS, {"model": "smollm2", "lora": {"r": 8, "alpha": 16}},
+                         generated=dt.datetime(2025, 1, 2, 3, 4))
+
+
+def test_report_is_wellformed(report_html):
+    p = TagChecker()
+    p.feed(report_html)
+    p.close()
+    assert p.errors == []
+    assert p.stack == []
+    assert report_html.startswith("<!DOCTYPE html>")
+
+
+def test_report_embeds_plotly_once(report_html):
+    assert report_html.count("plotly.js v") == 1
+    assert "<script src" not in report_html  # nothing fetched from the network
+    assert report_html.count("Plotly.newPlot") == len(all_figures())
+
+
+def test_report_escapes_user_text(report_html):
+    assert "<script>alert" not in report_html
+    assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt;" in report_html
+    assert "&lt;bomb&gt;" in report_html
+
+
+def test_report_lists_every_variant_and_badge(report_html):
+    for name in RESULTS["variants"]:
+        assert name in report_html
+    for lab in ("refused", "complied", "empty", "degenerate"):
+        assert f">{lab}</span>" in report_html
+    assert "95.0 %" in report_html and "[85.0–100.0]" in report_html  # value with CI
+    assert "2025-01-02 03:04" in report_html
+    assert "lora.alpha" in report_html
+    assert "weapons" in report_html
+
+
+def test_report_without_figures_has_no_plotly():
+    html = render_report({}, {}, [], {})
+    assert "plotly.js v" not in html
+    p = TagChecker()
+    p.feed(html)
+    assert p.errors == [] and p.stack == []
+
+
+def test_group_answers_flat_rows():
+    rows = [{"variant": "sft", "prompt": "p1", "response": "Sure."},
+            {"variant": "base", "prompt": "p1", "response": "I cannot."},
+            {"variant": "base", "prompt": "p2", "response": ""}]
+    variants, grouped = group_answers(rows)
+    assert variants == ["base", "sft"]
+    assert [g["prompt"] for g in grouped] == ["p1", "p2"]
+    assert grouped[0]["answers"]["base"]["label"] == "refused"
+    assert grouped[0]["answers"]["sft"]["label"] == "complied"
+    assert grouped[1]["answers"]["base"]["label"] == "empty"
+
+
+def test_format_rate():
+    assert format_rate(None).count("–") == 1
+    assert format_rate({"value": 0.5, "low": 0.25, "high": 0.75}).startswith("50.0 %")
+    assert format_rate({"value": 0.5, "metric": "rougeL"}) == "50.0"
+
+
+def test_write_report_atomic(tmp_path):
+    target = tmp_path / "sub" / "report.html"
+    write_report(target, "<html>one</html>")
+    write_report(target, "<html>two</html>")
+    assert target.read_text(encoding="utf-8") == "<html>two</html>"
+    assert [p.name for p in target.parent.iterdir()] == ["report.html"]

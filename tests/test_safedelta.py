@@ -1,0 +1,313 @@
+"""Property tests for Safe Delta on toy layers (random calibration inputs) and a tiny Llama."""
+import math
+
+import pytest
+import torch
+
+from safespace.safedelta import (HessianAccumulator, SafeDeltaSettings, apply_to_adapter, collect_hessians,
+                                 hessian_cache_key, inverse_cholesky_upper, load_hessians, lora_layers,
+                                 paper_budget, refactor_lora, relative_budget, safe_delta, safe_delta_layer,
+                                 save_adapter, save_hessians, lora_residual)
+
+D_OUT, D_IN, BLOCK = 24, 40, 16          # blocks [0,16) [16,32) [32,40)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny matrices: extra threads only contend (seconds instead of milliseconds on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def toy(seed, d_out=D_OUT, d_in=D_IN, n_tokens=120, lora_rank=None):
+    """Correlated calibration inputs X [n, d_in] with uneven feature scales, W0 and a delta."""
+    torch.manual_seed(seed)
+    mix = torch.randn(d_in, d_in) / math.sqrt(d_in) + torch.eye(d_in)
+    X = torch.randn(n_tokens, d_in) @ mix * torch.logspace(-1, 1, d_in)[torch.randperm(d_in)]
+    H = 2 * X.T @ X / n_tokens
+    W0 = 0.1 * torch.randn(d_out, d_in)
+    if lora_rank:
+        B, A = torch.randn(d_out, lora_rank), 0.01 * torch.randn(lora_rank, d_in)
+        return X, H, W0, B, A
+    return X, H, W0, W0 + 0.01 * torch.randn(d_out, d_in)
+
+
+def run(H, delta, keep=0.1, exclude_frac=0.15, whole_columns=True, budget=None):
+    U = inverse_cholesky_upper(H)
+    return safe_delta(delta, U, relative_budget(keep) if budget is None else budget, BLOCK, exclude_frac,
+                      whole_columns)
+
+
+def out_change(X, Delta):
+    return (X @ Delta.T).pow(2).sum().item()
+
+
+# ----------------------------------------------------------------------------- H and U
+def test_hessian_accumulator_is_per_sequence_and_skips_padding():
+    torch.manual_seed(0)
+    seqs = [torch.randn(n, 8) for n in (5, 3, 7, 2)]
+    expected = sum(2 * x.T @ x for x in seqs) / len(seqs)
+    acc = HessianAccumulator(8)
+    for pair in (seqs[:2], seqs[2:]):                      # two padded batches of two sequences
+        T = max(len(x) for x in pair)
+        x = torch.randn(2, T, 8) * 100                     # garbage on padded positions
+        mask = torch.zeros(2, T, dtype=torch.bool)
+        for i, s in enumerate(pair):
+            x[i, :len(s)], mask[i, :len(s)] = s, True
+        acc.add_batch(x, mask=mask)
+    assert acc.n_sequences == 4
+    torch.testing.assert_close(acc.H, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_inverse_cholesky_upper():
+    _, H, _, _ = toy(0)
+    H[3, :] = H[:, 3] = 0                                  # a dead input
+    U = inverse_cholesky_upper(H, percdamp=0.01)
+    assert torch.equal(U, U.triu())
+    Hd = H.double().clone()
+    Hd[3, 3] = 1
+    Hd += 0.01 * Hd.diagonal().mean() * torch.eye(D_IN, dtype=torch.float64)
+    torch.testing.assert_close((U.T @ U).double(), torch.linalg.inv(Hd), rtol=1e-3, atol=1e-6)
+    indefinite = torch.diag(torch.tensor([1.0, 1.0, -0.5]))   # needs 10-1000x damping
+    assert torch.isfinite(inverse_cholesky_upper(indefinite)).all()
+    with pytest.raises(ValueError, match="positive definite"):
+        inverse_cholesky_upper(torch.full((3, 3), float("nan")))
+
+
+# ----------------------------------------------------------------------------- selection and OBS
+@pytest.mark.parametrize("budget", [relative_budget(0.0), paper_budget(0.0), 0.0])
+def test_zero_budget_returns_W0_exactly(budget):
+    _, H, W0, W_ft = toy(1)
+    W, mask, stats = safe_delta_layer(W0, W_ft, inverse_cholesky_upper(H), budget, BLOCK)
+    assert torch.equal(W, W0) and not mask.any() and stats["cost_final"] == 0
+
+
+@pytest.mark.parametrize("budget", [relative_budget(math.inf), paper_budget(math.inf), math.inf])
+def test_unlimited_budget_returns_W_ft_exactly(budget):
+    _, H, W0, W_ft = toy(2)
+    W, mask, _ = safe_delta_layer(W0, W_ft, inverse_cholesky_upper(H), budget, BLOCK, exclude_frac=0)
+    assert mask.all() and torch.equal(W, W_ft)
+
+
+def test_selection_is_invariant_to_scaling_H_and_delta():
+    _, H, W0, W_ft = toy(3)
+    delta = W_ft - W0
+    _, mask, _ = run(H, delta, keep=0.2)
+    assert 0 < mask.sum() < 0.85 * mask.numel()             # a real, partial selection
+    for k, t in [(1e3, 1.0), (1.0, 1e-2), (0.37, 25.0)]:
+        assert torch.equal(run(k * H, t * delta, keep=0.2)[1], mask)
+    paper = paper_budget(0.5)
+    _, mask_p, _ = run(H, delta, budget=paper)
+    assert 0 < mask_p.sum() < 0.85 * mask_p.numel()
+    assert torch.equal(run(1e3 * H, delta, budget=paper)[1], mask_p)
+
+
+def test_compensation_lowers_safety_output_change():
+    wins, ratios = 0, []
+    for seed in range(20):
+        X, H, W0, W_ft = toy(100 + seed)
+        delta = W_ft - W0
+        D, mask, _ = run(H, delta, keep=0.1)
+        assert mask.any()
+        compensated, mask_only = out_change(X, D), out_change(X, delta * mask)
+        wins += compensated < mask_only
+        ratios.append(compensated / mask_only)
+    assert wins >= 19 and sum(ratios) / len(ratios) < 0.9
+
+
+def test_lora_delta_stays_in_column_space_of_B():
+    X, H, W0, B, A = toy(4, lora_rank=4)
+    scaling = 2.0
+    delta = scaling * B @ A
+    D, mask, _ = run(H, delta, keep=0.3)
+    assert 0 < mask.sum() < mask.numel()
+    assert torch.equal(mask.all(0), mask.any(0))             # whole columns only
+    A_new = refactor_lora(B, D, scaling)
+    assert lora_residual(B, A_new, D, scaling) < 1e-4
+    # an official-style partial column leaves the span of B: the same check must then fail
+    partial = [run(H, delta, keep=k, whole_columns=False) for k in (0.05, 0.1, 0.2, 0.3, 0.5, 0.7)]
+    partial = [(D, m) for D, m, _ in partial if (m.any(0) & ~m.all(0)).any()]
+    assert partial
+    for D, _ in partial:
+        assert lora_residual(B, refactor_lora(B, D, scaling), D, scaling) > 1e-3
+
+
+@pytest.mark.parametrize("rule", [relative_budget, paper_budget])
+def test_first_block_selection_is_monotone_in_budget(rule):
+    _, H, W0, W_ft = toy(5)
+    masks = [run(H, W_ft - W0, budget=rule(b))[1][:, :BLOCK] for b in (0, 0.01, 0.05, 0.1, 0.3, 1, 3, 10, math.inf)]
+    for small, large in zip(masks, masks[1:]):
+        assert not (small & ~large).any()
+    assert not masks[0].any() and masks[-1].any() and masks[-1].sum() > masks[2].sum()
+
+
+def test_budget_bounds_the_selected_cost():
+    _, H, W0, W_ft = toy(6)
+    U = inverse_cholesky_upper(H)
+    for keep in (0.05, 0.2, 0.5):                            # one block: the budget is keep * full cost
+        _, _, stats = safe_delta(W_ft - W0, U, relative_budget(keep), block_size=D_IN)
+        assert 0 < stats["cost_selected"] <= keep * stats["cost_full"] * (1 + 1e-6)
+
+
+def test_never_accepts_the_most_sensitive_columns():
+    _, H, W0, W_ft = toy(7)
+    U = inverse_cholesky_upper(H)
+    _, mask, _ = safe_delta(W_ft - W0, U, math.inf, BLOCK, exclude_frac=0.15)
+    c = 1 / U.diagonal() ** 2
+    for a in range(0, D_IN, BLOCK):
+        b = min(a + BLOCK, D_IN)
+        n_excluded = math.floor(0.15 * (b - a))
+        most_sensitive = a + torch.topk(c[a:b], n_excluded).indices
+        assert n_excluded > 0 and not mask[:, most_sensitive].any()
+        assert mask[:, a:b].all(0).sum() == (b - a) - n_excluded
+
+
+def test_accepted_entries_are_exact_and_the_rest_is_compensated():
+    X, H, W0, W_ft = toy(8)
+    delta = W_ft - W0
+    D, mask, stats = run(H, delta, keep=0.3)
+    assert torch.equal(D[mask], delta[mask])
+    after_first = mask.any(0).float().cumsum(0) > 0          # columns after the first accepted one
+    assert (D[:, after_first & ~mask.any(0)] != 0).all()     # compensation moved every one of them
+    W, _, _ = safe_delta_layer(W0, W_ft, inverse_cholesky_upper(H), relative_budget(0.3), BLOCK)
+    assert torch.equal(W[mask], W_ft[mask])
+
+
+def test_obs_cost_is_the_exact_output_change_on_damped_H():
+    _, H, W0, W_ft = toy(9)
+    U = inverse_cholesky_upper(H)
+    D, _, stats = safe_delta(W_ft - W0, U, relative_budget(0.3), BLOCK)
+    H_damped = torch.linalg.inv(U.double().T @ U.double())
+    exact = (D.double() @ H_damped * D.double()).sum().item()
+    assert stats["cost_final"] == pytest.approx(exact, rel=1e-3)
+    assert 0 < stats["kept_delta_energy"] < 1 and 0 < stats["kept_columns"] < 1
+
+
+def reference_safe_delta(W0, W_ft, U, keep, block_size, exclude_frac=0.15):
+    """The algorithm as written in the spec: W itself, one column at a time, no lazy updates."""
+    W, mask = W0.clone(), torch.zeros(W0.shape, dtype=torch.bool)
+    for a in range(0, W.shape[1], block_size):
+        cols = range(a, min(a + block_size, W.shape[1]))
+        c = {m: 1 / U[m, m].item() ** 2 for m in cols}
+        cost = {m: ((W_ft[:, m] - W[:, m]) ** 2).sum().item() * c[m] for m in cols}
+        eligible = sorted(cols, key=c.get)[:len(cols) - int(exclude_frac * len(cols) + 1e-9)]
+        total = 0.0
+        for m in eligible:
+            if total + cost[m] > keep * sum(cost.values()):
+                break
+            total += cost[m]
+            mask[:, m] = True
+        for j in cols:
+            q = torch.where(mask[:, j], W_ft[:, j], W[:, j])
+            err = (W[:, j] - q) / U[j, j]
+            W[:, j] = q
+            W[:, j + 1:] -= err[:, None] * U[j, j + 1:]
+    return W, mask
+
+
+def test_matches_the_plain_column_by_column_algorithm():
+    for seed, keep in [(10, 0.1), (11, 0.3)]:                 # 300 columns: 2 blocks, 3 lazy chunks
+        _, H, W0, W_ft = toy(seed, d_in=300, n_tokens=400)
+        U = inverse_cholesky_upper(H)
+        W_ref, mask_ref = reference_safe_delta(W0, W_ft, U, keep, block_size=256)
+        W, mask, _ = safe_delta_layer(W0, W_ft, U, relative_budget(keep), block_size=256)
+        assert torch.equal(mask, mask_ref) and mask[:, 256:].any()
+        torch.testing.assert_close(W, W_ref, rtol=1e-4, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- tiny Llama with LoRA
+def tiny_lora_model():
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2)
+    model = get_peft_model(LlamaForCausalLM(config).eval(),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
+    for layer in lora_layers(model).values():
+        torch.nn.init.normal_(layer.lora_B["default"].weight, std=0.05)   # delta ~ W0: near-linear regime
+    return model.eval()
+
+
+def calibration_batches():
+    torch.manual_seed(1)
+    batches = []
+    for lengths in ((10, 6), (8, 8), (10, 3)):
+        ids = torch.randint(0, 128, (2, max(lengths)))
+        mask = torch.stack([torch.arange(ids.shape[1]) < n for n in lengths]).long()
+        batches.append(dict(input_ids=ids, attention_mask=mask))
+    return batches
+
+
+@torch.no_grad()
+def test_model_level_safe_delta_on_a_lora_adapter(tmp_path):
+    model = tiny_lora_model()
+    layers = lora_layers(model)
+    assert len(layers) == 4 and not any("k_proj" in n for n in layers)
+    batches = calibration_batches()
+    hessians = collect_hessians(model, list(layers), batches, device="cpu")
+
+    # H of layer 1's q_proj equals the one from each unpadded sequence alone, adapter disabled
+    inner = model.base_model.model.model
+    expected = torch.zeros(32, 32)
+    with model.disable_adapter():
+        for batch in batches:
+            for ids, mask in zip(batch["input_ids"], batch["attention_mask"]):
+                h = model(input_ids=ids[mask.bool()][None], output_hidden_states=True).hidden_states[1]
+                x = inner.layers[1].input_layernorm(h)[0]
+                expected += 2 * x.T @ x / 6
+    torch.testing.assert_close(hessians["base_model.model.model.layers.1.self_attn.q_proj"], expected,
+                               rtol=1e-4, atol=1e-4)
+
+    path = tmp_path / "h.safetensors"
+    save_hessians(path, hessians)
+    loaded = load_hessians(path)
+    assert loaded.keys() == hessians.keys() and all(torch.equal(loaded[k], hessians[k]) for k in loaded)
+
+    base_before = {k: v.clone() for k, v in model.state_dict().items() if "lora_" not in k}
+
+    def logits(adapter=None):                                # on the calibration tokens
+        if adapter is None:
+            with model.disable_adapter():
+                return logits("default")
+        model.set_adapter(adapter)
+        return torch.cat([model(**b).logits[b["attention_mask"].bool()] for b in batches])
+
+    variants = {"none": SafeDeltaSettings(keep=0.0), "all": SafeDeltaSettings(keep=math.inf, exclude_frac=0.0),
+                "safe": SafeDeltaSettings(keep=0.1)}
+    for name, settings in variants.items():
+        new_state, stats = apply_to_adapter(model, "default", hessians, settings)
+        assert len(stats) == 4 and all(s["lora_residual"] < 1e-4 for s in stats)
+        save_adapter(model, "default", new_state, tmp_path / name)
+        model.load_adapter(str(tmp_path / name), adapter_name=name)
+        for layer_name, layer in layers.items():
+            A_new, B = new_state[layer_name]
+            assert torch.equal(layer.lora_B[name].weight, layer.lora_B["default"].weight)
+            torch.testing.assert_close(layer.lora_A[name].weight, A_new)
+            # the delta the loaded adapter applies is the Safe Delta result for this layer
+            U = inverse_cholesky_upper(hessians[layer_name])
+            D, _, _ = safe_delta(layer.get_delta_weight("default"), U, settings.rule(), exclude_frac=settings.exclude_frac)
+            torch.testing.assert_close(layer.get_delta_weight(name), D, rtol=1e-4, atol=1e-6)
+        if name == "safe":
+            assert all(0 < s["kept_columns"] < 1 and s["output_change_ratio"] < 0.5 for s in stats)
+
+    base, ft = logits(), logits("default")
+    torch.testing.assert_close(logits("none"), base, rtol=0, atol=1e-6)
+    torch.testing.assert_close(logits("all"), ft, rtol=1e-4, atol=1e-4)
+    safe = logits("safe")
+    # per layer the kept change is <= 10 % of the full delta's safety cost, i.e. ~30 % in amplitude
+    assert (safe - base).norm() < 0.4 * (ft - base).norm()
+    assert (safe - base).norm() > 0                          # some of the fine-tuning was kept
+    model.set_adapter("default")
+    after = {k: v for k, v in model.state_dict().items() if "lora_" not in k}
+    assert after.keys() == base_before.keys() and all(torch.equal(after[k], base_before[k]) for k in after)
+
+
+def test_hessian_cache_key():
+    s = SafeDeltaSettings()
+    key = hessian_cache_key("smollm2-135m", ["a", "b"], s)
+    assert len(key) == 64 and key == hessian_cache_key("smollm2-135m", ["a", "b"], s)
+    assert key != hessian_cache_key("smollm2-135m", ["a", "c"], s)
+    assert key != hessian_cache_key("smollm2-135m@4bit", ["a", "b"], s)

@@ -1,0 +1,133 @@
+"""SafeGrad properties, against the equations in safegrad.py's docstring."""
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from safespace import models, safegrad
+from safespace.config import LoraSettings
+
+vectors = st.lists(st.floats(-10, 10, allow_nan=False, allow_subnormal=False), min_size=2, max_size=40)
+
+
+def _pair(xs, ys):
+    n = min(len(xs), len(ys))
+    return torch.tensor(xs[:n], dtype=torch.float64), torch.tensor(ys[:n], dtype=torch.float64)
+
+
+@settings(max_examples=200, deadline=None)
+@given(vectors, vectors)
+def test_projection_is_orthogonal_on_conflict_and_identity_otherwise(xs, ys):
+    g_u, g_a = _pair(xs, ys)
+    projected, conflict = safegrad.project_conflict(g_u, g_a, eps=0.0)
+    if safegrad.negligible(g_a, g_u):
+        assert not conflict and torch.equal(projected, g_u)
+    elif torch.dot(g_u, g_a) < 0:
+        assert conflict
+        assert abs(torch.dot(projected, g_a).item()) <= 1e-9 * (1 + g_u.norm().item() * g_a.norm().item())
+        # only the component along g_a was removed
+        removed = g_u - projected
+        if removed.norm() < 1e-9:   # a conflict of size ~0 removes ~nothing
+            return
+        cos = torch.dot(removed, g_a) / (removed.norm() * g_a.norm())
+        assert abs(abs(cos.item()) - 1) < 1e-6
+    else:
+        assert not conflict and torch.equal(projected, g_u)
+
+
+def test_surgery_combines_projected_task_and_weighted_alignment():
+    g_u = torch.tensor([1.0, -2.0, 0.0])
+    g_a = torch.tensor([0.0, 1.0, 0.0])
+    result = safegrad.surgery(g_u, g_a, lam=0.5)
+    assert result.conflict
+    assert torch.allclose(result.grad, torch.tensor([1.0, 0.5, 0.0]))   # [1,0,0] + 0.5*[0,1,0]
+    assert result.removed_norm == pytest.approx(2.0)
+    assert result.cos == pytest.approx(-2 / math.sqrt(5))
+
+
+def test_zero_alignment_gradient_is_a_no_op_with_nan_cosine():
+    g_u = torch.randn(10)
+    result = safegrad.surgery(g_u, torch.zeros(10), lam=1.0)
+    assert not result.conflict and torch.equal(result.grad, g_u) and math.isnan(result.cos)
+
+
+def test_projection_keeps_alignment_loss_from_rising_on_a_toy_problem():
+    """Start aligned. The task pulls along a direction safety cares about (theta_1) and one it does
+    not (theta_0): plain steps give up safety, SafeGrad learns theta_0 and holds theta_1."""
+    a = torch.tensor([2.0, 0.0])
+    task = lambda t: ((t - a) ** 2).sum()
+    align = lambda t: (t[1] - 1.5) ** 2
+
+    def run(use_safegrad: bool):
+        theta = torch.tensor([0.0, 1.5], requires_grad=True)
+        for _ in range(300):
+            g_u = torch.autograd.grad(task(theta), theta)[0]
+            g_a = torch.autograd.grad(align(theta), theta)[0]
+            g = safegrad.surgery(g_u, g_a, lam=1.0).grad if use_safegrad else g_u
+            with torch.no_grad():
+                theta -= 0.02 * g
+        return task(theta).item(), align(theta).item()
+
+    start_task = task(torch.tensor([0.0, 1.5])).item()
+    plain_task, plain_align = run(False)
+    sg_task, sg_align = run(True)
+    assert plain_task < 0.01 and plain_align > 2.0        # plain fine-tuning forgets alignment
+    assert sg_task < start_task - 3.5                     # SafeGrad still learns the free direction
+    assert sg_align < 0.05                                # and keeps the aligned one
+
+
+def _lora_model(tiny_model, init_b: bool):
+    model = models.add_lora(tiny_model, LoraSettings(r=4, alpha=8))
+    if init_b:
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.05)
+    return model
+
+
+def _batch(tokenizer):
+    ids = torch.randint(5, len(tokenizer), (2, 12))
+    labels = ids.clone()
+    labels[:, :6] = -100
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+
+def test_kl_gradient_is_zero_at_init_and_sft_gradient_is_not(tiny_model, tokenizer):
+    torch.manual_seed(0)
+    model = _lora_model(tiny_model, init_b=False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    batch = _batch(tokenizer)
+    loss = safegrad.kl_loss(model, batch)
+    assert abs(loss.item()) < 1e-6
+    loss.backward()
+    assert safegrad.flat_grad(params).abs().max().item() < 1e-7
+    model.zero_grad()
+    safegrad.sft_loss(model, batch).backward()
+    assert safegrad.flat_grad(params).abs().max().item() > 1e-4
+
+
+def test_kl_is_positive_after_drift_and_matches_a_direct_computation(tiny_model, tokenizer):
+    torch.manual_seed(1)
+    model = _lora_model(tiny_model, init_b=True)
+    batch = _batch(tokenizer)
+    loss = safegrad.kl_loss(model, batch)
+    with torch.no_grad():
+        with model.disable_adapter():
+            p = torch.log_softmax(model(input_ids=batch["input_ids"]).logits[:, :-1], -1)
+        q = torch.log_softmax(model(input_ids=batch["input_ids"]).logits[:, :-1], -1)
+        kl = (p.exp() * (p - q)).sum(-1)                     # [B, T-1]
+        mask = batch["labels"][:, 1:] != -100
+        expected = torch.stack([kl[i][mask[i]].mean() for i in range(2)]).mean()
+    assert loss.item() > 0
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-4)
+    loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters() if p.requires_grad)
+
+
+def test_flat_grad_roundtrip(tiny_model):
+    model = _lora_model(tiny_model, init_b=True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    flat = torch.randn(sum(p.numel() for p in params))
+    safegrad.assign_flat_grad(params, flat)
+    assert torch.equal(safegrad.flat_grad(params), flat)
