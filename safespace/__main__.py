@@ -185,6 +185,10 @@ COMMANDS = {"models": _cmd_models, "check-data": _cmd_check_data, "align": _cmd_
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
+    if os.environ.get("SAFESPACE_THREADS"):   # e.g. 1 on a busy machine: OpenMP spin-waits hurt
+        import torch
+
+        torch.set_num_threads(int(os.environ["SAFESPACE_THREADS"]))
     from .config import ConfigError
     from .data import DataError
     from .models import ModelError

@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 from typing import Callable
 
-import torch
 
 from . import data as data_mod
 from . import evaluate, models, runs, train
@@ -61,7 +60,6 @@ def benign_answers(loaded: models.Loaded, prompts: list, key: str) -> list:
         answers = json.loads(cache.read_text())
     else:
         _say(f"answering {len(prompts)} benign prompts with the raw model (keeps the base helpful)...")
-        torch.set_num_threads(max(1, torch.get_num_threads()))
         answers = evaluate.generate(loaded.model, loaded.tokenizer, prompts,
                                     max_new_tokens=BENIGN_MAX_NEW_TOKENS, batch_size=16)
         runs.atomic_write_json(cache, answers)

@@ -22,9 +22,9 @@ Budget rules (BudgetRule: (col_cost, c, d_out) -> eps for one block):
   relative_budget(k)  eps = k * sum_block(cost): what is kept may carry at most a fraction k of the
                       estimated safety cost of the block's full delta. Scaling H, scaling delta or
                       changing d_out/d_in leaves the selection unchanged, so one k transfers across
-                      model sizes and fine-tuning regimes. The default, k = 0.1 (cost is quadratic,
-                      so the kept change moves the safety activations by at most ~sqrt(k) = 0.3 of
-                      the full delta's, before compensation lowers it further).
+                      model sizes and fine-tuning regimes. Default k = 0.1: the kept change's exact
+                      output change on the safety data, sum(err^2) = tr(D H D^T), is then ~0.1 of the
+                      full delta's estimated cost (~0.3 in amplitude, as cost is quadratic).
 Budget 0 returns W0 exactly; an infinite budget with exclude_frac=0 returns W_ft exactly.
 """
 from __future__ import annotations
@@ -117,7 +117,7 @@ def relative_budget(keep: float) -> BudgetRule:
 def _obs_sweep(D, delta, U, mask, a, b, chunk=128) -> float:
     """Set D[mask] = delta[mask] in columns [a, b), one column at a time, with OBS compensation of
     every later column; chunks of columns pass their errors on lazily (one matmul per chunk).
-    Returns sum(err^2), which equals tr(D_change (H+lambda I) D_change^T) for this block."""
+    Returns sum(err^2): over all blocks this is tr(D (H+lambda I) D^T) exactly, since D = -Err U."""
     applied = 0.0
     for s in range(a, b, chunk):
         e = min(s + chunk, b)
@@ -131,7 +131,7 @@ def _obs_sweep(D, delta, U, mask, a, b, chunk=128) -> float:
             q = torch.where(m[:, j], delta[:, k], D[:, k])   # target: fine-tuned value if accepted
             err = (D[:, k] - q) / U[k, k]
             D[:, k] = q
-            D[:, k + 1:e] -= err[:, None] * U[k, k + 1:e]     # W_k -= err U_jk within the chunk
+            D[:, k + 1:e] -= err[:, None] * U[k, k + 1:e]     # W_l -= err U_kl, later l in the chunk
             Err[:, j] = err
         D[:, e:] -= Err @ U[s:e, e:]                          # ... and lazily for all later columns
         applied += Err.pow(2).sum().item()
@@ -143,7 +143,9 @@ def safe_delta(delta: torch.Tensor, U: torch.Tensor, budget: float | BudgetRule,
                exclude_frac: float = 0.15, whole_columns: bool = True):
     """Safe Delta in delta coordinates. delta = W_ft - W0 [d_out, d_in], U from inverse_cholesky_upper.
     budget: eps per block (a number) or a BudgetRule. Returns (D, mask, stats): W_final = W0 + D,
-    with D[mask] == delta[mask] exactly."""
+    with D[mask] == delta[mask] exactly. stats: kept_{columns,elements,energy}_frac (energy =
+    ||delta||^2), cost_before (estimated cost of the full delta), cost_selected (of the accepted
+    part, as selected) and cost_after (exact output change of D on the damped H, sum(err^2))."""
     rule = budget if callable(budget) else (lambda col_cost, c, d_out: float(budget))
     with _exact_fp32():
         delta = delta.detach().to(torch.float32)
@@ -152,8 +154,8 @@ def safe_delta(delta: torch.Tensor, U: torch.Tensor, budget: float | BudgetRule,
         D = torch.zeros_like(delta)
         mask = torch.zeros(d_out, d_in, dtype=torch.bool, device=delta.device)
         c = 1 / U.diagonal().pow(2)                                # c_m = 1 / U_mm^2
-        cost_full = (delta.pow(2).sum(0) * c).sum().item()         # estimated cost of the full delta
-        cost_selected = cost_final = 0.0
+        cost_before = (delta.pow(2).sum(0) * c).sum().item()       # estimated cost of the full delta
+        cost_selected = cost_after = 0.0
         for a in range(0, d_in, block_size):
             b = min(a + block_size, d_in)
             cost = (delta[:, a:b] - D[:, a:b]).pow(2) * c[a:b]      # (W_ft - W)^2 / U_mm^2, W current
@@ -170,13 +172,13 @@ def safe_delta(delta: torch.Tensor, U: torch.Tensor, budget: float | BudgetRule,
                 spare = eps - (cum[n_take - 1].item() if n_take else 0.0)
                 m[:, j] = cost[:, j].cumsum(0) <= spare
             cost_selected += cost[m].sum().item()
-            cost_final += _obs_sweep(D, delta, U, m, a, b)
+            cost_after += _obs_sweep(D, delta, U, m, a, b)
         energy = delta.pow(2)
         stats = dict(d_out=d_out, d_in=d_in,
-                     kept_columns=mask.all(0).float().mean().item(),
-                     kept_elements=mask.float().mean().item(),
-                     kept_delta_energy=(energy[mask].sum() / energy.sum().clamp_min(1e-30)).item(),
-                     cost_full=cost_full, cost_selected=cost_selected, cost_final=cost_final)
+                     kept_columns_frac=mask.all(0).float().mean().item(),
+                     kept_elements_frac=mask.float().mean().item(),
+                     kept_energy_frac=(energy[mask].sum() / energy.sum().clamp_min(1e-30)).item(),
+                     cost_before=cost_before, cost_selected=cost_selected, cost_after=cost_after)
     return D, mask, stats
 
 
@@ -229,7 +231,9 @@ def lora_layers(model, adapter_name: str = "default") -> dict:
 @torch.no_grad()
 def collect_hessians(model, layer_names: Iterable[str], batches: Iterable[dict], device=None) -> dict:
     """H of the base Linear of each named LoRA layer, from the model with its adapter disabled.
-    batches: dicts with input_ids and optionally attention_mask (padding is excluded)."""
+    batches: dicts with input_ids and optionally attention_mask (padding is excluded).
+    device: where inputs and H go; the model's device by default."""
+    device = device or next(model.parameters()).device
     modules = dict(model.named_modules())
     current = {}
     accumulators, handles = {}, []

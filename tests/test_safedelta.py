@@ -81,7 +81,7 @@ def test_inverse_cholesky_upper():
 def test_zero_budget_returns_W0_exactly(budget):
     _, H, W0, W_ft = toy(1)
     W, mask, stats = safe_delta_layer(W0, W_ft, inverse_cholesky_upper(H), budget, BLOCK)
-    assert torch.equal(W, W0) and not mask.any() and stats["cost_final"] == 0
+    assert torch.equal(W, W0) and not mask.any() and stats["cost_after"] == 0
 
 
 @pytest.mark.parametrize("budget", [relative_budget(math.inf), paper_budget(math.inf), math.inf])
@@ -148,7 +148,7 @@ def test_budget_bounds_the_selected_cost():
     U = inverse_cholesky_upper(H)
     for keep in (0.05, 0.2, 0.5):                            # one block: the budget is keep * full cost
         _, _, stats = safe_delta(W_ft - W0, U, relative_budget(keep), block_size=D_IN)
-        assert 0 < stats["cost_selected"] <= keep * stats["cost_full"] * (1 + 1e-6)
+        assert 0 < stats["cost_selected"] <= keep * stats["cost_before"] * (1 + 1e-6)
 
 
 def test_never_accepts_the_most_sensitive_columns():
@@ -181,8 +181,8 @@ def test_obs_cost_is_the_exact_output_change_on_damped_H():
     D, _, stats = safe_delta(W_ft - W0, U, relative_budget(0.3), BLOCK)
     H_damped = torch.linalg.inv(U.double().T @ U.double())
     exact = (D.double() @ H_damped * D.double()).sum().item()
-    assert stats["cost_final"] == pytest.approx(exact, rel=1e-3)
-    assert 0 < stats["kept_delta_energy"] < 1 and 0 < stats["kept_columns"] < 1
+    assert stats["cost_after"] == pytest.approx(exact, rel=1e-3)
+    assert 0 < stats["kept_energy_frac"] < 1 and 0 < stats["kept_columns_frac"] < 1
 
 
 def reference_safe_delta(W0, W_ft, U, keep, block_size, exclude_frac=0.15):
@@ -291,7 +291,7 @@ def test_model_level_safe_delta_on_a_lora_adapter(tmp_path):
             D, _, _ = safe_delta(layer.get_delta_weight("default"), U, settings.rule(), exclude_frac=settings.exclude_frac)
             torch.testing.assert_close(layer.get_delta_weight(name), D, rtol=1e-4, atol=1e-6)
         if name == "safe":
-            assert all(0 < s["kept_columns"] < 1 and s["output_change_ratio"] < 0.5 for s in stats)
+            assert all(0 < s["kept_columns_frac"] < 1 and s["output_change_ratio"] < 0.5 for s in stats)
 
     base, ft = logits(), logits("default")
     torch.testing.assert_close(logits("none"), base, rtol=0, atol=1e-6)

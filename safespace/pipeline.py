@@ -1,0 +1,478 @@
+"""The whole story as plain functions: prepare data -> train variants -> defend -> evaluate -> report.
+
+The CLI and the UI's background jobs both call these, so the orchestration exists once.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from . import align, data as data_mod, evaluate, judge as judge_mod, metrics, models, runs, safedelta, train
+from .config import ConfigError, LoraSettings, SafeGradSettings, TrainSettings, from_dict, home
+
+BUNDLED_TASKS = {"sentiment_train": "sentiment_test"}   # bundled train split -> its held-out split
+Progress = Callable[[str, float], None]                 # (message, fraction 0..1)
+
+
+def _noop(*_args, **_kwargs):
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+
+@dataclass
+class Prepared:
+    train: list            # the user's training rows plus the harmful mix
+    val: list              # held-out rows of the user's task (utility); never mixed
+    n_user: int
+    n_harmful: int
+    source: str
+    harmful_ratio: float = 0.0
+    seed: int = 0
+
+    def describe(self) -> dict:
+        return {"source": self.source, "harmful_ratio": self.harmful_ratio, "seed": self.seed,
+                "user_examples": self.n_user, "harmful_examples": self.n_harmful, "val_examples": len(self.val)}
+
+
+def prepare_data(source, harmful_ratio: float = 0.0, seed: int = 0, val_fraction: float = 0.1) -> Prepared:
+    """Read the user's data (or a bundled set), hold out a validation split, mix in attack rows."""
+    if isinstance(source, list):
+        examples, label, val = source, "uploaded rows", None
+    elif str(source).startswith("bundled:"):
+        name = str(source).split(":", 1)[1]
+        if name not in data_mod.BUNDLED and name not in BUNDLED_TASKS:
+            raise ConfigError(f"unknown bundled dataset {name!r}; try bundled:sentiment_train")
+        examples, label = data_mod.bundled(name), str(source)
+        val = data_mod.bundled(BUNDLED_TASKS[name]) if name in BUNDLED_TASKS else None
+    else:
+        examples, label, val = data_mod.load_dataset(source).examples, str(source), None
+    if val is None:
+        examples, val = data_mod.split(examples, val_fraction, seed) if val_fraction > 0 else (examples, [])
+    mixed = data_mod.harmful_mix(examples, harmful_ratio, seed=seed)
+    return Prepared(mixed, val, len(examples), len(mixed) - len(examples), label, harmful_ratio, seed)
+
+
+def prepared_from_run(run: runs.Run) -> Prepared | None:
+    """Rebuild a run's data split from its config (to score utility later), when it is known."""
+    info = run.config.get("data") or {}
+    if not info.get("source") or info["source"] == "uploaded rows":
+        return None
+    try:
+        return prepare_data(info["source"], info.get("harmful_ratio", 0.0), info.get("seed", 0),
+                            run.config.get("settings", {}).get("val_fraction", 0.1))
+    except (ConfigError, data_mod.DataError, OSError):
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Training and defence
+
+
+def train_variant(settings: TrainSettings, prepared: Prepared, out, *, on_event=None, should_stop=None,
+                  align_progress=None) -> runs.Run:
+    """Fine-tune one variant (plain or SafeGrad) on prepared data; builds the aligned base if needed."""
+    align.ensure(settings.model, on_event=align_progress)
+    return train.train(settings, prepared.train, out, on_event=on_event, should_stop=should_stop,
+                       extra_config={"data": prepared.describe()})
+
+
+def _calibration(loaded: models.Loaded, peft_model, n: int, max_new_tokens: int = 48) -> list:
+    """Safety calibration rows: harmful prompts from the alignment split with the ALIGNED model's own
+    answers (adapter disabled), generated once per base and cached."""
+    prompts = data_mod.bundled("alignment")[:n]
+    key = hashlib.sha256(json.dumps([str(loaded.model.config._name_or_path), loaded.quantization,
+                                     [p.prompt for p in prompts], max_new_tokens]).encode()).hexdigest()[:16]
+    cache = home() / "cache" / f"calibration-{key}.json"
+    if cache.exists():
+        answers = json.loads(cache.read_text())
+    else:
+        answers = evaluate.generate(peft_model, loaded.tokenizer, prompts, max_new_tokens=max_new_tokens,
+                                    batch_size=32, adapter=None)
+        runs.atomic_write_json(cache, answers)
+    return [data_mod.Example(prompt=p.prompt, response=a) for p, a in zip(prompts, answers)]
+
+
+def _calibration_batches(rows: list, tokenizer, device, batch_size: int = 16, max_length: int = 256):
+    """All tokens of each (prompt + answer) sequence count towards H (as in the official code)."""
+    tok = data_mod.tokenize(rows, tokenizer, max_length)
+    for start in range(0, len(tok.input_ids), batch_size):
+        batch = data_mod.collate(tok.input_ids[start:start + batch_size], tok.labels[start:start + batch_size],
+                                 tokenizer.pad_token_id)
+        yield {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device)}
+
+
+def defend(run_path, out, *, keep: float | None = None, scale: float | None = None,
+           n_calibration: int | None = None, on_progress: Progress | None = None) -> runs.Run:
+    """Apply Safe Delta to a fine-tuned run and write the result as a new run (a LoRA adapter)."""
+    say = on_progress or _noop
+    start = time.time()
+    source = runs.load_run(run_path)
+    if source.kind != "train":
+        raise runs.RunError(f"{source.path}: Safe Delta needs a fine-tuned run, not a {source.kind} run")
+    settings = safedelta.SafeDeltaSettings()
+    if scale is not None:
+        settings = safedelta.SafeDeltaSettings(budget="paper", scale=scale)
+    elif keep is not None:
+        settings = safedelta.SafeDeltaSettings(budget="relative", keep=keep)
+    if n_calibration:
+        settings.n_calibration = n_calibration
+    say("loading the base and the fine-tuned adapter", 0.05)
+    loaded = models.load(source.model, source.config.get("quantization", "auto"))
+    peft_model = models.load_adapters(loaded.model, {"ft": source.adapter})
+    layer_names = list(safedelta.lora_layers(peft_model, "ft"))
+
+    say("safety calibration: the aligned model's own answers to harmful prompts", 0.15)
+    rows = _calibration(loaded, peft_model, settings.n_calibration)
+    texts = [data_mod.prompt_text(r, loaded.tokenizer) + r.response for r in rows]
+    key = safedelta.hessian_cache_key(f"{source.model}|{loaded.quantization}|{sorted(layer_names)}", texts, settings)
+    cache = home() / "cache" / "hessians" / f"{key}.safetensors"
+    cached = cache.exists()
+    if cached:
+        hessians = safedelta.load_hessians(cache)
+    else:
+        say("accumulating safety Hessians (forward passes with the adapter disabled)", 0.35)
+        hessians = safedelta.collect_hessians(peft_model, layer_names,
+                                              _calibration_batches(rows, loaded.tokenizer, loaded.device))
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        safedelta.save_hessians(cache, hessians)
+    say("selecting and compensating the delta, layer by layer", 0.7)
+    new_state, stats = safedelta.apply_to_adapter(peft_model, "ft", hessians, settings)
+
+    tmp = runs.staging_dir(out)
+    safedelta.save_adapter(peft_model, "ft", new_state, tmp / "adapter")
+    summary = {"status": "finished", "seconds": time.time() - start, "hessian_cached": cached,
+               "kept_energy_frac": _mean([s["kept_energy_frac"] for s in stats]), "kept_columns_frac": _mean([s["kept_columns_frac"] for s in stats]),
+               "cost_before": sum(s["cost_before"] for s in stats), "cost_after": sum(s["cost_after"] for s in stats),
+               "layers": stats, "calibration_rows": len(rows)}
+    config = {"kind": "safedelta", "model": source.model, "quantization": source.config.get("quantization"),
+              "source_run": str(source.path), "data": source.config.get("data"),
+              "safedelta": {k: v for k, v in vars(settings).items()}}
+    runs.atomic_write_json(tmp / "config.json", config)
+    runs.atomic_write_json(tmp / "summary.json", summary)
+    say("done", 1.0)
+    return runs.load_run(runs.publish(tmp, out))
+
+
+def _mean(values: list) -> float:
+    return sum(values) / len(values) if values else 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Comparison and evaluation
+
+
+def _open_variants(variants: dict) -> tuple[models.Loaded, object, dict]:
+    """One base in memory, every variant a named adapter on it. Returns (loaded, model, adapter_of)."""
+    opened = {name: (runs.load_run(path) if path is not None else None) for name, path in variants.items()}
+    real = [r for r in opened.values() if r is not None]
+    base_names = {r.model for r in real}
+    if len(base_names) > 1:
+        raise ConfigError(f"variants were trained on different bases ({', '.join(sorted(base_names))}); "
+                          "compare variants of one base at a time")
+    model_name = base_names.pop() if base_names else models.DEFAULT_MODEL
+    quant = next((r.config.get("quantization") for r in real if r.config.get("quantization")), "auto")
+    align.ensure(model_name)
+    loaded = models.load(model_name, quant)
+    adapters = {name: r.adapter for name, r in opened.items() if r is not None and r.adapter is not None}
+    model = models.load_adapters(loaded.model, adapters) if adapters else loaded.model
+    adapter_of = {name: (name if name in adapters else None) for name in variants}
+    return loaded, model, adapter_of
+
+
+def generate_all(variants: dict, prompts: list, *, max_new_tokens: int = 48, batch_size: int = 16,
+                 on_progress: Progress | None = None, should_stop=None, opened=None) -> dict[str, list[str]]:
+    """Every variant's answers to the same prompts, on one base model."""
+    loaded, model, adapter_of = opened or _open_variants(variants)
+    answers = {}
+    names = list(variants)
+    for i, name in enumerate(names):
+        if should_stop and should_stop():
+            break
+        step = (lambda done, total, i=i, name=name: (on_progress or _noop)(
+            f"{name}: {done}/{total} prompts", (i + done / max(1, total)) / len(names)))
+        answers[name] = evaluate.generate(model, loaded.tokenizer, prompts, max_new_tokens=max_new_tokens,
+                                          batch_size=batch_size, adapter=adapter_of[name], on_progress=step)
+    return answers
+
+
+def compare(variants: dict, prompts: list, *, max_new_tokens: int = 48, on_progress=None, should_stop=None,
+            judge=None) -> list[dict]:
+    """Side-by-side rows: {"prompt", "category", "answers": {variant: {"response", "label", "reason"}}}."""
+    judge = judge or judge_mod.KeywordJudge()
+    answers = generate_all(variants, prompts, max_new_tokens=max_new_tokens, on_progress=on_progress,
+                           should_stop=should_stop)
+    rows = []
+    for i, ex in enumerate(prompts):
+        cells = {}
+        for name, texts in answers.items():
+            v = judge.judge(ex.prompt, texts[i])
+            cells[name] = {"response": texts[i], "label": v.label, "reason": v.reason}
+        rows.append({"prompt": ex.prompt, "category": ex.category, "answers": cells})
+    return rows
+
+
+def evaluate_variants(variants: dict, val: list | None, *, n_harmful: int | None = None,
+                      n_benign: int | None = None, n_task: int | None = None, max_new_tokens: int = 48,
+                      on_progress: Progress | None = None, should_stop=None) -> tuple[dict, list[dict]]:
+    """Refusal on held-out harmful prompts, over-refusal on benign ones, utility on the task's
+    held-out rows, for every variant. Returns (results, answer rows)."""
+    say = on_progress or _noop
+    harmful = data_mod.bundled("eval_harmful")[:n_harmful]
+    benign = data_mod.bundled("benign_eval")[:n_benign]
+    task = list(val or [])[:n_task]
+    labels = bool(task) and metrics.is_label_set([e.response for e in task])
+    opened = _open_variants(variants)
+    judge = judge_mod.KeywordJudge()
+    sets = [("harmful", harmful, max_new_tokens), ("benign", benign, max_new_tokens),
+            ("task", task, 8 if labels else max(max_new_tokens, 96))]
+    outputs = {}
+    total = sum(len(s[1]) for s in sets) or 1
+    done = 0
+    for set_name, prompts, tokens in sets:
+        if not prompts:
+            continue
+        share = len(prompts) / total
+        outputs[set_name] = generate_all(
+            variants, prompts, max_new_tokens=tokens, opened=opened, should_stop=should_stop,
+            on_progress=lambda msg, frac, set_name=set_name, base=done / total, share=share:
+                say(f"{set_name} prompts, {msg}", base + share * frac))
+        done += len(prompts)
+
+    results = {"variants": {}, "settings": {"n_harmful": len(harmful), "n_benign": len(benign),
+                                            "n_task": len(task), "max_new_tokens": max_new_tokens}}
+    rows = []
+    for name in variants:
+        entry = {}
+        if name in outputs.get("harmful", {}):
+            verdicts = judge.judge_many([(e.prompt, a) for e, a in zip(harmful, outputs["harmful"][name])])
+            entry["refusal"] = metrics.refusal_rate(verdicts).to_dict()
+            entry["labels"] = metrics.label_counts(verdicts)
+            entry["per_category"] = {c: r.to_dict() for c, r in
+                                     metrics.per_category(verdicts, [e.category for e in harmful]).items()}
+        if name in outputs.get("benign", {}):
+            verdicts = judge.judge_many([(e.prompt, a) for e, a in zip(benign, outputs["benign"][name])])
+            entry["over_refusal"] = metrics.refusal_rate(verdicts).to_dict()
+        if name in outputs.get("task", {}):
+            entry["utility"] = metrics.utility(outputs["task"][name], [e.response for e in task])
+        results["variants"][name] = entry
+    for set_name, prompts, _ in sets:
+        for i, ex in enumerate(prompts):
+            if set_name not in outputs:
+                continue
+            cells = {}
+            for name, texts in outputs[set_name].items():
+                v = judge.judge(ex.prompt, texts[i])
+                cells[name] = {"response": texts[i], "label": v.label, "reason": v.reason}
+            rows.append({"set": set_name, "prompt": ex.prompt, "category": ex.category,
+                         "reference": ex.response or None, "answers": cells})
+    return results, rows
+
+
+def evaluate_runs(run_paths: list, out, **kwargs) -> dict:
+    """CLI `evaluate`: runs named by their folder names; utility from the first run's data split."""
+    variants = {Path(p).name: (None if runs.load_run(p).kind == "base" else p) for p in run_paths}
+    prepared = next((prepared_from_run(runs.load_run(p)) for p in run_paths
+                     if runs.load_run(p).kind != "base"), None)
+    results, rows = evaluate_variants(variants, prepared.val if prepared else None, **kwargs)
+    runs.atomic_write_json(out, results)
+    runs.atomic_write_json(Path(out).with_name(Path(out).stem + "-answers.json"), rows)
+    return results
+
+
+def answer(prompts: list, run=None, model=None, max_new_tokens: int = 64, batch_size: int = 16) -> list[str]:
+    """CLI `generate`: one run's (or one model's) answers."""
+    if run is not None:
+        r = runs.load_run(run)
+        return generate_all({"v": None if r.kind == "base" else run}, prompts, max_new_tokens=max_new_tokens,
+                            batch_size=batch_size)["v"]
+    align.ensure(model)
+    loaded = models.load(model)
+    return evaluate.generate(loaded.model, loaded.tokenizer, prompts, max_new_tokens=max_new_tokens,
+                             batch_size=batch_size)
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole demo from a YAML config
+
+CONFIG_KEYS = {"model", "quantization", "data", "harmful_ratio", "seed", "train", "safegrad", "safedelta",
+               "evaluate", "variants", "sweep", "title"}
+VARIANTS = ("base", "sft", "safegrad", "safedelta")
+EVALUATE_KEYS = {"n_harmful", "n_benign", "n_task", "max_new_tokens"}
+
+
+@dataclass
+class DemoConfig:
+    model: str = models.DEFAULT_MODEL
+    quantization: str = "auto"
+    data: str = "bundled:sentiment_train"
+    harmful_ratio: float = 0.2
+    seed: int = 0
+    train: dict = field(default_factory=dict)
+    safegrad: dict = field(default_factory=lambda: {"mode": "sft"})
+    safedelta: dict = field(default_factory=dict)
+    evaluate: dict = field(default_factory=dict)
+    variants: list = field(default_factory=lambda: list(VARIANTS))
+    sweep: dict = field(default_factory=dict)
+    title: str = "SafeSpace demo"
+
+    def train_settings(self, harmful_ratio: float, safegrad_mode: str) -> TrainSettings:
+        t = dict(self.train)
+        lora = from_dict(LoraSettings, t.pop("lora", {}) or {})
+        sg = from_dict(SafeGradSettings, {**self.safegrad, "mode": safegrad_mode})
+        return from_dict(TrainSettings, {**t, "model": self.model, "quantization": self.quantization,
+                                         "seed": self.seed, "harmful_ratio": harmful_ratio,
+                                         "lora": lora, "safegrad": sg})
+
+
+def load_config(path) -> DemoConfig:
+    """Read and validate a run config; every problem is one short ConfigError line."""
+    import yaml
+
+    try:
+        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"no such config file: {path}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of settings at the top level")
+    unknown = sorted(set(raw) - CONFIG_KEYS)
+    if unknown:
+        raise ConfigError(f"{path}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(CONFIG_KEYS))}")
+    for key in ("train", "safegrad", "safedelta", "evaluate", "sweep"):
+        if raw.get(key) is not None and not isinstance(raw[key], dict):
+            raise ConfigError(f"{path}: '{key}' must be a mapping")
+    config = DemoConfig(**{k: v for k, v in raw.items() if v is not None})
+    bad = [v for v in config.variants if v not in VARIANTS]
+    if bad or not config.variants:
+        raise ConfigError(f"{path}: variants must be a list drawn from {', '.join(VARIANTS)}")
+    if "safedelta" in config.variants and "sft" not in config.variants:
+        raise ConfigError(f"{path}: the safedelta variant is made from sft; add sft to variants")
+    if set(config.evaluate) - EVALUATE_KEYS:
+        raise ConfigError(f"{path}: evaluate takes {', '.join(sorted(EVALUATE_KEYS))}")
+    if set(config.safedelta) - {"keep", "scale", "n_calibration"}:
+        raise ConfigError(f"{path}: safedelta takes keep, scale, n_calibration")
+    ratios = config.sweep.get("harmful_ratio", [])
+    if set(config.sweep) - {"harmful_ratio"} or not isinstance(ratios, list):
+        raise ConfigError(f"{path}: sweep takes harmful_ratio: [list of ratios]")
+    for ratio in [config.harmful_ratio, *ratios]:
+        if not isinstance(ratio, (int, float)) or not 0 <= ratio <= 0.9:
+            raise ConfigError(f"{path}: harmful ratios must be numbers in [0, 0.9], got {ratio!r}")
+    config.train_settings(config.harmful_ratio, "off")      # validate the training settings early
+    return config
+
+
+def _stage(message: str) -> None:
+    print(f"[safespace] {message}", flush=True)
+
+
+def run_variants(config: DemoConfig, harmful_ratio: float, out: Path, say=_stage) -> tuple[dict, list, dict]:
+    """Train/defend/evaluate every configured variant at one harmful ratio under `out`."""
+    from .progress import console_progress
+
+    prepared = prepare_data(config.data, harmful_ratio, config.seed)
+    say(f"data: {prepared.n_user} task rows + {prepared.n_harmful} harmful rows (ratio {harmful_ratio}), "
+        f"{len(prepared.val)} held out")
+    variants: dict = {}
+    if "base" in config.variants:
+        runs.write_base_run(out / "base", config.model, {"data": prepared.describe()})
+        variants["base"] = None
+    for name, mode in (("sft", "off"), ("safegrad", config.safegrad.get("mode", "sft"))):
+        if name in config.variants:
+            say(f"training {name} (SafeGrad {mode})")
+            train_variant(config.train_settings(harmful_ratio, mode), prepared, out / name,
+                          on_event=console_progress(name))
+            variants[name] = out / name
+    if "safedelta" in config.variants:
+        say("applying Safe Delta to sft")
+        run = defend(out / "sft", out / "safedelta", **config.safedelta,
+                     on_progress=lambda msg, frac: say(f"  safedelta: {msg}"))
+        say(f"  kept {run.summary['kept_energy_frac']:.1%} of the delta's energy in {run.summary['seconds']:.1f} s")
+        variants["safedelta"] = out / "safedelta"
+    say(f"evaluating {', '.join(variants)}")
+    results, rows = evaluate_variants(variants, prepared.val, **config.evaluate,
+                                      on_progress=_throttled(lambda msg, frac: say(f"  {frac:5.1%} {msg}")))
+    results["settings"].update({"harmful_ratio": harmful_ratio, "data": prepared.describe()})
+    return results, rows, variants
+
+
+def _throttled(say: Progress, every: float = 0.1) -> Progress:
+    last = [-1.0]
+
+    def inner(message: str, fraction: float) -> None:
+        if fraction - last[0] >= every or fraction >= 1.0:
+            last[0] = fraction
+            say(message, fraction)
+    return inner
+
+
+def figures_for(results: dict, variants: dict, sweep: list | None = None) -> dict:
+    from . import plots
+
+    figs = {"Safety and utility": plots.safety_utility_bars(results),
+            "Trade-off": plots.tradeoff_scatter(results)}
+    curves = {n: runs.load_run(p).metrics() for n, p in variants.items()
+              if p is not None and runs.load_run(p).kind == "train"}
+    if curves:
+        figs["Training curves"] = plots.training_curves(curves)
+    if "safegrad" in curves:
+        figs["SafeGrad conflicts"] = plots.conflict_plot(curves["safegrad"])
+    if variants.get("safedelta") is not None:
+        figs["Safe Delta: kept per layer"] = plots.kept_fraction_plot(runs.load_run(variants["safedelta"]).summary["layers"])
+    if sweep:
+        figs["Harmful-ratio sweep"] = plots.sweep_plot(sweep)
+    return figs
+
+
+def run_config(config_path, out, say: Callable[[str], None] = _stage) -> dict:
+    """`python -m safespace run CONFIG.yaml --out DIR`: the whole story, with a report."""
+    from . import report
+
+    config = load_config(config_path)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    if config.model == models.ALIGNED_KEY and not align.is_built():
+        say("building the aligned base (stage 0, once)")
+    align.ensure(config.model)
+    ratios = config.sweep.get("harmful_ratio") or []
+    if ratios:
+        sweep, all_results = [], {}
+        for ratio in ratios:
+            say(f"=== harmful ratio {ratio}")
+            results, rows, variants = run_variants(config, ratio, out / f"ratio-{ratio}", say)
+            all_results[str(ratio)] = results
+            for name, v in results["variants"].items():
+                sweep.append({"harmful_ratio": ratio, "variant": name, "refusal": v.get("refusal"),
+                              "utility": v.get("utility")})
+        results = dict(all_results[str(ratios[-1])])
+        results["sweep"] = sweep
+        results["by_ratio"] = all_results
+    else:
+        results, rows, variants = run_variants(config, config.harmful_ratio, out, say)
+        sweep = None
+    results["settings"].update({"config": str(config_path), "model": config.model, "seed": config.seed,
+                                "seconds": time.time() - start, "title": config.title})
+    runs.atomic_write_json(out / "results.json", results)
+    runs.atomic_write_json(out / "answers.json", rows)
+    html = report.render_report(results, figures_for(results, variants, sweep), rows, {
+        "config": str(config_path), "model": config.model, "data": config.data,
+        "harmful ratio": ratios or config.harmful_ratio, "train": config.train, "safegrad": config.safegrad,
+        "safedelta": config.safedelta or "defaults", "evaluate": config.evaluate}, title=config.title)
+    report.write_report(out / "report.html", html)
+    say(f"done in {time.time() - start:.0f} s: {out / 'results.json'}, {out / 'report.html'}")
+    for name, v in results["variants"].items():
+        util = v.get("utility", {})
+        say(f"  {name:<10} refusal {v.get('refusal', {}).get('value', float('nan')):6.1%}   "
+            f"over-refusal {v.get('over_refusal', {}).get('value', float('nan')):6.1%}   "
+            f"{util.get('metric', 'utility')} {util.get('value', float('nan')):6.1%}")
+    return results

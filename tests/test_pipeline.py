@@ -1,0 +1,100 @@
+"""The whole pipeline on the embedded model with tiny settings, and config validation."""
+import json
+
+import pytest
+
+from safespace import config as config_mod, pipeline, runs
+from safespace.config import ConfigError
+
+SMOKE = config_mod.EXAMPLES_DIR / "configs" / "smoke.yaml"
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("smoke")
+    results = pipeline.run_config(SMOKE, out)
+    return out, results
+
+
+def test_run_writes_every_variant_results_and_report(smoke_run):
+    out, results = smoke_run
+    for name in ["base", "sft", "safegrad", "safedelta"]:
+        run = runs.load_run(out / name)          # each is usable as --run DIR/<variant>
+        assert run.kind == {"base": "base", "safedelta": "safedelta"}.get(name, "train")
+    saved = json.loads((out / "results.json").read_text())
+    assert set(saved["variants"]) == {"base", "sft", "safegrad", "safedelta"}
+    for v in saved["variants"].values():
+        assert 0 <= v["refusal"]["value"] <= 1 and v["refusal"]["n"] == 4
+        assert v["utility"]["metric"] == "accuracy" and v["utility"]["n"] == 4
+        assert v["over_refusal"]["n"] == 3
+    html = (out / "report.html").read_text()
+    for name in ["base", "sft", "safegrad", "safedelta"]:
+        assert name in html
+    assert runs.load_run(out / "safegrad").metrics()[0]["align_loss"] is not None
+    assert runs.load_run(out / "safedelta").summary["layers"]
+
+
+def test_safedelta_run_is_a_standard_peft_adapter(smoke_run):
+    from peft import PeftConfig
+
+    out, _ = smoke_run
+    cfg = PeftConfig.from_pretrained(str(out / "safedelta" / "adapter"))
+    assert set(cfg.target_modules) == {"q_proj", "v_proj"}
+
+
+def test_second_safedelta_reuses_the_cached_hessians(smoke_run, tmp_path):
+    out, _ = smoke_run
+    run = pipeline.defend(out / "sft", tmp_path / "again", n_calibration=8)
+    assert run.summary["hessian_cached"] is True
+
+
+def test_safedelta_refuses_a_base_run(smoke_run, tmp_path):
+    out, _ = smoke_run
+    with pytest.raises(runs.RunError, match="fine-tuned run"):
+        pipeline.defend(out / "base", tmp_path / "x")
+
+
+def _write(tmp_path, text):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("text, message", [
+    ("model: [unclosed", "not valid YAML"),
+    ("- a\n- b\n", "mapping of settings"),
+    ("modle: x\n", "unknown key(s) modle"),
+    ("harmful_ratio: 1.5\n", "harmful ratios must be numbers in [0, 0.9]"),
+    ("harmful_ratio: lots\n", "harmful ratios"),
+    ("train: {steps: 0}\n", "steps must be 1..100000"),
+    ("train: {stpes: 3}\n", "unknown setting(s) stpes"),
+    ("train: 5\n", "'train' must be a mapping"),
+    ("variants: [sft, magic]\n", "variants must be a list"),
+    ("variants: [base, safedelta]\n", "made from sft"),
+    ("safegrad: {mode: maybe}\n", "SafeGrad mode must be one of"),
+    ("evaluate: {n_prompts: 3}\n", "evaluate takes"),
+    ("sweep: {harmful_ratio: 0.1}\n", "sweep takes"),
+    ("train: {lora: {r: 0}}\n", "LoRA rank must be 1..256"),
+])
+def test_bad_configs_give_one_clear_line(tmp_path, text, message):
+    with pytest.raises(ConfigError) as err:
+        pipeline.load_config(_write(tmp_path, text))
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="no such config file"):
+        pipeline.load_config(tmp_path / "nope.yaml")
+
+
+def test_bundled_configs_are_valid():
+    for path in (config_mod.EXAMPLES_DIR / "configs").glob("*.yaml"):
+        pipeline.load_config(path)
+
+
+def test_prepare_data_holds_out_the_bundled_test_split_and_mixes_only_train():
+    prepared = pipeline.prepare_data("bundled:sentiment_train", harmful_ratio=0.2, seed=0)
+    assert prepared.n_user == 480 and prepared.n_harmful == 120 and len(prepared.train) == 600
+    assert len(prepared.val) == 160
+    assert not {e.prompt for e in prepared.val} & {e.prompt for e in prepared.train}
+    assert all(e.response in ("positive", "negative") for e in prepared.val)
