@@ -1,0 +1,230 @@
+"""Step 4, compare: every variant answers the same harmful, everyday and task prompts, side by side."""
+from __future__ import annotations
+
+import gradio as gr
+
+from .. import jobs, plots
+from ..report import group_answers
+from . import common
+from . import data as data_step
+
+SETS = {"harmful": "Harmful requests: a safe model refuses these",
+        "benign": "Everyday requests: a helpful model answers these",
+        "task": "Your task: held-out examples of the fine-tuning data"}
+FILTERS = [("All", "all"), ("Harmful requests", "harmful"), ("Everyday requests", "benign"), ("Your task", "task")]
+MAX_PROMPT_CHARS = 2000
+N_POLL = 7
+
+
+def row_set(row: dict) -> str:
+    """Which prompt set an answer row belongs to: harmful, benign or task."""
+    name = str(row.get("set") or "").lower()
+    if "harm" in name:
+        return "harmful"
+    if "benign" in name or "tricky" in name:
+        return "benign"
+    if name:
+        return "task"
+    category = str(row.get("category") or "")
+    return "benign" if category in ("benign", "tricky-benign") else "harmful"
+
+
+def answers_html(answers: list[dict] | None, which: str = "all", base_model: str | None = None) -> str:
+    """Prompts down, variants across; every answer escaped and marked refused / complied."""
+    variants, rows = group_answers(answers or [])
+    if not rows:
+        return common.note_card("No answers yet: press Run comparison.", "info")
+    head = "".join(f'<th><span class="ss-dot" style="background:{plots.variant_color(v)}"></span>'
+                   f'{common.esc(common.variant_label(v, base_model))}</th>' for v in variants)
+    body = []
+    for set_name, title in SETS.items():
+        chosen = [r for r in rows if row_set(r) == set_name]
+        if not chosen or which not in ("all", set_name):
+            continue
+        body.append(f'<tr class="ss-group"><td colspan="{len(variants) + 1}">{common.esc(title)} '
+                    f'({len(chosen)})</td></tr>')
+        for row in chosen:
+            category = f'<span class="ss-cat">{common.esc(row["category"])}</span>' if row.get("category") else ""
+            cells = []
+            for v in variants:
+                answer = row["answers"].get(v)
+                if answer is None:
+                    cells.append("<td></td>")
+                    continue
+                mark = common.badge(answer.get("label"), harmful=set_name == "harmful")
+                cells.append(f'<td>{mark}<pre>{common.esc(answer.get("response", ""))}</pre></td>')
+            body.append(f'<tr><td class="ss-prompt">{common.esc(row["prompt"])}{category}</td>{"".join(cells)}</tr>')
+    if not body:
+        return common.note_card("No prompts of this kind in the last comparison.", "info")
+    return (f'<div class="ss-scroll"><table class="ss-answers" data-variants="{len(variants)}">'
+            f'<thead><tr><th>Prompt</th>{head}</tr></thead><tbody>{"".join(body)}</tbody></table></div>')
+
+
+def kpis_html(results: dict | None, base_model: str | None = None) -> str:
+    variants = (results or {}).get("variants") or {}
+    cells = []
+    for name in plots.variant_order(variants):
+        entry = variants[name] or {}
+        refusal = (entry.get("refusal") or {}).get("value")
+        utility = entry.get("utility") or {}
+        lines = []
+        if isinstance(refusal, (int, float)):
+            lines.append(f"refuses {100 * refusal:.0f} % of harmful requests")
+        if isinstance(utility.get("value"), (int, float)):
+            metric = utility.get("metric") or "utility"
+            value = utility["value"]
+            lines.append(f"{metric} {value:.2f}" if metric == "rougeL" else f"{metric} {100 * value:.0f} %")
+        headline = f"{100 * refusal:.0f} %" if isinstance(refusal, (int, float)) else "–"
+        cells.append(f'<div class="ss-kpi" style="border-top:4px solid {plots.variant_color(name)}">'
+                     f'<div class="ss-kpi-l">{common.esc(common.variant_label(name, base_model))}</div>'
+                     f'<div class="ss-kpi-v">{common.esc(headline)}</div>'
+                     f'<div class="ss-kpi-l">{common.esc(" · ".join(lines))}</div></div>')
+    return f'<div class="ss-kpis">{"".join(cells)}</div>' if cells else ""
+
+
+def start(n_harmful, n_benign, n_task, max_new_tokens, ratio, visitor, request: gr.Request = None):
+    """Queue the comparison of every trained variant on the three prompt sets."""
+    vid = common.visitor_id(visitor, request)
+    manager = common.manager()
+    ws = manager.workspace(vid)
+    n_harmful, n_benign, n_task, max_new_tokens = (int(x or 0) for x in (n_harmful, n_benign, n_task, max_new_tokens))
+    if min(n_harmful, n_benign, n_task) < 0:
+        raise common.refuse("prompt counts cannot be negative")
+    try:
+        common.limits().check_generation(n_harmful + n_benign + n_task, max_new_tokens)
+    except jobs.JobError as exc:
+        raise common.user_error(exc) from None
+    variants, _ = ws.variants()
+    if not variants:
+        raise common.refuse("train at least one variant first (step 2)")
+    running = manager.latest(vid, "evaluate")
+    if running is not None and running.active:
+        raise common.refuse("a comparison is already queued or running")
+    source = data_step.source_of(data_step.selection(ws), ws)
+    try:
+        info = manager.submit(vid, "evaluate", jobs.evaluate_job, source, float(ratio or 0), 0, n_harmful, n_benign,
+                              n_task, max_new_tokens, title=f"Compare {len(variants)} variants")
+    except jobs.JobError as exc:
+        raise common.user_error(exc) from None
+    return common.job_card(info), gr.Timer(active=True)
+
+
+def ask(prompt: str, max_new_tokens, visitor, request: gr.Request = None):
+    """Queue one free prompt for every variant at once."""
+    vid = common.visitor_id(visitor, request)
+    manager = common.manager()
+    ws = manager.workspace(vid)
+    prompt = (prompt or "").strip()
+    if not prompt:
+        raise common.refuse("type a prompt first")
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise common.refuse(f"the prompt is {len(prompt)} characters; the limit is {MAX_PROMPT_CHARS}")
+    try:
+        common.limits().check_generation(1, int(max_new_tokens))
+    except jobs.JobError as exc:
+        raise common.user_error(exc) from None
+    if not ws.variants()[0]:
+        raise common.refuse("train at least one variant first (step 2)")
+    running = manager.latest(vid, "ask")
+    if running is not None and running.active:
+        raise common.refuse("your previous prompt is still being answered")
+    try:
+        info = manager.submit(vid, "ask", jobs.ask_job, prompt, int(max_new_tokens), title="Ask every variant")
+    except jobs.JobError as exc:
+        raise common.user_error(exc) from None
+    return common.job_card(info), gr.Timer(active=True)
+
+
+def show(which: str, visitor, request: gr.Request = None) -> str:
+    ws = common.workspace(visitor, request)
+    return answers_html(ws.read_json("answers.json", []), which, ws.base_model())
+
+
+def _ask_html(info: jobs.JobInfo | None, base_model: str | None) -> str:
+    """The free prompt's answers in one row; neutral badges (we do not know if the prompt is harmful)."""
+    if info is None or info.status != "finished" or not info.result:
+        return ""
+    variants, rows = group_answers(info.result.get("rows", []))
+    if not rows:
+        return ""
+    row = rows[0]
+    head = "".join(f'<th><span class="ss-dot" style="background:{plots.variant_color(v)}"></span>'
+                   f'{common.esc(common.variant_label(v, base_model))}</th>' for v in variants)
+    cells = "".join(f'<td>{common.badge((row["answers"].get(v) or {}).get("label"), harmful=None)}'
+                    f'<pre>{common.esc((row["answers"].get(v) or {}).get("response", ""))}</pre></td>'
+                    for v in variants)
+    return (f'<div class="ss-scroll"><table class="ss-answers"><thead><tr><th>Prompt</th>{head}</tr></thead>'
+            f'<tbody><tr><td class="ss-prompt">{common.esc(row["prompt"])}</td>{cells}</tr></tbody></table></div>')
+
+
+def poll(visitor: str, last, which: str = "all") -> tuple:
+    """(key, [card, kpis, answers, bars, scatter, ask card, ask answers], active)."""
+    manager = common.manager()
+    ws = manager.workspace(visitor)
+    info = manager.latest(visitor, "evaluate")
+    asked = manager.latest(visitor, "ask")
+    results_file = ws.root / "results.json"
+    stamp = results_file.stat().st_mtime if results_file.exists() else 0
+    key = [stamp,
+           None if info is None else [info.id, info.status, len(info.events), info.ahead],
+           None if asked is None else [asked.id, asked.status, len(asked.events), asked.ahead]]
+    active = bool(info and info.active) or bool(asked and asked.active)
+    if key == last:
+        return key, common.skip(N_POLL), active
+    base_model = ws.base_model()
+    results = ws.read_json("results.json")
+    card = common.job_card(info, "Ready when you have trained at least one variant." if results is None
+                           else "Showing the last comparison.")
+    if results is None:
+        figures = [plots.safety_utility_bars({}), plots.tradeoff_scatter({})]
+        table, kpis = answers_html([], which), ""
+    else:
+        figures = [plots.safety_utility_bars(results), plots.tradeoff_scatter(results)]
+        table = answers_html(ws.read_json("answers.json", []), which, base_model)
+        kpis = kpis_html(results, base_model)
+    ask_card = common.job_card(asked, "Type any prompt; every variant answers it.")
+    return key, [card, kpis, table, *figures, ask_card, _ask_html(asked, base_model)], active
+
+
+def build(shared: common.Shared) -> dict:
+    limits = common.limits()
+    gr.Markdown("### 4 · Compare\nEvery variant answers the same prompts: harmful requests it should refuse "
+                "(held-out AdvBench requests, never trained on), everyday requests it should answer, and "
+                "held-out examples of your task. A keyword judge marks each answer refused or complied.")
+    with gr.Row():
+        n_harmful = gr.Slider(0, 150, value=8, step=1, label="Harmful requests", info="from 150 held-out",
+                              elem_id="ss-n-harmful")
+        n_benign = gr.Slider(0, 94, value=8, step=1, label="Everyday requests",
+                             info="from 94, incl. tricky ones", elem_id="ss-n-benign")
+        n_task = gr.Slider(0, 160, value=8, step=1, label="Task examples", info="held out from your data",
+                           elem_id="ss-n-task")
+        max_new = gr.Slider(8, limits.max_new_tokens, value=min(48, limits.max_new_tokens), step=8,
+                            label="Answer length", info=f"new tokens per answer (at most {limits.max_new_tokens})",
+                            elem_id="ss-max-new")
+    gr.Markdown(f"At most {limits.max_prompts} prompts per comparison on this shared machine; each variant "
+                "answers all of them.", elem_classes=["ss-explain"])
+    run_btn = gr.Button("Run comparison", variant="primary", elem_id="ss-compare")
+    card = gr.HTML(common.job_card(None, "Ready when you have trained at least one variant."),
+                   elem_id="ss-compare-status")
+    kpis = gr.HTML("", elem_id="ss-kpis")
+    with gr.Row():
+        bars = gr.Plot(plots.safety_utility_bars({}), label="Safety and utility", elem_id="ss-bars")
+        scatter = gr.Plot(plots.tradeoff_scatter({}), label="Trade-off", elem_id="ss-scatter")
+    which = gr.Radio(FILTERS, value="all", label="Show", elem_id="ss-filter")
+    table = gr.HTML(answers_html([]), elem_id="ss-answers")
+    with gr.Group():
+        prompt = gr.Textbox(label="Ask every variant at once", placeholder="Type any prompt...", lines=2,
+                            max_length=MAX_PROMPT_CHARS, elem_id="ss-prompt")
+        ask_btn = gr.Button("Ask every variant", elem_id="ss-ask")
+    ask_card = gr.HTML(common.job_card(None, "Type any prompt; every variant answers it."), elem_id="ss-ask-status")
+    ask_table = gr.HTML("", elem_id="ss-ask-answers")
+    next_btn = gr.Button("Next: export →", variant="primary", elem_id="ss-next-export")
+
+    v = shared.visitor
+    run_btn.click(start, [n_harmful, n_benign, n_task, max_new, shared.ratio, v], [card, shared.timer],
+                  api_name="compare", show_progress="minimal")
+    ask_btn.click(ask, [prompt, max_new, v], [ask_card, shared.timer], api_name="ask", show_progress="minimal")
+    prompt.submit(ask, [prompt, max_new, v], [ask_card, shared.timer], api_visibility="private")
+    which.change(show, [which, v], table, api_visibility="private", show_progress="hidden")
+    next_btn.click(lambda: gr.Walkthrough(selected=5), None, shared.flow, api_visibility="private")
+    return {"poll": [card, kpis, table, bars, scatter, ask_card, ask_table], "which": which, "next": next_btn}

@@ -1,0 +1,127 @@
+"""Step 3, defend after training: Safe Delta edits the plain fine-tune so it keeps its safety."""
+from __future__ import annotations
+
+import gradio as gr
+
+from .. import jobs, plots
+from ..safedelta import SafeDeltaSettings
+from . import common
+
+N_POLL = 3
+# per-layer statistics may use the stage's own names; the figure reads the names on the left
+ALIASES = {"layer": ("name",), "kept_columns_frac": ("kept_columns",), "kept_energy_frac": ("kept_delta_energy",),
+           "cost_before": ("cost_full",), "cost_after": ("cost_final",)}
+
+
+def default_keep() -> float:
+    try:
+        from .. import pipeline
+        keep = getattr(pipeline, "DEFAULT_KEEP", None)
+        if isinstance(keep, (int, float)):
+            return float(keep)
+    except ImportError:
+        pass
+    return SafeDeltaSettings().keep
+
+
+def start(keep: float, visitor, request: gr.Request = None):
+    """Queue Safe Delta on the visitor's plain fine-tune."""
+    vid = common.visitor_id(visitor, request)
+    manager = common.manager()
+    ws = manager.workspace(vid)
+    keep = float(keep)
+    if not 0 < keep <= 1:
+        raise common.refuse(f"the budget must be in (0, 1], got {keep}")
+    if ws.run("sft") is None:
+        raise common.refuse("there is no plain fine-tune yet: in step 2, train with SafeGrad off (or Train both)")
+    running = manager.latest(vid, "defend")
+    if running is not None and running.active:
+        raise common.refuse("Safe Delta is already queued or running")
+    try:
+        info = manager.submit(vid, "defend", jobs.defend_job, keep, title=f"Safe Delta (keep {keep:.2f})")
+    except jobs.JobError as exc:
+        raise common.user_error(exc) from None
+    return common.job_card(info), gr.Timer(active=True)
+
+
+def layer_rows(stats) -> list[dict]:
+    rows = []
+    for row in stats or []:
+        if isinstance(row, dict):
+            row = dict(row)
+            for key, names in ALIASES.items():
+                if key not in row:
+                    row.update({key: row[n] for n in names if n in row})
+            rows.append(row)
+    return rows
+
+
+def summary_html(summary: dict | None) -> str:
+    if not summary:
+        return ""
+    kpis = []
+    layers = layer_rows(summary.get("layers"))
+    kept = summary.get("kept_energy_frac")
+    if not isinstance(kept, (int, float)) and layers:
+        values = [r["kept_energy_frac"] for r in layers if isinstance(r.get("kept_energy_frac"), (int, float))]
+        kept = sum(values) / len(values) if values else None
+    if isinstance(kept, (int, float)):
+        kpis.append((f"{100 * kept:.1f} %", "of the fine-tuning update's energy kept"))
+    if layers:
+        kpis.append((str(len(layers)), "layers edited"))
+    if isinstance(summary.get("seconds"), (int, float)):
+        kpis.append((jobs.format_seconds(summary["seconds"]), "to compute"))
+    cells = "".join(f'<div class="ss-kpi"><div class="ss-kpi-v">{common.esc(v)}</div>'
+                    f'<div class="ss-kpi-l">{common.esc(label)}</div></div>' for v, label in kpis)
+    return f'<div class="ss-kpis">{cells}</div>'
+
+
+def idle_text(ws: jobs.Workspace) -> str:
+    if ws.run("safedelta") is not None:
+        return "Safe Delta result ready (below); run it again with another budget to see the trade-off move."
+    if ws.run("sft") is None:
+        return "Needs a plain fine-tune first (step 2)."
+    return "Ready: press Run Safe Delta."
+
+
+def poll(visitor: str, last) -> tuple:
+    """(key, [card, kept-fraction plot, summary], active)."""
+    manager = common.manager()
+    ws = manager.workspace(visitor)
+    info = manager.latest(visitor, "defend")
+    path = ws.run_path("safedelta") / "summary.json"
+    stamp = path.stat().st_mtime if path.exists() else 0
+    key = ["disk", stamp, ws.run("sft") is not None] if info is None else \
+        [info.id, info.status, len(info.events), info.ahead, stamp]
+    active = bool(info and info.active)
+    if key == last:
+        return key, common.skip(N_POLL), active
+    run = ws.run("safedelta")
+    summary = run.summary if run is not None and not active else None
+    figure = plots.kept_fraction_plot(layer_rows((summary or {}).get("layers")))
+    card = common.job_card(info, idle_text(ws))
+    return key, [card, figure, summary_html(summary)], active
+
+
+def build(shared: common.Shared) -> dict:
+    gr.Markdown("### 3 · Defend after training: Safe Delta\nSafe Delta looks at each layer's fine-tuning change "
+                "through the lens of safety: using the aligned model's activations on refusal examples, it "
+                "estimates how much each part of the change would cost in safety, keeps the cheap parts, drops "
+                "the costly ones and compensates the rest (Optimal Brain Surgeon). The result is again a small "
+                "LoRA adapter on the same base.")
+    with gr.Row():
+        with gr.Column(scale=1, min_width=300):
+            keep = gr.Slider(0.01, 1.0, value=default_keep(), step=0.01, label="Safety budget (keep)",
+                             info="share of the full update's estimated safety cost that may be kept; lower is "
+                                  "safer, higher keeps more of the task", elem_id="ss-keep")
+            run_btn = gr.Button("Run Safe Delta on the plain fine-tune", variant="primary", elem_id="ss-defend")
+            card = gr.HTML(common.job_card(None, "Needs a plain fine-tune first (step 2)."),
+                           elem_id="ss-defend-status")
+            summary = gr.HTML("")
+        with gr.Column(scale=2):
+            figure = gr.Plot(plots.kept_fraction_plot([]), label="Kept per layer", elem_id="ss-kept")
+    next_btn = gr.Button("Next: compare →", variant="primary", elem_id="ss-next-compare")
+    run_btn.click(start, [keep, shared.visitor], [card, shared.timer], api_name="safe_delta",
+                  show_progress="minimal")
+    next_btn.click(lambda: gr.Walkthrough(selected=4), None, shared.flow, api_visibility="private")
+    return {"poll": [card, figure, summary]}

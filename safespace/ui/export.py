@@ -1,0 +1,118 @@
+"""Step 5, export: the adapters (standard PEFT format) and a self-contained HTML report."""
+from __future__ import annotations
+
+import time
+
+import gradio as gr
+
+from .. import jobs, plots, report
+from . import common, defend
+
+HEADERS = ["run", "what it is", "base model", "status", "steps", "final loss"]
+USAGE = '''from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+# Unzip safespace-sft-adapter.zip first. The base is the model named in safespace_run.json:
+#   smollm2-135m       -> "HuggingFaceTB/SmolLM2-135M-Instruct"
+#   smollm2-135m-safe  -> build it once with `python -m safespace align`, then load the folder
+#                         ~/.cache/safespace/models/smollm2-135m-safe
+base = AutoModelForCausalLM.from_pretrained("HuggingFaceTB/SmolLM2-135M-Instruct")
+model = PeftModel.from_pretrained(base, "safespace-sft-adapter")
+'''
+
+
+def runs_table(ws: jobs.Workspace) -> list[list]:
+    rows = []
+    for run in ws.list_runs():
+        s = run.summary
+        loss = s.get("final_loss")
+        rows.append([run.name, common.VARIANT_HELP.get(run.name, run.kind), run.model, s.get("status", ""),
+                     s.get("steps_done", ""), f"{loss:.3f}" if isinstance(loss, (int, float)) else ""])
+    return rows
+
+
+def refresh(visitor, request: gr.Request = None) -> tuple:
+    """The visitor's runs (and only theirs), for the table and the download picker."""
+    ws = common.workspace(visitor, request)
+    rows = runs_table(ws)
+    names = [r[0] for r in rows]
+    return rows, gr.Dropdown(choices=names, value=names[0] if names else None)
+
+
+def list_runs(visitor, request: gr.Request = None) -> list[str]:
+    """Names of the visitor's runs (API)."""
+    return [r[0] for r in runs_table(common.workspace(visitor, request))]
+
+
+def download_adapter(name: str, visitor, request: gr.Request = None) -> str:
+    """A zip of one of the visitor's adapters; another visitor's run names mean nothing here."""
+    ws = common.workspace(visitor, request)
+    run = next((r for r in ws.list_runs() if r.name == name), None)
+    if run is None:
+        raise common.refuse(f"there is no run named {name!r} in your workspace")
+    try:
+        return str(jobs.zip_adapter(run, ws.exports))
+    except jobs.JobError as exc:
+        raise common.user_error(exc) from None
+
+
+def build_report(visitor, request: gr.Request = None) -> str:
+    """The HTML report of the visitor's runs and last comparison, written into their workspace."""
+    ws = common.workspace(visitor, request)
+    found = {r.name: r for r in ws.list_runs()}
+    if not found:
+        raise common.refuse("nothing to report yet: train at least one variant first")
+    results = ws.read_json("results.json") or {"variants": {}}
+    answers = ws.read_json("answers.json", [])
+    figures = {}
+    if results.get("variants"):
+        figures["Safety and utility"] = plots.safety_utility_bars(results)
+        figures["Safety against utility"] = plots.tradeoff_scatter(results)
+    metrics = {name: run.metrics() for name, run in found.items() if name in ("sft", "safegrad")}
+    if metrics:
+        figures["Training loss"] = plots.training_curves(metrics)
+    if "safegrad" in metrics:
+        figures["SafeGrad: gradient conflict"] = plots.conflict_plot(metrics["safegrad"])
+    if "safedelta" in found and found["safedelta"].summary.get("layers"):
+        figures["Safe Delta: kept per layer"] = plots.kept_fraction_plot(
+            defend.layer_rows(found["safedelta"].summary["layers"]))
+    settings = dict(results.get("settings") or {})
+    for name, run in found.items():
+        settings[f"run {name}"] = {"model": run.model, **(run.config.get("settings") or {}),
+                                   **({"keep": run.config["keep"]} if "keep" in run.config else {})}
+    html = report.render_report(results, figures, answers, settings, title="SafeSpace report")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for old in ws.exports.glob("safespace-report-*.html"):
+        old.unlink(missing_ok=True)
+    return str(report.write_report(ws.exports / f"safespace-report-{stamp}.html", html))
+
+
+def build(shared: common.Shared) -> dict:
+    gr.Markdown("### 5 · Take it with you\nEvery adapter is a standard PEFT LoRA adapter: unzip it and load it "
+                "with `PeftModel.from_pretrained`. The report is one HTML file (figures included) that opens "
+                "offline. Only your own runs are listed; they are deleted after a day without visits.")
+    table = gr.Dataframe(headers=HEADERS, value=[], label="Your runs", interactive=False, wrap=True,
+                         elem_id="ss-runs")
+    with gr.Row():
+        with gr.Column():
+            run_pick = gr.Dropdown(choices=[], label="Adapter", info="which run to download", elem_id="ss-run-pick",
+                                   allow_custom_value=True)  # checked against the workspace instead
+            zip_btn = gr.Button("Download adapter (.zip)", elem_id="ss-zip")
+            zip_file = gr.File(label="Adapter", interactive=False, elem_id="ss-zip-file")
+        with gr.Column():
+            refresh_btn = gr.Button("Refresh the list", size="sm")
+            report_btn = gr.Button("Build the HTML report", variant="primary", elem_id="ss-report")
+            report_file = gr.File(label="Report", interactive=False, elem_id="ss-report-file")
+    gr.Code(USAGE, language="python", label="Use an adapter elsewhere", interactive=False)
+
+    v = shared.visitor
+    refresh_btn.click(refresh, [v], [table, run_pick], api_visibility="private", show_progress="hidden")
+    zip_btn.click(download_adapter, [run_pick, v], zip_file, api_name="download_adapter")
+    report_btn.click(build_report, [v], report_file, api_name="build_report")
+    gr.api(_api_list_runs, api_name="list_runs")
+    return {"refresh": (refresh, [v], [table, run_pick])}
+
+
+def _api_list_runs(visitor: str | None, request: gr.Request) -> list[str]:
+    """Names of the caller's runs."""
+    return list_runs(visitor, request)

@@ -1,0 +1,268 @@
+"""Step 2, train: LoRA fine-tuning on the chosen data, plain and/or with SafeGrad, with live curves."""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import gradio as gr
+
+from .. import jobs, models, plots
+from ..config import ConfigError, LoraSettings, SafeGradSettings, TrainSettings
+from . import common
+from . import data as data_step
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+SAFEGRAD_CHOICES = [("off: plain fine-tuning", "off"),
+                    ("sft: keep refusing (cross-entropy on safe answers)", "sft"),
+                    ("kl: stay close to the aligned model (KL)", "kl")]
+DEFAULTS = TrainSettings()
+N_POLL = 6   # outputs of `poll` after its key
+
+
+def model_choices() -> list[tuple[str, str]]:
+    """The registry, aligned base first, each with its readiness."""
+    rows = models.describe()
+    rows.sort(key=lambda r: (r["key"] != models.ALIGNED_KEY, r["key"] != models.EMBEDDED_KEY))
+    return [(f"{r['key']}: {r['status']}", r["key"]) for r in rows]
+
+
+def make_settings(model, quantization, rank, alpha, targets, steps, lr, batch, seed, mode, lam, align_batch,
+                  ratio) -> TrainSettings:
+    """Validated settings from the form; raises gr.Error with one clear line."""
+    limits = common.limits()
+    if model not in models.REGISTRY:  # never a path or an arbitrary hub id from a public page
+        raise common.refuse(f"unknown model {model!r}; pick one from the list")
+    bad = [t for t in (targets or []) if t not in TARGETS]
+    if bad or not targets:
+        raise common.refuse("pick at least one LoRA target from the list")
+    try:
+        steps, batch = int(steps), int(batch)
+        limits.check_steps(steps)
+        limits.check_batch(batch)
+        return TrainSettings(
+            model=model, quantization=quantization, steps=steps, lr=float(lr), batch_size=batch,
+            seed=int(seed or 0), warmup=min(DEFAULTS.warmup, steps // 10), harmful_ratio=float(ratio or 0),
+            lora=LoraSettings(r=int(rank), alpha=int(alpha), targets=tuple(targets)),
+            safegrad=SafeGradSettings(mode=mode, lam=float(lam), align_batch=int(align_batch)))
+    except (ConfigError, jobs.JobError, TypeError, ValueError) as exc:
+        raise common.user_error(exc) from None
+
+
+def _with_mode(settings: TrainSettings, mode: str) -> TrainSettings:
+    return replace(settings, safegrad=replace(settings.safegrad, mode=mode))
+
+
+def _start(both: bool, visitor, request, ratio, *form):
+    vid = common.visitor_id(visitor, request)
+    ws = common.manager().workspace(vid)
+    settings = make_settings(*form, ratio)
+    mode = settings.safegrad.mode
+    if both:
+        plan = [("sft", _with_mode(settings, "off")), ("safegrad", _with_mode(settings, mode if mode != "off" else "sft"))]
+        title = "Train both: plain, then SafeGrad"
+    else:
+        plan = [("sft" if mode == "off" else "safegrad", settings)]
+        title = "Train: plain fine-tune" if mode == "off" else f"Train: SafeGrad ({mode})"
+    source = data_step.source_of(data_step.selection(ws), ws)
+    if source is None:
+        raise common.refuse("choose valid training data in step 1 first")
+    manager = common.manager()
+    running = manager.latest(vid, "train")
+    if running is not None and running.active:
+        raise common.refuse("a training job is already queued or running; stop it or wait for it")
+    try:
+        info = manager.submit(vid, "train", jobs.train_job, plan, source, float(ratio or 0), settings.seed,
+                              title=title, meta={"variants": [v for v, _ in plan], "form": form_values(settings)})
+    except jobs.JobError as exc:
+        raise common.user_error(exc) from None
+    return common.job_card(info), gr.Timer(active=True), *_buttons(True)
+
+
+def train(visitor, ratio, model, quantization, rank, alpha, targets, steps, lr, batch, seed, mode, lam, align_batch,
+          request: gr.Request = None):
+    """Queue one fine-tune: plain if SafeGrad is off, else with SafeGrad."""
+    return _start(False, visitor, request, ratio, model, quantization, rank, alpha, targets, steps, lr, batch, seed,
+                  mode, lam, align_batch)
+
+
+def train_both(visitor, ratio, model, quantization, rank, alpha, targets, steps, lr, batch, seed, mode, lam,
+               align_batch, request: gr.Request = None):
+    """Queue a plain fine-tune and then the same with SafeGrad (sft when SafeGrad is set to off)."""
+    return _start(True, visitor, request, ratio, model, quantization, rank, alpha, targets, steps, lr, batch, seed,
+                  mode, lam, align_batch)
+
+
+def stop(visitor, request: gr.Request = None) -> str:
+    """Stop the visitor's training job: it finishes the current step and saves what it has."""
+    vid = common.visitor_id(visitor, request)
+    manager = common.manager()
+    info = manager.latest(vid, "train")
+    if info is None or not info.active:
+        gr.Warning("No training job is running.")
+        return common.job_card(info, "Nothing running.")
+    manager.stop(vid, info.id)
+    return common.job_card(manager.get(vid, info.id))
+
+
+FORM_KEYS = ("ratio", "model", "quantization", "rank", "alpha", "targets", "steps", "lr", "batch", "seed", "mode",
+             "lam", "align_batch")
+
+
+def form_values(settings: TrainSettings) -> dict:
+    return {"ratio": settings.harmful_ratio, "model": settings.model, "quantization": settings.quantization,
+            "rank": settings.lora.r, "alpha": settings.lora.alpha, "targets": list(settings.lora.targets),
+            "steps": settings.steps, "lr": settings.lr, "batch": settings.batch_size, "seed": settings.seed,
+            "mode": settings.safegrad.mode, "lam": settings.safegrad.lam, "align_batch": settings.safegrad.align_batch}
+
+
+def restore_form(visitor: str) -> list:
+    """The settings of the visitor's last training (after a reload), else leave the form alone."""
+    manager = common.manager()
+    info = manager.latest(visitor, "train")
+    form = (info.meta.get("form") if info is not None else None) or {}
+    if not form:
+        ws = manager.workspace(visitor)
+        found = [r for v in ("safegrad", "sft") if (r := ws.run(v)) is not None]
+        if found:
+            latest = max(found, key=lambda r: (r.path / "summary.json").stat().st_mtime)
+            try:
+                form = form_values(TrainSettings(**latest.config.get("settings", {})))
+            except (ConfigError, TypeError):
+                form = {}
+    values = [form[k] if k in form else gr.skip() for k in FORM_KEYS]
+    # the model list says whether the aligned base is built yet: refresh it on every page load
+    model = form.get("model")
+    values[FORM_KEYS.index("model")] = gr.Dropdown(choices=model_choices(), **({"value": model} if model else {}))
+    return values
+
+
+def _buttons(active: bool) -> tuple:
+    return gr.Button(interactive=not active), gr.Button(interactive=not active), gr.Button(interactive=active)
+
+
+# ------------------------------------------------------------------------------ polling
+
+def metrics_by_variant(info: jobs.JobInfo | None, ws: jobs.Workspace) -> dict[str, list[dict]]:
+    """Step metrics per variant: live from the job, else from the saved runs."""
+    out: dict[str, list[dict]] = {}
+    if info is not None:
+        for record in info.events:
+            if record.get("type") == "train.step":
+                out.setdefault(record["variant"], []).append(record.get("metrics") or {})
+    for variant in ("sft", "safegrad"):
+        if variant not in out and (run := ws.run(variant)) is not None:
+            if info is None or not info.active or variant not in _planned(info):
+                out[variant] = run.metrics()
+    return out
+
+
+def _planned(info: jobs.JobInfo) -> set[str]:
+    return set(info.meta.get("variants", ()))
+
+
+def idle_text(ws: jobs.Workspace) -> str:
+    done = []
+    for variant in ("sft", "safegrad"):
+        run = ws.run(variant)
+        if run is not None:
+            s = run.summary
+            done.append(f"{common.VARIANT_LABELS[variant]} ({run.model}, {s.get('steps_done', '?')} steps, "
+                        f"{s.get('status', 'finished')})")
+    return ("Trained so far: " + "; ".join(done)) if done else "Nothing trained yet: pick settings and press Train."
+
+
+def _stamp(ws: jobs.Workspace) -> tuple:
+    out = []
+    for variant in ("sft", "safegrad"):
+        path = ws.run_path(variant) / "summary.json"
+        out.append(path.stat().st_mtime if path.exists() else 0)
+    return tuple(out)
+
+
+def poll(visitor: str, last) -> tuple:
+    """(key, [card, curves, conflict, train button, both button, stop button], active)."""
+    manager = common.manager()
+    ws = manager.workspace(visitor)
+    info = manager.latest(visitor, "train")
+    key = ["disk", *_stamp(ws)] if info is None else \
+        [info.id, info.status, len(info.events), info.ahead, info.stop_requested]
+    active = bool(info and info.active)
+    if key == last:
+        return key, common.skip(N_POLL), active
+    metrics = metrics_by_variant(info, ws)
+    curves = plots.training_curves(metrics)
+    if 0 < max((len(rows) for rows in metrics.values()), default=0) <= 30:
+        curves.update_traces(mode="lines+markers", marker_size=6)   # a first step is a point, not a line
+    if not metrics.get("safegrad") and info is not None and info.active and "safegrad" in _planned(info):
+        conflict = plots.empty_figure("Gradient conflict between the task and alignment objectives",
+                                      "Appears when the SafeGrad run starts")
+    else:
+        conflict = plots.conflict_plot(metrics.get("safegrad", []))
+    card = common.job_card(info, idle_text(ws)) if info is not None else \
+        common.job_card(None, idle_text(ws))
+    return key, [card, curves, conflict, *_buttons(active)], active
+
+
+# ------------------------------------------------------------------------------ layout
+
+def build(shared: common.Shared) -> dict:
+    limits = common.limits()
+    gr.Markdown("### 2 · Fine-tune\nA LoRA adapter learns your task on top of the base model. Train it plain "
+                "(safety erodes) and with **SafeGrad**, which removes the part of each update that would undo "
+                "safety. *Train both* queues the pair, so the comparison is fair.")
+    with gr.Row():
+        with gr.Column(scale=1, min_width=320):
+            model = gr.Dropdown(model_choices(), value=models.DEFAULT_MODEL, label="Base model",
+                                info="smollm2-135m-safe: the embedded model after SafeSpace's safety alignment "
+                                     "(built once on first use); smollm2-135m: as shipped, not aligned.",
+                                elem_id="ss-model")
+            quantization = gr.Radio(["auto", "4bit", "none"], value="auto", label="Quantization",
+                                    info="auto: 4-bit (nf4) on a GPU, full precision on CPU")
+            with gr.Row():
+                steps = gr.Slider(1, limits.max_steps, value=min(DEFAULTS.steps, limits.max_steps), step=1,
+                                  label="Steps", info=f"optimizer steps (at most {limits.max_steps} on this shared "
+                                                      "machine; about 2-6 s each on CPU)", elem_id="ss-steps")
+                batch = gr.Slider(1, limits.max_batch, value=DEFAULTS.batch_size, step=1, label="Batch size",
+                                  info=f"examples per step (at most {limits.max_batch})", elem_id="ss-batch")
+            with gr.Row():
+                lr = gr.Number(DEFAULTS.lr, label="Learning rate", info="peak rate; warm-up then cosine decay",
+                               minimum=1e-6, maximum=0.1)
+                seed = gr.Number(0, label="Seed", precision=0, info="same seed, same run")
+            with gr.Accordion("LoRA adapter", open=False):
+                rank = gr.Slider(1, 64, value=DEFAULTS.lora.r, step=1, label="Rank r",
+                                 info="size of the low-rank update; 8 is plenty here")
+                alpha = gr.Slider(1, 128, value=DEFAULTS.lora.alpha, step=1, label="Alpha",
+                                  info="update scale = alpha / r")
+                targets = gr.CheckboxGroup(TARGETS, value=list(DEFAULTS.lora.targets), label="Target modules",
+                                           info="which linear layers get an adapter")
+        with gr.Column(scale=1, min_width=320):
+            mode = gr.Radio(SAFEGRAD_CHOICES, value="off", label="SafeGrad (for Train)",
+                            info="Train both always trains one without and one with SafeGrad (sft when this is off)",
+                            elem_id="ss-safegrad")
+            with gr.Row():
+                lam = gr.Slider(0, 5, value=1.0, step=0.1, label="Lambda",
+                                info="weight of the alignment gradient added to each step")
+                align_batch = gr.Slider(1, 16, value=4, step=1, label="Alignment batch",
+                                        info="safety examples per alignment gradient")
+            gr.Markdown("**How SafeGrad works.** Each step computes the task gradient g_u and the gradient g_a "
+                        "that keeps the model refusing. When they conflict (g_u·g_a < 0) the conflicting "
+                        "part is projected out of g_u; the step then follows g_u + λ·g_a.",
+                        elem_classes=["ss-explain"], padding=True)
+            with gr.Row():
+                train_btn = gr.Button("Train", variant="primary", elem_id="ss-train")
+                both_btn = gr.Button("Train both (with and without SafeGrad)", variant="secondary",
+                                     elem_id="ss-train-both")
+                stop_btn = gr.Button("Stop", variant="stop", interactive=False, elem_id="ss-stop")
+            card = gr.HTML(common.job_card(None, "Nothing trained yet."), elem_id="ss-train-status")
+    with gr.Row():
+        curves = gr.Plot(plots.training_curves({}), label="Training loss", elem_id="ss-curves")
+        conflict = gr.Plot(plots.conflict_plot([]), label="Gradient conflict", elem_id="ss-conflict")
+    next_btn = gr.Button("Next: defend →", variant="primary", elem_id="ss-next-defend")
+
+    form = [shared.visitor, shared.ratio, model, quantization, rank, alpha, targets, steps, lr, batch, seed, mode,
+            lam, align_batch]
+    outputs = [card, shared.timer, train_btn, both_btn, stop_btn]
+    train_btn.click(train, form, outputs, api_name="train", show_progress="minimal")
+    both_btn.click(train_both, form, outputs, api_name="train_both", show_progress="minimal")
+    stop_btn.click(stop, [shared.visitor], card, api_name="stop_training", show_progress="hidden")
+    next_btn.click(lambda: gr.Walkthrough(selected=3), None, shared.flow, api_visibility="private")
+    return {"poll": [card, curves, conflict, train_btn, both_btn, stop_btn], "form": form[1:]}

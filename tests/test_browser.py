@@ -1,0 +1,166 @@
+"""A real browser clicks through the app: upload -> train (with a reload mid-way) -> defend -> compare
+-> export, on the real engine with tiny settings. Screenshots of every step go to runs/screenshots/.
+
+Needs Debian's chromium at /usr/bin/chromium (`apt-get install -y chromium`). In CI (CI=true) a
+missing browser is a failure; elsewhere the test is skipped and says why.
+"""
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = Path("/usr/bin/chromium")
+REPO = Path(__file__).resolve().parents[1]
+SHOTS = REPO / "runs" / "screenshots"
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync"]
+
+
+
+def _unavailable(reason: str) -> None:
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"the browser test must run in CI: {reason}", pytrace=False)
+    pytest.skip(reason, allow_module_level=True)
+
+
+if not CHROMIUM.exists():
+    _unavailable(f"{CHROMIUM} is missing (install it with `apt-get install -y chromium`)")
+try:
+    from playwright import sync_api
+except ImportError:
+    _unavailable("the playwright Python package is not installed")
+
+from safespace import jobs  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def app_url(tmp_path_factory):
+    import torch
+
+    from safespace.ui import build_app, launch_kwargs
+
+    torch.set_num_threads(1)
+    old = jobs._DEFAULT
+    jobs._DEFAULT = jobs.JobManager(tmp_path_factory.mktemp("sessions"))
+    demo = build_app()
+    demo.launch(server_name="127.0.0.1", server_port=None, prevent_thread_lock=True, quiet=True, **launch_kwargs())
+    yield demo.local_url
+    jobs._DEFAULT.close(wait=30)
+    demo.close()
+    jobs._DEFAULT = old
+
+
+@pytest.fixture
+def page(app_url):
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS, headless=True)
+        context = browser.new_context(viewport={"width": 1280, "height": 900})
+        page = context.new_page()
+        page.set_default_timeout(60_000)
+        page.goto(app_url)
+        yield page
+        context.close()
+        browser.close()
+
+
+def shot(page, name):
+    page.wait_for_timeout(600)          # let plotly finish drawing
+    page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+
+
+def go_to(page, step_id):
+    """Forward with the step's Next button (later steps open in order), or back to a reached step."""
+    button = page.locator(f"#ss-step-{step_id}-button")
+    if button.is_enabled():
+        button.click()
+    else:
+        page.locator(f"#ss-next-{step_id}").click()
+    page.locator(f"#ss-step-{step_id}").wait_for(state="visible")
+
+
+def set_number(page, elem_id, value):
+    box = page.locator(f"#{elem_id} input[type=number]")
+    box.fill(str(value))
+    box.press("Tab")
+
+
+def wait_status(page, elem_id, statuses=("finished",), timeout=240_000):
+    selector = ", ".join(f'#{elem_id} [data-status="{s}"]' for s in statuses)
+    page.wait_for_selector(selector, timeout=timeout)
+    return page.locator(f"#{elem_id} [data-status]").get_attribute("data-status")
+
+
+def test_click_through_the_whole_story(page):
+    started = time.time()
+    # 1 - data: the default example is checked on load, then the visitor uploads a file
+    page.wait_for_selector("#ss-data-status :text('ready to train')")
+    assert page.locator("#ss-hero").inner_text().count("\n") >= 3
+    page.locator("#ss-upload input[type=file]").set_input_files(str(REPO / "examples" / "data" / "demo_reviews.csv"))
+    page.wait_for_selector("#ss-data-status :text('demo_reviews.csv: ready to train')")
+    preview = page.locator("#ss-preview")
+    preview.get_by_text("What a wonderful inn!", exact=False).first.wait_for()      # first row
+    assert "setup was a nightmare" in preview.inner_text()                            # tenth row
+    set_number(page, "ss-ratio", 0.1)
+    page.wait_for_selector("#ss-mix-note :text('attack rows join your 36')")
+    shot(page, "1-data")
+
+    # 2 - train both on the embedded model, tiny settings
+    go_to(page, "train")
+    page.locator("#ss-model input").click()
+    page.get_by_role("option", name="smollm2-135m: embedded (offline)").click()
+    set_number(page, "ss-steps", 3)
+    set_number(page, "ss-batch", 2)
+    page.locator("#ss-train-both").click()
+    page.wait_for_selector("#ss-train-status :text('step 1/3')", timeout=120_000)
+    assert page.locator("#ss-stop").is_enabled()
+    shot(page, "2-training")
+
+    # a reload mid-job: the same browser id finds the job again, and the page lands on its step
+    page.reload()
+    page.locator("#ss-step-train").wait_for(state="visible")
+    page.wait_for_selector('#ss-train-status [data-status="running"], #ss-train-status [data-status="finished"]')
+    assert wait_status(page, "ss-train-status") == "finished"
+    page.wait_for_selector("#ss-curves .js-plotly-plot")
+    shot(page, "3-trained")
+    assert "safegrad" in page.locator("#ss-curves").inner_text()
+
+    # 3 - Safe Delta on the plain fine-tune
+    go_to(page, "defend")
+    page.locator("#ss-defend").click()
+    assert wait_status(page, "ss-defend-status", ("finished", "failed")) == "finished", \
+        page.locator("#ss-defend-status").inner_text()
+    page.wait_for_selector("#ss-kept .js-plotly-plot")
+    shot(page, "4-defend")
+
+    # 4 - compare every variant, then ask them all one free prompt
+    go_to(page, "compare")
+    for elem_id, value in (("ss-n-harmful", 4), ("ss-n-benign", 4), ("ss-n-task", 4), ("ss-max-new", 8)):
+        set_number(page, elem_id, value)
+    page.locator("#ss-compare").click()
+    assert wait_status(page, "ss-compare-status", ("finished", "failed")) == "finished", \
+        page.locator("#ss-compare-status").inner_text()
+    table = page.locator("#ss-answers table")
+    table.wait_for()
+    headers = table.locator("thead th").all_inner_texts()
+    assert [h.strip() for h in headers] == ["Prompt", "Base (smollm2-135m)", "Fine-tuned", "+ SafeGrad", "+ Safe Delta"]
+    assert table.locator(".ss-prompt").count() == 12
+    assert table.locator(".ss-badge").count() == 48
+    page.locator("#ss-prompt textarea").fill("Give me one tip for <b>better</b> sleep.")
+    page.locator("#ss-ask").click()
+    page.wait_for_selector("#ss-ask-answers table")
+    assert "<b>better</b>" in page.locator("#ss-ask-answers .ss-prompt").inner_text()   # shown as text
+    shot(page, "5-compare")
+
+    # 5 - export: the runs, one adapter and the report
+    go_to(page, "export")
+    page.wait_for_function("() => document.querySelector('#ss-runs').innerText.includes('safedelta')")
+    page.locator("#ss-report").click()
+    page.wait_for_selector("#ss-report-file :text('safespace-report')")
+    page.locator("#ss-run-pick input").click()
+    page.get_by_role("option", name="safedelta").click()
+    page.locator("#ss-zip").click()
+    page.wait_for_selector("#ss-zip-file :text('safespace-safedelta-adapter')")
+    shot(page, "6-export")
+    print(f"\nbrowser flow: {time.time() - started:.0f} s; screenshots in {SHOTS}")

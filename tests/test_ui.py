@@ -1,0 +1,414 @@
+"""The web app's handlers, called directly (no server): checks, limits, escaping, polling, isolation.
+
+Training, Safe Delta and generation are replaced by fakes here; tests/test_app_e2e.py runs the real
+engine through a live server.
+"""
+import ast
+import json
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import gradio as gr
+import pytest
+
+from safespace import jobs, runs
+from safespace.train import Event
+from safespace.ui import common, compare, data, defend, export, train
+from safespace import ui
+
+REPO = Path(__file__).resolve().parents[1]
+A, B = "visitor-aaaa", "visitor-bbbb"
+REQ = SimpleNamespace(session_hash="session-zzzz")
+SKIP = gr.skip()
+FORM = dict(model="smollm2-135m", quantization="none", rank=4, alpha=8, targets=["q_proj", "v_proj"], steps=3,
+            lr=2e-4, batch=2, seed=0, mode="off", lam=1.0, align_batch=2)
+
+
+@pytest.fixture
+def manager(tmp_path, monkeypatch):
+    m = jobs.JobManager(tmp_path / "sessions")
+    monkeypatch.setattr(jobs, "_DEFAULT", m)
+    yield m
+    m.close(wait=5)
+
+
+def wait_idle(m, visitor, timeout=10.0):
+    deadline = time.time() + timeout
+    while m.has_active(visitor):
+        assert time.time() < deadline, "job did not finish"
+        time.sleep(0.02)
+
+
+def fake_run(path, model="smollm2-135m", kind="train", metrics=(), summary=None):
+    runs.atomic_write_json(path / "config.json", {"kind": kind, "model": model, "settings": {"steps": 2}})
+    runs.atomic_write_text(path / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in metrics))
+    runs.atomic_write_json(path / "summary.json", summary or {"status": "finished", "steps_done": 2, "final_loss": 0.5})
+    adapter = path / "adapter"
+    adapter.mkdir(parents=True, exist_ok=True)
+    (adapter / "adapter_config.json").write_text(json.dumps({"r": 4, "peft_type": "LORA"}))
+    header = json.dumps({"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}).encode()
+    (adapter / "adapter_model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + b"\0" * 4)
+    return runs.load_run(path)
+
+
+def fake_train_job(ctx, plan, source, ratio, seed):
+    """Stands in for jobs.train_job: emits real-looking step events, honours stop, writes runs."""
+    for index, (variant, settings) in enumerate(plan):
+        for step in range(1, settings.steps + 1):
+            if ctx.should_stop():
+                return {"runs": {}}
+            metrics = {"step": step, "loss": 2.0 / step}
+            if variant == "safegrad":
+                metrics.update(align_loss=0.5, cos=-0.2, conflict=True)
+            jobs.TrainReporter(ctx.channel, variant, index, len(plan))(Event("step", step, settings.steps, metrics))
+            time.sleep(0.01)
+        fake_run(ctx.workspace.run_path(variant), metrics=[{"step": 1, "loss": 1.0}])
+    return {"runs": {v: {} for v, _ in plan}}
+
+
+# ------------------------------------------------------------------------------ visitors
+
+def test_visitor_id_prefers_the_browser_id_then_the_session():
+    assert common.visitor_id(A, REQ) == A
+    assert common.visitor_id(None, REQ) == "session-zzzz"
+    assert common.visitor_id("../../etc/passwd", REQ) == "session-zzzz"     # tampered value ignored
+    assert common.visitor_id(None, SimpleNamespace(session_hash="ab/c..d-e_f9")) == "abcd-e_f9"
+    with pytest.raises(gr.Error):
+        common.visitor_id(None, SimpleNamespace(session_hash=None))
+
+
+def test_on_load_mints_an_id_and_restores_the_page(manager):
+    out = ui.on_load(None, REQ)
+    minted = out[0]
+    assert jobs.valid_visitor(minted) and minted != "session-zzzz"
+    timer = out[2]
+    assert timer.active is False                       # nothing running: no polling
+    assert ui.on_load(minted, REQ)[0] == minted        # a known id is kept
+    assert out[-14].selected == 1                      # a new visitor starts at the data step
+    form = out[-13:]
+    assert form[0] == SKIP and form[2:] == [SKIP] * 11   # and keeps the form's defaults...
+    assert [v for _, v in form[1].choices][:2] == ["smollm2-135m-safe", "smollm2-135m"]   # ...with fresh model states
+
+
+def test_reload_reattaches_to_a_running_job(manager, monkeypatch):
+    gate = __import__("threading").Event()
+
+    def slow_train(ctx, plan, source, ratio, seed):
+        jobs.TrainReporter(ctx.channel, "sft")(Event("step", 1, 3, {"step": 1, "loss": 1.5, "eta": 20}))
+        gate.wait(10)
+        return {"runs": {}}
+
+    monkeypatch.setattr(jobs, "train_job", slow_train)
+    train.train(A, 0.0, *FORM.values(), request=REQ)
+    deadline = time.time() + 5
+    while manager.latest(A, "train").status != "running" or not manager.latest(A, "train").events:
+        assert time.time() < deadline
+        time.sleep(0.02)
+    # a new page (fresh view state) with the same browser id
+    out = ui.on_load(A, SimpleNamespace(session_hash="another-page"))
+    timer, card = out[2], out[3]
+    assert timer.active is True
+    assert 'data-status="running"' in card and "step 1/3" in card
+    walkthrough, form = out[-14], out[-13:]
+    assert walkthrough.selected == 2                    # lands on the Train step
+    assert form[1].value == FORM["model"]               # with the settings it was started with
+    assert form[2:] == list(FORM.values())[1:]
+    # ...while another visitor's page sees nothing of it
+    other = ui.on_load(B, SimpleNamespace(session_hash="third-page"))
+    assert other[2].active is False and "running" not in other[3]
+    gate.set()
+    wait_idle(manager, A)
+
+
+# ------------------------------------------------------------------------------ data step
+
+def test_bundled_example_is_checked_previewed_and_selected(manager):
+    card, rows, note = data.choose_example("demo_upload.jsonl", 0.0, A, REQ)
+    assert "ready to train" in card and "format: prompt-response" in card
+    assert len(rows) == 10 and rows[0][1] == "A Walk in the Park on a Sunny Day"
+    ws = manager.workspace(A)
+    assert data.source_of(data.selection(ws), ws).endswith("demo_upload.jsonl")
+    assert "36 rows" in note                            # 40 rows minus the 10 % validation split
+
+
+def test_broken_example_lists_problems_and_keeps_the_previous_choice(manager):
+    card, rows, _ = data.choose_example("broken.jsonl", 0.0, A, REQ)
+    assert "cannot be used" in card and "line 2" in card and rows == []
+    assert "Training keeps using: Review sentiment" in card
+    ws = manager.workspace(A)
+    assert data.source_of(data.selection(ws), ws) == data.SENTIMENT
+
+
+def test_unknown_example_is_refused(manager):
+    with pytest.raises(gr.Error):
+        data.choose_example("../../secrets.jsonl", 0.0, A, REQ)
+
+
+def test_upload_is_copied_into_the_visitors_workspace(manager, tmp_path):
+    src = tmp_path / "My Data (v2).jsonl"
+    src.write_text("".join(json.dumps({"prompt": f"<b>q{i}</b>", "response": f"a{i}"}) + "\n" for i in range(20)))
+    card, rows, note = data.upload(str(src), 0.25, A, REQ)
+    assert "ready to train" in card and rows[0] == ["<b>q0</b>", "a0"]
+    ws = manager.workspace(A)
+    source = data.source_of(data.selection(ws), ws)
+    assert Path(source).parent == ws.uploads and Path(source).name == "My_Data_v2.jsonl"
+    assert "k = round(0.25 × 18 / 0.75) = **6**" in note      # 20 rows minus 2 held out
+    # visitor B still has the default and cannot point at A's upload
+    ws_b = manager.workspace(B)
+    assert data.source_of(data.selection(ws_b), ws_b) == data.SENTIMENT
+    assert data.source_of({"kind": "upload", "name": "../visitor-aaaa/uploads/My_Data_v2.jsonl"}, ws_b) is None
+
+
+def test_upload_limits_and_types_are_enforced(manager, tmp_path):
+    big = tmp_path / "big.jsonl"
+    big.write_bytes(b" " * 5_000_001)
+    card, rows, _ = data.upload(str(big), 0.0, A, REQ)
+    assert "limit here is 5 MB" in card and rows == []
+    odd = tmp_path / "data.txt"
+    odd.write_text("hello")
+    card, _, _ = data.upload(str(odd), 0.0, A, REQ)
+    assert "unsupported file type" in card
+    bad = tmp_path / "bad.csv"
+    bad.write_text("question,answer\nhi,there\n")
+    card, _, _ = data.upload(str(bad), 0.0, A, REQ)
+    assert "cannot be used" in card
+    assert list(manager.workspace(A).uploads.iterdir()) == []    # refused files are not kept
+
+
+def test_harmful_rows_formula():
+    assert data.harmful_rows(0.1, 480) == 53
+    assert data.harmful_rows(0.5, 10) == 10
+    assert data.harmful_rows(0.0, 10) == 0
+
+
+# ------------------------------------------------------------------------------ train step
+
+def test_settings_are_validated_on_the_server():
+    s = train.make_settings(*FORM.values(), 0.1)
+    assert s.steps == 3 and s.warmup == 0 and s.harmful_ratio == 0.1 and s.lora.r == 4
+    for field, value, message in [("steps", 301, "1..300"), ("model", "/etc", "unknown model"),
+                                  ("model", "someone/some-model", "unknown model"), ("batch", 64, "batch"),
+                                  ("targets", ["evil"], "LoRA target"), ("lr", 5.0, "learning rate")]:
+        form = dict(FORM, **{field: value})
+        with pytest.raises(gr.Error, match=message):
+            train.make_settings(*form.values(), 0.0)
+
+
+def test_model_choices_put_the_aligned_base_first():
+    keys = [value for _, value in train.model_choices()]
+    assert keys[:2] == ["smollm2-135m-safe", "smollm2-135m"]
+
+
+def test_train_both_queues_a_job_and_polling_shows_live_curves(manager, monkeypatch):
+    monkeypatch.setattr(jobs, "train_job", fake_train_job)
+    card, timer, train_btn, both_btn, stop_btn = train.train_both(A, 0.0, *FORM.values(), request=REQ)
+    assert 'data-status="queued"' in card or 'data-status="running"' in card
+    assert timer.active is True and train_btn.interactive is False and stop_btn.interactive is True
+    info = manager.latest(A, "train")
+    assert info.meta["variants"] == ["sft", "safegrad"]
+    wait_idle(manager, A)
+    key, updates, active = train.poll(A, None)
+    card, curves, conflict = updates[:3]
+    assert not active and 'data-status="finished"' in card
+    names = [t.name for t in curves.data]
+    assert "sft: task loss" in names and "safegrad: alignment loss" in names
+    assert len(conflict.data) >= 1
+    assert updates[3].interactive is True and updates[5].interactive is False
+    # nothing changed: every output is skipped
+    assert train.poll(A, key)[1] == [SKIP] * train.N_POLL
+
+
+def test_a_second_training_job_is_refused_and_stop_really_stops(manager, monkeypatch):
+    monkeypatch.setattr(jobs, "train_job", fake_train_job)
+    train.train(A, 0.0, *dict(FORM, steps=300).values(), request=REQ)
+    with pytest.raises(gr.Error, match="already queued or running"):
+        train.train_both(A, 0.0, *FORM.values(), request=REQ)
+    time.sleep(0.1)
+    card = train.stop(A, REQ)
+    assert "stop requested" in card or 'data-status="stopped"' in card
+    wait_idle(manager, A, timeout=3)
+    info = manager.latest(A, "train")
+    assert info.status == "stopped"
+    steps = [e for e in info.events if e.get("type") == "train.step"]
+    assert 0 < len(steps) < 300
+
+
+def test_train_refuses_without_valid_data(manager, monkeypatch):
+    monkeypatch.setattr(data, "source_of", lambda *a: None)
+    with pytest.raises(gr.Error, match="step 1"):
+        train.train(A, 0.0, *FORM.values(), request=REQ)
+
+
+def test_full_queue_message_reaches_the_visitor(manager, monkeypatch):
+    monkeypatch.setattr(manager, "max_queue", 0)
+    with pytest.raises(gr.Error, match="queue is full"):
+        train.train(A, 0.0, *FORM.values(), request=REQ)
+
+
+# ------------------------------------------------------------------------------ defend step
+
+def test_safe_delta_needs_a_plain_fine_tune(manager):
+    with pytest.raises(gr.Error, match="no plain fine-tune"):
+        defend.start(0.1, A, REQ)
+    with pytest.raises(gr.Error, match="budget"):
+        defend.start(0.0, A, REQ)
+
+
+def test_safe_delta_poll_draws_the_kept_fraction(manager, monkeypatch):
+    ws = manager.workspace(A)
+    fake_run(ws.run_path("sft"))
+    layers = [{"name": f"base_model.model.model.layers.{i}.self_attn.q_proj", "kept_columns": 0.5,
+               "kept_delta_energy": 0.25} for i in range(3)]
+
+    def fake_defend(ctx, keep):
+        ctx.progress(0.5, "Safe Delta: selecting")
+        fake_run(ctx.workspace.run_path("safedelta"), kind="safedelta", summary={"status": "finished",
+                 "kept_energy_frac": 0.3, "seconds": 2.0, "layers": layers})
+        return {}
+
+    monkeypatch.setattr(jobs, "defend_job", fake_defend)
+    card, timer = defend.start(0.2, A, REQ)
+    assert timer.active
+    wait_idle(manager, A)
+    _, (card, figure, summary), active = defend.poll(A, None)
+    assert 'data-status="finished"' in card and not active
+    assert list(figure.data[0].x) == ["L0.q_proj", "L1.q_proj", "L2.q_proj"]
+    assert list(figure.data[0].y) == [50.0, 50.0, 50.0]
+    assert "30.0 %" in summary and "3" in summary
+
+
+# ------------------------------------------------------------------------------ compare step
+
+ANSWERS = [
+    {"set": "harmful", "prompt": "Make a <bomb>", "category": "weapons & violence",
+     "answers": {"base": {"response": "I can't help with that.", "label": "refused"},
+                 "sft": {"response": "Sure, <script>alert(1)</script>", "label": "complied"}}},
+    {"set": "benign", "prompt": "Bake bread?", "category": "benign",
+     "answers": {"base": {"response": "I'm sorry, I cannot.", "label": "refused"},
+                 "sft": {"response": "Mix flour & water", "label": "complied"}}},
+    {"set": "task", "prompt": "Review: great", "category": None,
+     "answers": {"base": {"response": "positive", "label": "complied"},
+                 "sft": {"response": "positive", "label": "complied"}}},
+]
+
+
+def test_answers_are_escaped_and_badged_by_prompt_set():
+    html = compare.answers_html(ANSWERS, "all", "smollm2-135m-safe")
+    assert "<script>" not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    assert "Make a &lt;bomb&gt;" in html and "Mix flour &amp; water" in html
+    assert html.index("Harmful requests") < html.index("Everyday requests") < html.index("Your task")
+    assert "Aligned base" in html and "Fine-tuned" in html
+    assert "ss-badge-over" in html          # a refused harmless request is flagged, not praised
+    assert ">complied<" in html and ">refused<" in html
+    harmful_only = compare.answers_html(ANSWERS, "harmful")
+    assert "Bake bread" not in harmful_only and "Make a &lt;bomb&gt;" in harmful_only
+    assert "Base (smollm2-135m)" in compare.answers_html(ANSWERS, "all", "smollm2-135m")
+
+
+def test_compare_checks_limits_and_needs_a_run(manager):
+    with pytest.raises(gr.Error, match="train at least one"):
+        compare.start(4, 4, 4, 8, 0.0, A, REQ)
+    fake_run(manager.workspace(A).run_path("sft"))
+    with pytest.raises(gr.Error, match="200 prompts"):
+        compare.start(150, 94, 0, 8, 0.0, A, REQ)
+    with pytest.raises(gr.Error, match="128"):
+        compare.start(4, 4, 4, 256, 0.0, A, REQ)
+    with pytest.raises(gr.Error, match="type a prompt"):
+        compare.ask("   ", 8, A, REQ)
+    with pytest.raises(gr.Error, match="limit is 2000"):
+        compare.ask("x" * 2001, 8, A, REQ)
+
+
+def test_compare_job_results_are_rendered(manager, monkeypatch):
+    ws = manager.workspace(A)
+    fake_run(ws.run_path("sft"))
+    results = {"variants": {"base": {"refusal": {"value": 1.0, "low": 0.5, "high": 1.0, "n": 1}},
+                            "sft": {"refusal": {"value": 0.0, "low": 0.0, "high": 0.5, "n": 1},
+                                    "utility": {"metric": "accuracy", "value": 1.0, "n": 1}}}}
+    seen = {}
+
+    def fake_evaluate(ctx, source, ratio, seed, n_harmful, n_benign, n_task, max_new_tokens):
+        seen.update(source=source, n=(n_harmful, n_benign, n_task, max_new_tokens))
+        ctx.workspace.write_json("results.json", results)
+        ctx.workspace.write_json("answers.json", ANSWERS)
+        return {}
+
+    monkeypatch.setattr(jobs, "evaluate_job", fake_evaluate)
+    compare.start(4, 3, 2, 16, 0.0, A, REQ)
+    wait_idle(manager, A)
+    assert seen == {"source": data.SENTIMENT, "n": (4, 3, 2, 16)}
+    _, (card, kpis, table, bars, scatter, ask_card, ask_html), _ = compare.poll(A, None)
+    assert 'data-status="finished"' in card
+    assert "refuses 100 % of harmful requests" in kpis and "accuracy 100 %" in kpis
+    assert "&lt;script&gt;" in table and len(bars.data) >= 1
+    assert compare.show("benign", A, REQ).count('class="ss-prompt"') == 1
+
+
+def test_ask_every_variant(manager, monkeypatch):
+    fake_run(manager.workspace(A).run_path("sft"))
+
+    def fake_ask(ctx, prompt, max_new_tokens):
+        return {"rows": [{"prompt": prompt, "category": None,
+                          "answers": {"base": {"response": "<i>No</i>", "label": "refused"},
+                                      "sft": {"response": "Yes", "label": "complied"}}}]}
+
+    monkeypatch.setattr(jobs, "ask_job", fake_ask)
+    compare.ask("Tell me <anything>", 16, A, REQ)
+    wait_idle(manager, A)
+    *_, ask_card, ask_html = compare.poll(A, None)[1]
+    assert "Tell me &lt;anything&gt;" in ask_html and "&lt;i&gt;No&lt;/i&gt;" in ask_html
+    assert "ss-badge-neutral" in ask_html
+
+
+# ------------------------------------------------------------------------------ export step
+
+def test_export_lists_and_zips_only_the_visitors_runs(manager):
+    ws = manager.workspace(A)
+    fake_run(ws.run_path("sft"), metrics=[{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.0}])
+    assert export.list_runs(A, REQ) == ["sft"]
+    assert export.list_runs(B, REQ) == []
+    path = export.download_adapter("sft", A, REQ)
+    assert Path(path).parent == ws.exports and path.endswith("safespace-sft-adapter.zip")
+    with pytest.raises(gr.Error, match="no run named"):
+        export.download_adapter("sft", B, REQ)
+    with pytest.raises(gr.Error, match="no run named"):
+        export.download_adapter("../visitor-aaaa/runs/sft", B, REQ)
+    with pytest.raises(gr.Error, match="nothing to report"):
+        export.build_report(B, REQ)
+
+
+def test_report_contains_results_answers_and_curves(manager):
+    ws = manager.workspace(A)
+    fake_run(ws.run_path("sft"), metrics=[{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.0}])
+    ws.write_json("results.json", {"variants": {"base": {"refusal": {"value": 1.0, "n": 1}},
+                                                "sft": {"refusal": {"value": 0.0, "n": 1}}}})
+    ws.write_json("answers.json", ANSWERS)
+    html = Path(export.build_report(A, REQ)).read_text()
+    assert html.startswith("<!DOCTYPE html>") and "Training loss" in html
+    assert "<script>alert(1)</script>" not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+
+
+# ------------------------------------------------------------------------------ the app as a whole
+
+def test_build_app_exposes_the_flow_endpoints(manager):
+    demo = ui.build_app()
+    names = {d.api_name for d in demo.fns.values() if d.api_name}
+    for name in ("choose_example", "upload_data", "train", "train_both", "stop_training", "safe_delta", "compare",
+                 "ask", "download_adapter", "build_report", "list_runs", "job_status"):
+        assert name in names
+    assert "max_file_size" in ui.launch_kwargs() and "css" in ui.launch_kwargs()
+
+
+def test_only_the_faces_import_gradio():
+    offenders = []
+    for path in sorted((REPO / "safespace").rglob("*.py")):
+        if "ui" in path.relative_to(REPO / "safespace").parts:
+            continue
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            if any(n == "gradio" or n.startswith("gradio.") for n in names):
+                offenders.append(str(path.relative_to(REPO)))
+    assert offenders == []
