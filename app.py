@@ -17,6 +17,9 @@ from safespace.ui import build_app, launch_kwargs
 demo = build_app()
 
 if __name__ == "__main__":
+    from safespace import align
+
+    align.warm_up_in_background()   # the default base is built once; visitors' jobs wait on the lock
     demo.launch(server_name=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
                 server_port=int(os.environ.get("GRADIO_SERVER_PORT", "7860")),
                 **launch_kwargs())

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -26,6 +27,7 @@ ALIGN_SETTINGS = TrainSettings(
     model=models.EMBEDDED_KEY, quantization="none", steps=60, lr=3e-4, batch_size=8, max_length=192,
     warmup=5, seed=0, lora=LoraSettings(r=16, alpha=32, targets=("q_proj", "k_proj", "v_proj", "o_proj")))
 BENIGN_MAX_NEW_TOKENS = 96
+_BUILD_LOCK = threading.Lock()   # one build per process: the app warms it up while a visitor may ask
 
 
 def _say(message: str) -> None:
@@ -103,5 +105,16 @@ def _merge(loaded: models.Loaded, run: runs.Run):
 def ensure(name: str, on_event=None) -> None:
     """Build the aligned base first when `name` is it and it is missing (any face calls this)."""
     if name == models.ALIGNED_KEY and not is_built():
-        build(on_event=on_event)
+        with _BUILD_LOCK:
+            if not is_built():
+                build(on_event=on_event)
+
+
+def warm_up_in_background() -> threading.Thread | None:
+    """Start building the aligned base at app start, so the first visitor does not wait for it."""
+    if is_built():
+        return None
+    thread = threading.Thread(target=ensure, args=(models.ALIGNED_KEY,), name="align-warm-up", daemon=True)
+    thread.start()
+    return thread
 
