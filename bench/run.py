@@ -18,6 +18,7 @@ real cache folder), removed at the end. With --json the LAST line of stdout is o
 from __future__ import annotations
 
 import argparse
+import atexit
 import datetime as dt
 import gc
 import json
@@ -44,13 +45,14 @@ GOALS = {"safegrad_overhead": "<= 1.6", "train_vs_trl": ">= 1.0", "compare_speed
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="SafeSpace benchmarks (see the module docstring).")
-    p.add_argument("--quick", action="store_true", help="fewer steps/prompts/sizes (about 10 min on 2 CPU cores)")
+    p.add_argument("--quick", action="store_true", help="fewer steps/prompts/sizes (about 14 min on a busy 2-core CPU)")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: steady on a shared machine)")
     p.add_argument("--only", default="", help=f"comma-separated sections: {','.join(SECTIONS)}")
     p.add_argument("--rounds", type=int, default=None, help="training rounds (default: quick 2, full 3)")
     p.add_argument("--steps", type=int, default=None, help="steps per training run (default: quick 4, full 10)")
     p.add_argument("--prompts", type=int, default=None, help="comparison prompts (default: quick 40, full 100)")
+    p.add_argument("--config", default="examples/configs/demo.yaml", help="run config of the end-to-end section")
     args = p.parse_args(argv)
     only = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = [s for s in only if s not in SECTIONS]
@@ -69,6 +71,7 @@ def parse_args(argv=None):
 ARGS = parse_args()
 REAL_HOME = Path(os.environ.get("SAFESPACE_HOME") or Path.home() / ".cache" / "safespace")
 BENCH_HOME = Path(tempfile.mkdtemp(prefix="safespace-bench-"))
+atexit.register(shutil.rmtree, BENCH_HOME, ignore_errors=True)   # rmtree unlinks models/, never follows it
 (REAL_HOME / "models").mkdir(parents=True, exist_ok=True)
 (BENCH_HOME / "models").symlink_to(REAL_HOME / "models", target_is_directory=True)
 os.environ.update(SAFESPACE_HOME=str(BENCH_HOME), SAFESPACE_GENERATION_THREADS=str(ARGS.threads),
@@ -217,10 +220,17 @@ def load_base() -> models.Loaded:
 def our_run(state: State, name: str, steps: int, sg: SafeGradSettings | None = None) -> tuple[Path, list[dict]]:
     """train.train() on a fresh base; returns (run folder, the metrics rows of its steps)."""
     rows: list[dict] = []
+    cpu = [0.0]
+
+    def on_event(event):
+        now = time.process_time()
+        if event.kind == "step":   # CPU seconds of this process since the previous step (or the start)
+            rows.append({**event.metrics, "cpu": now - cpu[0]})
+        cpu[0] = now
+
     out = state.out(name)
     loaded = load_base()
-    train.train(settings_for(steps, sg), state.prepared.train, out, loaded=loaded,
-                on_event=lambda e: rows.append(dict(e.metrics)) if e.kind == "step" else None)
+    train.train(settings_for(steps, sg), state.prepared.train, out, loaded=loaded, on_event=on_event)
     del loaded
     gc.collect()
     return out, rows
@@ -261,15 +271,15 @@ def trl_run(state: State, steps: int, grouped: bool = False) -> dict:
             for ex in state.prepared.train]
     dataset = datasets.Dataset.from_list(rows)
     shapes: list[tuple[int, int]] = []
-    marks: list[float] = []
+    marks: list[tuple[float, float]] = []
 
     class StepTimes(TrainerCallback):
         def on_train_begin(self, args, st, control, **kw):
-            marks.append(time.perf_counter())
             torch.set_num_threads(ARGS.threads)   # in case anything changed it during set-up
+            marks.append((time.perf_counter(), time.process_time()))
 
         def on_step_end(self, args, st, control, **kw):
-            marks.append(time.perf_counter())
+            marks.append((time.perf_counter(), time.process_time()))
 
     class Trainer(SFTTrainer):
         def training_step(self, model, inputs, *args, **kwargs):
@@ -292,8 +302,8 @@ def trl_run(state: State, steps: int, grouped: bool = False) -> dict:
     trainer.remove_callback(PrinterCallback)       # keep stdout for the tables
     threads_in_trainer = torch.get_num_threads()
     trainer.train()
-    seconds = [b - a for a, b in zip(marks, marks[1:])]
-    step_rows = [{"seconds": s, "tokens": real, "padded": padded} for s, (real, padded) in zip(seconds, shapes)]
+    step_rows = [{"seconds": b[0] - a[0], "cpu": b[1] - a[1], "tokens": real, "padded": padded}
+                 for a, b, (real, padded) in zip(marks, marks[1:], shapes)]
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     del trainer, loaded
     gc.collect()
@@ -336,42 +346,49 @@ def training_sections(state: State, do_safegrad: bool, do_trl: bool) -> dict:
             measured[name] += kept
             for i, row in enumerate(kept):
                 by_step[name][(r, i)] = row["seconds"]
-            say(f"  round {r + 1}/{rounds} {name:<30} {len(rows)} steps, step s: "
-                + " ".join(f"{row['seconds']:.2f}" for row in rows) + f"   ({time.perf_counter() - t0:.0f} s wall)")
+            say(f"  round {r + 1}/{rounds} {name:<28} step s (wall/cpu): "
+                + " ".join(f"{row['seconds']:.2f}/{row['cpu']:.2f}" for row in rows)
+                + f"   ({time.perf_counter() - t0:.0f} s)")
     say()
     plain = measured["plain"]
     plain_med, plain_mean = median([r["seconds"] for r in plain]), mean([r["seconds"] for r in plain])
+    plain_cpu_med, plain_cpu_mean = median([r["cpu"] for r in plain]), mean([r["cpu"] for r in plain])
     result: dict = {"steps_per_run": steps, "rounds": rounds, "warmup_dropped": WARMUP_STEPS,
-                    "plain_median_s": plain_med, "plain_mean_s": plain_mean}
+                    "plain_median_s": plain_med, "plain_mean_s": plain_mean,
+                    "plain_median_cpu_s": plain_cpu_med, "plain_mean_cpu_s": plain_cpu_mean}
 
     if do_safegrad:
         tokenizer = models.load_tokenizer(MODEL)
         task_tokens = median([r["tokens"] for r in plain])
         align_rows = data.bundled("alignment")[:SafeGradSettings().align_size]
         align_tok = data.tokenize(align_rows, tokenizer, MAX_LENGTH)
-        head = ["variant", "median s/step", "mean s/step", "overhead (median)", "overhead (mean)",
-                "paired median", "align tokens/step", "n"]
-        table_rows = [["plain LoRA", plain_med, plain_mean, 1.0, 1.0, 1.0, 0, len(plain)]]
+        head = ["variant", "median s/step", "overhead (median)", "overhead (mean)", "paired median",
+                "median CPU s/step", "CPU overhead (median)", "CPU overhead (mean)", "align tokens/step", "n"]
+        table_rows = [["plain LoRA", plain_med, 1.0, 1.0, 1.0, plain_cpu_med, 1.0, 1.0, 0, len(plain)]]
         sg_result = {}
         for label, kw in SAFEGRAD_VARIANTS:
             rows = measured[label]
-            secs = [r["seconds"] for r in rows]
+            secs, cpus = [r["seconds"] for r in rows], [r["cpu"] for r in rows]
             paired = [by_step[label][k] / by_step["plain"][k] for k in by_step[label] if k in by_step["plain"]]
             align_tokens = mean(align_tok.lengths) * kw["align_batch"]   # real tokens per alignment batch
             every = kw.get("every", 1)
             entry = {"median_s": median(secs), "mean_s": mean(secs), "overhead_median": ratio(median(secs), plain_med),
                      "overhead_mean": ratio(mean(secs), plain_mean), "overhead_paired_median": median(paired),
+                     "median_cpu_s": median(cpus), "cpu_overhead_median": ratio(median(cpus), plain_cpu_med),
+                     "cpu_overhead_mean": ratio(mean(cpus), plain_cpu_mean),
                      "align_tokens_per_gradient": align_tokens, "every": every, "n": len(secs), **kw}
             sg_result[label] = entry
-            table_rows.append([label, entry["median_s"], entry["mean_s"], entry["overhead_median"],
-                               entry["overhead_mean"], entry["overhead_paired_median"],
-                               round(align_tokens / every), len(secs)])
+            table_rows.append([label, entry["median_s"], entry["overhead_median"], entry["overhead_mean"],
+                               entry["overhead_paired_median"], entry["median_cpu_s"], entry["cpu_overhead_median"],
+                               entry["cpu_overhead_mean"], round(align_tokens / every), len(secs)])
         say("### SafeGrad overhead (SafeGrad step time / plain LoRA step time)")
         say()
         table(head, table_rows)
         say(f"plain task batch: median {task_tokens:.0f} real tokens/step. 'every 2' alternates steps that compute "
             f"the alignment gradient with steps that reuse it, so its mean column is the one to read. "
-            f"'paired' = median over steps of the ratio to the plain step that saw the same task batch.")
+            f"'paired' = median over steps of the ratio to the plain step that saw the same task batch. "
+            f"CPU = this process's CPU time per step (robust to other work on a shared machine; with "
+            f"{torch.get_num_threads()} thread(s) it is the compute the step needs).")
         say()
         result["safegrad"] = sg_result
         result["task_tokens_per_step"] = task_tokens
@@ -387,6 +404,8 @@ def training_sections(state: State, do_safegrad: bool, do_trl: bool) -> dict:
             padded = sum(r["padded"] for r in rows if r.get("padded"))
             secs = [r["seconds"] for r in rows]
             return {"median_s_per_step": median(secs), "mean_s_per_step": mean(secs),
+                    "median_cpu_s_per_step": median([r["cpu"] for r in rows]),
+                    "median_tokens_per_cpu_s": median([r["tokens"] / r["cpu"] for r in rows]),
                     "median_tokens_per_s": median([r["tokens"] / r["seconds"] for r in rows]),
                     "tokens_per_s_total": sum(r["tokens"] for r in rows) / sum(secs),
                     "real_tokens_per_step": mean([r["tokens"] for r in rows]),
@@ -399,22 +418,26 @@ def training_sections(state: State, do_safegrad: bool, do_trl: bool) -> dict:
         if grouped_s:
             trainers.append(("TRL SFTTrainer, group_by_length", grouped_s))
         vs = {"tokens_per_s": ratio(ours_s["median_tokens_per_s"], trl_s["median_tokens_per_s"]),
-              "seconds_per_step": ratio(trl_s["median_s_per_step"], ours_s["median_s_per_step"])}
+              "seconds_per_step": ratio(trl_s["median_s_per_step"], ours_s["median_s_per_step"]),
+              "tokens_per_cpu_s": ratio(ours_s["median_tokens_per_cpu_s"], trl_s["median_tokens_per_cpu_s"]),
+              "cpu_s_per_step": ratio(trl_s["median_cpu_s_per_step"], ours_s["median_cpu_s_per_step"])}
         if grouped_s:
             vs["tokens_per_s_vs_grouped"] = ratio(ours_s["median_tokens_per_s"], grouped_s["median_tokens_per_s"])
             vs["seconds_per_step_vs_grouped"] = ratio(grouped_s["median_s_per_step"], ours_s["median_s_per_step"])
         say("### Training throughput: train.train() vs TRL SFTTrainer (plain LoRA)")
         say()
-        table(["trainer", "median s/step", "mean s/step", "median tokens/s", "real tokens/step",
-               "padded tokens/step", "padding waste", "n"],
-              [[name, s["median_s_per_step"], s["mean_s_per_step"], s["median_tokens_per_s"],
+        table(["trainer", "median s/step", "median tokens/s", "median CPU s/step", "tokens per CPU s",
+               "real tokens/step", "padded tokens/step", "padding waste", "n"],
+              [[name, s["median_s_per_step"], s["median_tokens_per_s"], s["median_cpu_s_per_step"],
+                s["median_tokens_per_cpu_s"],
                 s["real_tokens_per_step"], s["padded_tokens_per_step"],
                 f"{s['padding_waste']:.1%}" if s["padding_waste"] is not None else None, s["n"]]
                for name, s in trainers])
-        say(f"ours / TRL: {vs['tokens_per_s']:.2f}x in real tokens/s, {vs['seconds_per_step']:.2f}x in seconds/step "
+        say(f"ours / TRL: {vs['tokens_per_s']:.2f}x in real tokens/s, {vs['seconds_per_step']:.2f}x in seconds/step; "
+            f"by CPU time {vs['tokens_per_cpu_s']:.2f}x in tokens per CPU s, {vs['cpu_s_per_step']:.2f}x in CPU s/step "
             f"(>1 = SafeSpace faster). TRL set-up (tokenising the set, wrapping the model): "
-            f"{extra.get('trl_setup_s', 0):.1f} s per run, not counted; TRL ran with {extra.get('trl_threads')} threads; "
-            f"trainable parameters {extra.get('trl_trainable')}.")
+            f"{extra.get('trl_setup_s', 0):.1f} s per run, not counted; TRL ran with {extra.get('trl_threads')} "
+            f"threads; trainable parameters {extra.get('trl_trainable')}.")
         say()
         result["trl"] = {"ours": ours_s, "trl": trl_s, "trl_grouped": grouped_s, "ours_vs_trl": vs, **extra}
         result["train_vs_trl"] = vs["tokens_per_s"]
@@ -437,19 +460,28 @@ def status(key):
     except OSError:
         return None
 
+def peak_mb():
+    peak = status("VmHWM")
+    if peak is None:
+        import resource
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return peak
+
 rss_before = status("VmRSS")
 marks = []
-t0 = time.time()
+t0, c0 = time.time(), time.process_time()
 run = pipeline.defend(sys.argv[1], sys.argv[2], on_progress=lambda m, f: marks.append((time.time() - t0, m)))
-seconds = time.time() - t0
-peak = status("VmHWM")
-if peak is None:
-    import resource
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-print(json.dumps({"seconds": seconds, "summary_seconds": run.summary["seconds"], "peak_mb": peak,
+seconds, cpu = time.time() - t0, time.process_time() - c0
+peak = peak_mb()
+again = None
+if len(sys.argv) > 3:   # the same defence again in this (now warm) process: Hessians cached, imports done
+    t1 = time.time()
+    pipeline.defend(sys.argv[1], sys.argv[3])
+    again = time.time() - t1
+print(json.dumps({"seconds": seconds, "cpu_s": cpu, "summary_seconds": run.summary["seconds"], "peak_mb": peak,
                   "rss_before_mb": rss_before, "marks": marks, "hessian_cached": run.summary["hessian_cached"],
                   "kept_energy_frac": run.summary["kept_energy_frac"], "layers": len(run.summary["layers"]),
-                  "import_s": t0 - t_process, "threads": torch.get_num_threads()}))
+                  "import_s": t0 - t_process, "threads": torch.get_num_threads(), "again_in_process_s": again}))
 """
 
 
@@ -459,9 +491,10 @@ def child_env() -> dict:
     return env
 
 
-def defend_subprocess(source: Path, out: Path) -> dict:
+def defend_subprocess(source: Path, out: Path, again: Path | None = None) -> dict:
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", DEFEND_CODE, str(source), str(out)], cwd=REPO, env=child_env(),
+    extra = [str(again)] if again else []
+    proc = subprocess.run([sys.executable, "-c", DEFEND_CODE, str(source), str(out), *extra], cwd=REPO, env=child_env(),
                           capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
@@ -499,10 +532,14 @@ def synthetic_safe_delta(sizes: list[int], n_tokens: int = 2048) -> list[dict]:
         t0 = time.perf_counter()
         _, _, stats = safedelta.safe_delta(delta, U, safedelta.relative_budget(0.1))
         t_sweep = time.perf_counter() - t0
-        row = {"d": d, "H_s": t_h, "U_s": t_u, "sweep_s": t_sweep, "kept_columns_frac": stats["kept_columns_frac"]}
+        t0 = time.perf_counter()     # worst case: every column but the excluded 15 % accepted
+        _, _, stats_all = safedelta.safe_delta(delta, U, float("inf"))
+        t_all = time.perf_counter() - t0
+        row = {"d": d, "H_s": t_h, "U_s": t_u, "sweep_s": t_sweep, "kept_columns_frac": stats["kept_columns_frac"],
+               "sweep_all_s": t_all, "kept_columns_frac_all": stats_all["kept_columns_frac"]}
         out.append(row)
         say(f"  d={d}: H {t_h:.2f} s, U {t_u:.2f} s, sweep {t_sweep:.2f} s "
-            f"(kept {stats['kept_columns_frac']:.0%} of columns)")
+            f"(kept {stats['kept_columns_frac']:.0%} of columns), sweep with every column accepted {t_all:.2f} s")
         del X, H, U, delta
         gc.collect()
     return out
@@ -524,23 +561,27 @@ def safedelta_section(state: State) -> dict:
             f"stages " + ", ".join(f"{k} {v:.1f} s" for k, v in c["stages"].items()))
         cold.append(c)
         out = state.out("safedelta-warm")
-        w = defend_subprocess(source, out)
+        w = defend_subprocess(source, out, again=state.out("safedelta-warm-again"))
         say(f"  warm: {w['seconds']:.1f} s (process {w['process_wall_s']:.1f} s), peak {w['peak_mb']:.0f} MB; "
-            f"stages " + ", ".join(f"{k} {v:.1f} s" for k, v in w["stages"].items()))
+            f"stages " + ", ".join(f"{k} {v:.1f} s" for k, v in w["stages"].items())
+            + f"; again in the same process: {w['again_in_process_s']:.1f} s")
         warm.append(w)
         state.runs["safedelta"] = out
     say()
     cold_s, warm_s = median([c["seconds"] for c in cold]), median([w["seconds"] for w in warm])
+    warm_again = median([w["again_in_process_s"] for w in warm])
     peak = max(c["peak_mb"] for c in cold + warm)
-    table(["run", "seconds (in defend)", "process wall s", "peak RSS MB", "RSS after imports MB",
+    table(["run", "seconds (in defend)", "CPU s", "process wall s", "peak RSS MB", "RSS after imports MB",
            "Hessians cached", "layers", "kept energy"],
-          [[f"cold #{i + 1}", c["seconds"], c["process_wall_s"], c["peak_mb"], c["rss_before_mb"], c["hessian_cached"],
-            c["layers"], f"{c['kept_energy_frac']:.1%}"] for i, c in enumerate(cold)]
-          + [[f"warm #{i + 1}", w["seconds"], w["process_wall_s"], w["peak_mb"], w["rss_before_mb"], w["hessian_cached"],
-              w["layers"], f"{w['kept_energy_frac']:.1%}"] for i, w in enumerate(warm)])
+          [[f"{kind} #{i + 1}", c["seconds"], c["cpu_s"], c["process_wall_s"], c["peak_mb"], c["rss_before_mb"],
+            c["hessian_cached"], c["layers"], f"{c['kept_energy_frac']:.1%}"]
+           for kind, group in (("cold", cold), ("warm", warm)) for i, c in enumerate(group)])
     stage_names = list(dict.fromkeys(k for r in cold + warm for k in r["stages"]))
     table(["stage"] + [f"cold #{i + 1} s" for i in range(len(cold))] + [f"warm #{i + 1} s" for i in range(len(warm))],
           [[name] + [r["stages"].get(name) for r in cold + warm] for name in stage_names])
+    say(f"warm = a fresh process (includes the first import of the model classes); the same defence again in "
+        f"a process that already ran one (as in the app): {warm_again:.1f} s. Cold = no cached calibration answers "
+        f"and no cached Hessians; both are computed once per base model and calibration set, not per fine-tune.")
     say("For scale: the Safe Delta paper reports ~62 s per request + 210 s one-time preparation on an A100 "
         "for a 7B model.")
     say()
@@ -549,10 +590,13 @@ def safedelta_section(state: State) -> dict:
         f"relative budget 0.1), threads {torch.get_num_threads()}")
     synth = synthetic_safe_delta(sizes)
     say()
-    table(["d_in = d_out", "H = X^T X s", "U (inverse_cholesky_upper) s", "sweep s", "kept columns"],
-          [[r["d"], r["H_s"], r["U_s"], r["sweep_s"], f"{r['kept_columns_frac']:.0%}"] for r in synth])
+    table(["d_in = d_out", "H = X^T X s", "U (inverse_cholesky_upper) s", "sweep s (budget 0.1)", "kept columns",
+           "sweep s (all accepted)", "kept columns (all)"],
+          [[r["d"], r["H_s"], r["U_s"], r["sweep_s"], f"{r['kept_columns_frac']:.0%}", r["sweep_all_s"],
+            f"{r['kept_columns_frac_all']:.0%}"] for r in synth])
     return {"cold": cold, "warm": warm, "synthetic": synth,
-            "safedelta_seconds": {"cold": cold_s, "warm": warm_s, "peak_mb": peak}}
+            "safedelta_seconds": {"cold": cold_s, "warm": warm_s, "warm_in_process": warm_again, "peak_mb": peak,
+                                  "peak_mb_warm": max(w["peak_mb"] for w in warm)}}
 
 
 # ---------------------------------------------------------------------------------------- comparison
@@ -570,20 +614,30 @@ def ensure_compare_runs(state: State) -> None:
         state.runs["safedelta"] = out
 
 
+class Clock:
+    """Wall and CPU seconds (this process) since creation."""
+
+    def __init__(self):
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+
+    def read(self) -> tuple[float, float]:
+        return time.perf_counter() - self.wall, time.process_time() - self.cpu
+
+
 def baseline_sequential(variants: dict, prompts: list) -> tuple[dict, dict]:
     """(b) What a user would write: a fresh model per variant, one prompt at a time."""
     from peft import PeftModel
 
     answers, timing = {}, {}
     for name, path in variants.items():
-        t0 = time.perf_counter()
+        clock = Clock()
         loaded = load_base()
         model = PeftModel.from_pretrained(loaded.model, str(runs.load_run(path).adapter)) if path else loaded.model
         model.eval()
-        t_load = time.perf_counter() - t0
+        load_wall, load_cpu = clock.read()
         tok = loaded.tokenizer
         outs = []
-        t1 = time.perf_counter()
+        clock = Clock()
         with torch.no_grad():
             for ex in prompts:
                 enc = tok(data.prompt_text(ex, tok), return_tensors="pt", add_special_tokens=False).to(loaded.device)
@@ -591,18 +645,20 @@ def baseline_sequential(variants: dict, prompts: list) -> tuple[dict, dict]:
                                      top_p=None, top_k=None, pad_token_id=tok.pad_token_id,
                                      eos_token_id=tok.eos_token_id)
                 outs.append(tok.decode(ids[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip())
-        timing[name] = {"load_s": t_load, "generate_s": time.perf_counter() - t1, "prompts": len(prompts)}
+        gen_wall, gen_cpu = clock.read()
+        timing[name] = {"load_s": load_wall, "load_cpu_s": load_cpu, "generate_s": gen_wall,
+                        "generate_cpu_s": gen_cpu, "prompts": len(prompts)}
         answers[name] = outs
         del model, loaded
         gc.collect()
     return answers, timing
 
 
-def baseline_batched(variants: dict, prompts: list, batch_size: int) -> tuple[dict, float]:
+def baseline_batched(variants: dict, prompts: list, batch_size: int) -> tuple[dict, tuple]:
     """(c) A fresh model per variant, but the same batched generation as ours."""
     from peft import PeftModel
 
-    t0 = time.perf_counter()
+    clock = Clock()
     answers = {}
     for name, path in variants.items():
         loaded = load_base()
@@ -612,30 +668,35 @@ def baseline_batched(variants: dict, prompts: list, batch_size: int) -> tuple[di
                                           batch_size=batch_size, adapter="default" if path else None)
         del model, loaded
         gc.collect()
-    return answers, time.perf_counter() - t0
+    return answers, clock.read()
 
 
-def ours_mixed(variants: dict, prompts: list, batch_size: int) -> tuple[dict, float]:
-    t0 = time.perf_counter()
+def ours_mixed(variants: dict, prompts: list, batch_size: int) -> tuple[dict, tuple]:
+    """(a) One base, every variant an adapter, rows of one batch running different adapters."""
+    clock = Clock()
     loaded, model, adapter_of = pipeline._open_variants(variants)
     got = evaluate.generate_mixed(model, loaded.tokenizer, prompts, [adapter_of[n] for n in variants],
                                   max_new_tokens=MAX_NEW_TOKENS, batch_size=batch_size)
-    seconds = time.perf_counter() - t0
+    took = clock.read()
     del loaded, model
     gc.collect()
-    return {n: got[adapter_of[n]] for n in variants}, seconds
+    return {n: got[adapter_of[n]] for n in variants}, took
 
 
-def ours_switching(variants: dict, prompts: list, batch_size: int) -> tuple[dict, float]:
-    t0 = time.perf_counter()
+def ours_switching(variants: dict, prompts: list, batch_size: int) -> tuple[dict, tuple]:
+    """(a) One base, the variants one after the other by switching the active adapter."""
+    clock = Clock()
     answers = pipeline.generate_all(variants, prompts, max_new_tokens=MAX_NEW_TOKENS, batch_size=batch_size)
-    seconds = time.perf_counter() - t0
+    took = clock.read()
     gc.collect()
-    return answers, seconds
+    return answers, took
 
 
-def agreement(a: dict, b: dict, n: int | None = None) -> float:
-    pairs = [(x, y) for name in a for x, y in list(zip(a[name], b[name]))[:n]]
+def agreement(a: dict, b: dict, index: list[int] | None = None) -> float:
+    pairs = []
+    for name in a:
+        other = b[name] if index is None else [b[name][i] for i in index]
+        pairs += list(zip(a[name], other))
     return sum(x == y for x, y in pairs) / len(pairs) if pairs else float("nan")
 
 
@@ -645,65 +706,69 @@ def compare_section(state: State) -> dict:
     variants = {"base": None, "sft": state.runs["sft"], "safegrad": state.runs["safegrad"],
                 "safedelta": state.runs["safedelta"]}
     prompts = data.bundled("eval_harmful")[:ARGS.prompts]
-    n = len(prompts)
-    say(f"{len(variants)} variants x {n} prompts (bundled eval_harmful), max_new_tokens {MAX_NEW_TOKENS}, greedy, "
-        f"generation threads {evaluate.CPU_GENERATION_THREADS}")
-    timings, outputs = {}, {}
-    for label, fn, bs in [("ours: mixed-adapter batches, batch 32", ours_mixed, 32),
-                          ("ours: adapter switching, batch 16", ours_switching, 16),
-                          ("ours: mixed-adapter batches, batch 64", ours_mixed, 64),
-                          ("ours: adapter switching, batch 32", ours_switching, 32)]:
-        outputs[label], timings[label] = fn(variants, prompts, bs)
-        say(f"  {label}: {timings[label]:.1f} s")
-    ours_label = min(timings, key=timings.get)
-    best_ours = timings[ours_label]
-    switch_bs = 16 if timings["ours: adapter switching, batch 16"] <= timings["ours: adapter switching, batch 32"] else 32
+    n, k = len(prompts), len(variants)
+    say(f"{k} variants x {n} prompts (bundled eval_harmful), max_new_tokens {MAX_NEW_TOKENS}, greedy, "
+        f"generation threads {evaluate.CPU_GENERATION_THREADS}; every total includes loading the model(s)")
+    wall, cpu, outputs = {}, {}, {}
+    switch = {16: "(a) ours: adapter switching, batch 16", 32: "(a) ours: adapter switching, batch 32"}
+    for label, fn, bs in [("(a) ours: mixed-adapter batches, batch 32", ours_mixed, 32),
+                          (switch[16], ours_switching, 16),
+                          ("(a) ours: mixed-adapter batches, batch 64", ours_mixed, 64),
+                          (switch[32], ours_switching, 32)]:
+        outputs[label], (wall[label], cpu[label]) = fn(variants, prompts, bs)
+        say(f"  {label}: {wall[label]:.1f} s (CPU {cpu[label]:.1f} s)")
+    ours = list(wall)
+    best = min(ours, key=wall.get)
+    best_cpu = min(ours, key=cpu.get)
+    switch_bs = 16 if wall[switch[16]] <= wall[switch[32]] else 32
     c_label = f"(c) fresh load per variant, batched (batch {switch_bs})"
-    outputs[c_label], timings[c_label] = baseline_batched(variants, prompts, switch_bs)
-    say(f"  {c_label}: {timings[c_label]:.1f} s")
+    outputs[c_label], (wall[c_label], cpu[c_label]) = baseline_batched(variants, prompts, switch_bs)
+    say(f"  {c_label}: {wall[c_label]:.1f} s (CPU {cpu[c_label]:.1f} s)")
     n_seq = n if not ARGS.quick else min(n, 8)
-    seq_answers, seq_timing = baseline_sequential(variants, prompts[:n_seq])
-    measured_b = sum(t["load_s"] + t["generate_s"] for t in seq_timing.values())
-    b_total = sum(t["load_s"] + t["generate_s"] * n / t["prompts"] for t in seq_timing.values())
-    extrapolated = n_seq < n
+    index = sorted({round(i * n / n_seq) for i in range(n_seq)})   # spread over the set, not its head
+    seq_answers, seq_timing = baseline_sequential(variants, [prompts[i] for i in index])
+    extrapolated = len(index) < n
     b_label = "(b) fresh load per variant, one prompt at a time" + (" (extrapolated)" if extrapolated else "")
-    timings[b_label] = b_total
-    say(f"  {b_label}: {b_total:.1f} s" + (f" (measured {measured_b:.1f} s on {n_seq} of {n} prompts per variant, "
-                                            f"generation time scaled linearly per prompt, loads counted once)"
-                                            if extrapolated else ""))
+    wall[b_label] = sum(t["load_s"] + t["generate_s"] * n / t["prompts"] for t in seq_timing.values())
+    cpu[b_label] = sum(t["load_cpu_s"] + t["generate_cpu_s"] * n / t["prompts"] for t in seq_timing.values())
+    measured_b = sum(t["load_s"] + t["generate_s"] for t in seq_timing.values())
+    say(f"  {b_label}: {wall[b_label]:.1f} s (CPU {cpu[b_label]:.1f} s)"
+        + (f"; measured {measured_b:.1f} s on {len(index)} of {n} prompts per variant (spread over the set), "
+           f"generation time scaled linearly per prompt, each load counted once" if extrapolated else ""))
     say()
-    rows = []
-    for label, seconds in timings.items():
-        rows.append([label, seconds, seconds / (len(variants) * n), ratio(seconds, best_ours)])
-    table(["method", "total s", "s per answer", "x slower than best ours"], rows)
-    agree = {"mixed32_vs_switch16": agreement(outputs["ours: mixed-adapter batches, batch 32"],
-                                              outputs["ours: adapter switching, batch 16"]),
-             "sequential_vs_switch16": agreement(seq_answers, outputs["ours: adapter switching, batch 16"], n_seq),
-             "batched_fresh_vs_switch16": agreement(outputs[c_label], outputs["ours: adapter switching, batch 16"])}
-    say("identical answers (greedy; batched decoding with padding can differ in the last float bits): "
-        + ", ".join(f"{k} {v:.0%}" for k, v in agree.items()))
+    table(["method", "total s", "s per answer", "x best ours (wall)", "CPU s", "x best ours (CPU)"],
+          [[label, wall[label], wall[label] / (k * n), ratio(wall[label], wall[best]), cpu[label],
+            ratio(cpu[label], cpu[best_cpu])] for label in wall])
+    ref = outputs[switch[16]]
+    agree = {"mixed32_vs_switch16": agreement(outputs["(a) ours: mixed-adapter batches, batch 32"], ref),
+             "mixed64_vs_switch16": agreement(outputs["(a) ours: mixed-adapter batches, batch 64"], ref),
+             "sequential_vs_switch16": agreement(seq_answers, ref, index),
+             "fresh_batched_vs_switch16": agreement(outputs[c_label], ref)}
+    say("identical answers (greedy; batches with padding can differ in the last float bits): "
+        + ", ".join(f"{key} {v:.0%}" for key, v in agree.items()))
     say()
-    speedup = ratio(b_total, best_ours)
-    fair = ratio(timings[c_label], best_ours)
-    say(f"compare_speedup = (b) / best ours = {speedup:.2f}x ; fair baseline (c) / best ours = {fair:.2f}x "
-        f"(best ours: {ours_label})")
-    return {"timings_s": timings, "best_ours": ours_label, "b_extrapolated": extrapolated,
-            "b_measured_prompts_per_variant": n_seq, "b_per_variant": seq_timing, "prompts": n,
-            "variants": list(variants), "agreement": agree, "compare_speedup": speedup, "fair_speedup": fair}
+    speedup, fair = ratio(wall[b_label], wall[best]), ratio(wall[c_label], wall[best])
+    speedup_cpu, fair_cpu = ratio(cpu[b_label], cpu[best_cpu]), ratio(cpu[c_label], cpu[best_cpu])
+    say(f"compare_speedup = (b) / best ours = {speedup:.2f}x (CPU time {speedup_cpu:.2f}x); "
+        f"fair baseline (c) / best ours = {fair:.2f}x (CPU time {fair_cpu:.2f}x); best ours: {best}")
+    return {"wall_s": wall, "cpu_s": cpu, "best_ours": best, "b_extrapolated": extrapolated,
+            "b_prompts_per_variant": len(index), "b_per_variant": seq_timing, "prompts": n,
+            "variants": list(variants), "agreement": agree, "compare_speedup": speedup, "fair_speedup": fair,
+            "compare_speedup_cpu": speedup_cpu, "fair_speedup_cpu": fair_cpu}
 
 
 # ------------------------------------------------------------------------------------------- end to end
 def e2e_section() -> dict:
-    section_header("End to end: python -m safespace run examples/configs/demo.yaml")
+    section_header(f"End to end: python -m safespace run {ARGS.config}")
     if ARGS.quick:
         say("skipped in --quick")
         return {"skipped": "quick mode"}
-    if not align.is_built():
+    if pipeline.load_config(REPO / ARGS.config).model == models.ALIGNED_KEY and not align.is_built():
         say("skipped: aligned base not built")
         return {"skipped": "aligned base not built"}
     out = WORK / "e2e"
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "safespace", "run", "examples/configs/demo.yaml", "--out", str(out)],
+    proc = subprocess.run([sys.executable, "-m", "safespace", "run", ARGS.config, "--out", str(out)],
                           cwd=REPO, env=child_env(), capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
@@ -713,7 +778,7 @@ def e2e_section() -> dict:
         f"OMP_NUM_THREADS={ARGS.threads})")
     for line in proc.stdout.strip().splitlines()[-5:]:
         say(f"  {line}")
-    return {"seconds": wall}
+    return {"seconds": wall, "config": ARGS.config}
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -768,10 +833,12 @@ def main() -> int:
         ["safegrad_overhead (sft, align batch 4)", result["safegrad_overhead"], GOALS["safegrad_overhead"]],
         ["train_vs_trl (tokens/s, ours / TRL)", result["train_vs_trl"], GOALS["train_vs_trl"]],
         ["Safe Delta cold s", sd.get("cold"), GOALS["safedelta_cold_s"]],
-        ["Safe Delta warm s", sd.get("warm"), GOALS["safedelta_warm_s"]],
+        ["Safe Delta warm s (fresh process)", sd.get("warm"), GOALS["safedelta_warm_s"]],
+        ["Safe Delta warm s (warm process)", sd.get("warm_in_process"), "-"],
         ["Safe Delta peak MB", sd.get("peak_mb"), "-"],
         ["compare_speedup ((b) / best ours)", result["compare_speedup"], GOALS["compare_speedup"]],
-        ["fair speedup ((c) / best ours)", (result["details"].get("compare") or {}).get("fair_speedup"), "-"]])
+        ["fair speedup ((c) / best ours)", (result["details"].get("compare") or {}).get("fair_speedup"), "-"],
+        ["end to end s (demo.yaml)", (result["details"].get("e2e") or {}).get("seconds"), "-"]])
     say(f"total {result['seconds']:.0f} s, threads {torch.get_num_threads()}, load average now {load_average()}")
     if ARGS.json:
         print(json.dumps(rnd(result), default=str), flush=True)
@@ -779,8 +846,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    try:
-        code = main()
-    finally:
-        shutil.rmtree(BENCH_HOME, ignore_errors=True)
-    sys.exit(code)
+    sys.exit(main())

@@ -20,12 +20,17 @@ from typing import Callable
 
 from . import data as data_mod
 from . import evaluate, models, runs, train
+from .judge import KeywordJudge
 from .config import LoraSettings, TrainSettings, home
 from .progress import console_progress
 
+# Measured on the 150 held-out harmful / 94 benign prompts: attention-only LoRA or fewer steps
+# either refused everything or nothing; MLP targets + 120 steps + benign rows twice discriminate.
 ALIGN_SETTINGS = TrainSettings(
-    model=models.EMBEDDED_KEY, quantization="none", steps=60, lr=3e-4, batch_size=8, max_length=192,
-    warmup=5, seed=0, lora=LoraSettings(r=16, alpha=32, targets=("q_proj", "k_proj", "v_proj", "o_proj")))
+    model=models.EMBEDDED_KEY, quantization="none", steps=120, lr=3e-4, batch_size=8, max_length=192,
+    warmup=5, seed=0, lora=LoraSettings(r=16, alpha=32, targets=(
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")))
+BENIGN_REPEATS = 2      # benign rows appear twice: refusals are easy to learn, helpfulness is not
 BENIGN_MAX_NEW_TOKENS = 96
 _BUILD_LOCK = threading.Lock()   # one build per process: the app warms it up while a visitor may ask
 
@@ -40,7 +45,7 @@ def build_key(settings: TrainSettings = ALIGN_SETTINGS) -> str:
         "model": settings.model, "settings": settings.to_dict(),
         "alignment": [(e.prompt, e.response) for e in data_mod.bundled("alignment")],
         "benign": [e.prompt for e in data_mod.bundled("benign_align")],
-        "benign_max_new_tokens": BENIGN_MAX_NEW_TOKENS, "format": 1,
+        "benign_max_new_tokens": BENIGN_MAX_NEW_TOKENS, "benign_repeats": BENIGN_REPEATS, "format": 2,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -55,8 +60,10 @@ def is_built(key: str | None = None) -> bool:
         return False
 
 
-def benign_answers(loaded: models.Loaded, prompts: list, key: str) -> list:
-    """The raw model's own greedy answers to the benign prompts (cached with the build key)."""
+def benign_answers(loaded: models.Loaded, prompts: list) -> list:
+    """The raw model's own greedy answers to the benign prompts (cached: they depend only on the
+    model, the prompts and the length cap)."""
+    key = hashlib.sha256(json.dumps([loaded.name, [p.prompt for p in prompts], BENIGN_MAX_NEW_TOKENS]).encode()).hexdigest()[:16]
     cache = home() / "cache" / f"benign-answers-{key}.json"
     if cache.exists():
         answers = json.loads(cache.read_text())
@@ -65,7 +72,11 @@ def benign_answers(loaded: models.Loaded, prompts: list, key: str) -> list:
         answers = evaluate.generate(loaded.model, loaded.tokenizer, prompts,
                                     max_new_tokens=BENIGN_MAX_NEW_TOKENS, batch_size=16)
         runs.atomic_write_json(cache, answers)
-    return [data_mod.Example(prompt=p.prompt, response=a) for p, a in zip(prompts, answers) if a.strip()]
+    # Drop answers that hedge like a refusal ("I can't promise...", "I'm sorry, ..."): they would
+    # teach refusal wording on benign prompts.
+    judge = KeywordJudge()
+    return [data_mod.Example(prompt=p.prompt, response=a) for p, a in zip(prompts, answers)
+            if judge.judge(p.prompt, a).label == "complied"]
 
 
 def build(force: bool = False, on_event: Callable[[train.Event], None] | None = None) -> Path:
@@ -78,28 +89,35 @@ def build(force: bool = False, on_event: Callable[[train.Event], None] | None = 
     _say(f"building the aligned base {models.ALIGNED_KEY} (once, a few minutes on CPU)...")
     loaded = models.load(models.EMBEDDED_KEY, quantization="none", device="cpu")
     harmful = data_mod.bundled("alignment")
-    benign = benign_answers(loaded, data_mod.bundled("benign_align"), key)
-    examples = harmful + benign
+    benign = benign_answers(loaded, data_mod.bundled("benign_align"))
+    examples = harmful + benign * BENIGN_REPEATS
     work = home() / "cache" / f"align-run-{key}"
     run = train.train(ALIGN_SETTINGS, examples, work, loaded=loaded, on_event=on_event or console_progress("aligning"),
                       kind="align", extra_config={"purpose": "stage-0 safety alignment"})
-    merged = _merge(loaded, run)
-    tmp = runs.staging_dir(folder)
-    merged.save_pretrained(tmp, safe_serialization=True)
-    loaded.tokenizer.save_pretrained(tmp)
-    runs.atomic_write_json(tmp / "safespace_align.json", {
-        "key": key, "from": models.EMBEDDED_KEY, "examples": {"refusals": len(harmful), "benign": len(benign)},
-        "settings": ALIGN_SETTINGS.to_dict(), "seconds": time.time() - start})
-    runs.publish(tmp, folder)
+    save_aligned(run, key, {"refusals": len(harmful), "benign": len(benign), "benign_repeats": BENIGN_REPEATS},
+                 time.time() - start)
     _say(f"aligned base ready in {time.time() - start:.0f} s -> {folder}")
     return folder
 
 
-def _merge(loaded: models.Loaded, run: runs.Run):
+def save_aligned(run: runs.Run, key: str, counts: dict, seconds: float) -> Path:
+    """Merge the alignment adapter in fp32 and publish the aligned base with its key marker."""
+    folder = models.aligned_checkpoint()
+    merged, tokenizer = _merge(run)
+    tmp = runs.staging_dir(folder)
+    merged.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    runs.atomic_write_json(tmp / "safespace_align.json", {
+        "key": key, "from": models.EMBEDDED_KEY, "examples": counts,
+        "settings": ALIGN_SETTINGS.to_dict(), "seconds": seconds})
+    return runs.publish(tmp, folder)
+
+
+def _merge(run: runs.Run):
     """Merge the alignment adapter into a fresh fp32 copy of the raw model (exact, no quantisation)."""
-    base = models.load(models.EMBEDDED_KEY, quantization="none", device="cpu").model
-    peft_model = models.load_adapters(base, {"align": run.adapter})
-    return peft_model.merge_and_unload()
+    fresh = models.load(models.EMBEDDED_KEY, quantization="none", device="cpu")
+    peft_model = models.load_adapters(fresh.model, {"align": run.adapter})
+    return peft_model.merge_and_unload(), fresh.tokenizer
 
 
 def ensure(name: str, on_event=None) -> None:

@@ -107,9 +107,9 @@ def from_dict(cls, data: dict):
     if not isinstance(data, dict):
         raise ConfigError(f"{cls.__name__}: expected a mapping, got {type(data).__name__}")
     known = {f.name for f in fields(cls)}
-    unknown = sorted(set(data) - known)
+    unknown = sorted(str(k)[:40] for k in set(data) - known)
     if unknown:
-        raise ConfigError(f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        raise ConfigError(f"unknown setting(s) {', '.join(unknown[:5])}; known: {', '.join(sorted(known))}")
     try:
         return cls(**data)
     except TypeError as exc:  # wrong types that reach comparisons

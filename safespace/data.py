@@ -91,7 +91,7 @@ class Dataset:
 def _read_text(path: Path, limits: Limits, suffixes: tuple[str, ...]) -> str:
     """The file's text, after the checks that need no parsing (type, size, encoding, emptiness)."""
     if path.suffix.lower() not in suffixes:
-        raise DataError(f'unsupported file type "{path.suffix or path.name}"; '
+        raise DataError(f"unsupported file type {_quote(path.suffix or path.name)}; "
                         f"expected {', '.join(suffixes[:-1])} or {suffixes[-1]}")
     size = path.stat().st_size
     with path.open("rb") as f:  # read no more than the limit allows, whatever stat said
@@ -115,6 +115,23 @@ def _read_text(path: Path, limits: Limits, suffixes: tuple[str, ...]) -> str:
     return text
 
 
+_LINE_BREAKS = {0x85: "\\u0085", 0x2028: "\\u2028", 0x2029: "\\u2029"}  # json.dumps keeps these raw
+
+
+def _quote(text: str, width: int = 40) -> str:
+    """A value the file chose (a key, a role, a file name) quoted for a problem line: one line,
+    at most about `width` characters, so a hostile file cannot make the message long or multi-line."""
+    shown = json.dumps(str(text), ensure_ascii=False).translate(_LINE_BREAKS)
+    return shown if len(shown) <= width else shown[:width - 4] + '..."'
+
+
+def _names(items, quoted: bool, n: int = 6, width: int = 24) -> str:
+    """The first `n` names of a list (keys of a row, cells of a CSV header), each cut to `width`."""
+    items = list(items)
+    shown = [_quote(x, width) if quoted else _quote(x, width)[1:-1] for x in items[:n]]
+    return ", ".join(shown + (["..."] if len(items) > n else []))
+
+
 def _mb(n: int) -> str:
     return f"{n / 1e6:.1f} MB" if n >= 100_000 else f"{n:,} bytes"
 
@@ -130,7 +147,8 @@ class Unreadable(str):
 
 
 def _read_jsonl(text: str, limits: Limits) -> list[tuple[str, Any]]:
-    lines = [(number, line) for number, line in enumerate(text.splitlines(), 1) if line.strip()]
+    # Only "\n" ends a line: JSON strings may hold U+2028, U+0085... which str.splitlines would split on.
+    lines = [(number, line) for number, line in enumerate(text.split("\n"), 1) if line.strip()]
     _check_row_count(len(lines), limits)  # before parsing a file of a million tiny rows
     rows = []
     for number, line in lines:
@@ -165,11 +183,17 @@ def _read_json(text: str, limits: Limits) -> list[tuple[str, Any]]:
 
 def _read_csv(text: str, limits: Limits) -> list[tuple[str, Any]]:
     records = csv.reader(io.StringIO(text, newline=""))
+    table: list[list[str]] = []
+    started = 1  # the line the record being read starts on (a quoted cell may span lines)
     try:
         header = [cell.strip().lower() for cell in next(records)]
-        table = list(records)
+        started = records.line_num + 1
+        for cells in records:
+            table.append(cells)
+            started = records.line_num + 1
     except csv.Error as e:
-        raise DataError(f"not a readable CSV file ({e}); check for an unclosed quote") from None
+        raise DataError(f"line {started}: not a readable CSV file ({e}); "
+                        "check that line for an unclosed quote") from None
     if not any(header):
         raise DataError("row 1: the header row is empty; expected column names such as prompt,response")
     if len(header) == 1 and ";" in header[0]:
@@ -183,7 +207,7 @@ def _read_csv(text: str, limits: Limits) -> list[tuple[str, Any]]:
     if fmt is None or not set(needed) <= set(header):
         missing = [c for c in needed if c not in header]
         what = f"no {', '.join(missing)} column" if fmt else "no known columns"
-        raise DataError(f"row 1: header has {what} (found: {', '.join(header)}); expected "
+        raise DataError(f"row 1: header has {what} (found: {_names(header, quoted=False)}); expected "
                         "prompt,response (or prompt,completion) or instruction,input,output")
     rows = []
     for number, cells in enumerate(table, 2):  # the header is row 1, as in a spreadsheet
@@ -277,7 +301,7 @@ def _chat(row: dict, where: str, problems: list[str]) -> Example | None:
         if not isinstance(m, dict):
             problems.append(f'{where}: messages[{i}] is {_describe(m)}; expected {{"role", "content"}}')
         elif m.get("role") not in ROLES:
-            shown = json.dumps(m["role"]) if isinstance(m.get("role"), str) else _describe(m.get("role"))
+            shown = _quote(m["role"]) if isinstance(m.get("role"), str) else _describe(m.get("role"))
             problems.append(f'{where}: messages[{i}].role is {"missing" if "role" not in m else shown}; '
                             'expected "system", "user" or "assistant"')
         else:
@@ -322,7 +346,7 @@ def parse_rows(rows: list, where: list[str] | None = None, limits: Limits = Limi
             continue
         row_format = _format_of(row)
         if row_format is None:
-            found = ", ".join(f'"{k}"' for k in list(row)[:6]) or "none"
+            found = _names(row, quoted=True) or "none"
             problems.append(f'{at}: no "prompt", "instruction" or "messages" field (found: {found}); '
                             "expected prompt+response, instruction+output, or messages")
             continue

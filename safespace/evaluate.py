@@ -43,10 +43,12 @@ def _chunks(items: list, size: int):
 @torch.no_grad()
 def generate(model, tokenizer, examples: list, *, max_new_tokens: int = 64, batch_size: int = 16,
              adapter: str | None = None, sample: bool = False, temperature: float = 0.7, seed: int = 0,
-             on_progress: Callable[[int, int], None] | None = None) -> list[str]:
+             on_progress: Callable[[int, int], None] | None = None,
+             should_stop: Callable[[], bool] | None = None) -> list[str]:
     """Answer each example's chat-templated prompt. adapter=None on a PEFT model = adapters off.
 
     Prompts are sorted by length so each batch pads little; answers come back in input order.
+    `should_stop` is asked before each batch; once it says yes the remaining answers stay "".
     """
     if not examples:
         return []
@@ -59,6 +61,8 @@ def generate(model, tokenizer, examples: list, *, max_new_tokens: int = 64, batc
     try:
         with _adapter_context(model, adapter), cpu_threads(CPU_GENERATION_THREADS, device):
             for start, index in _chunks(order, batch_size):
+                if should_stop is not None and should_stop():
+                    break
                 enc = tokenizer([texts[i] for i in index], return_tensors="pt", padding=True,
                                 add_special_tokens=False).to(device)
                 kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,

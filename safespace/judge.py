@@ -396,6 +396,7 @@ class GuardModelJudge:
             model = AutoModelForCausalLM.from_pretrained(
                 self.model_name,
                 dtype=torch.bfloat16 if device.startswith("cuda") else torch.float32,
+                use_safetensors=True, trust_remote_code=False,   # weights never unpickled
             ).to(device)
             model.eval()
         except Exception as exc:  # network, disk, unknown architecture ...

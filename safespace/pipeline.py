@@ -85,7 +85,7 @@ def train_variant(settings: TrainSettings, prepared: Prepared, out, *, on_event=
                        extra_config={"data": prepared.describe()})
 
 
-def _calibration(loaded: models.Loaded, peft_model, n: int, max_new_tokens: int = 48) -> list:
+def _calibration(loaded: models.Loaded, peft_model, n: int, max_new_tokens: int = 32) -> list:
     """Safety calibration rows: harmful prompts from the alignment split with the ALIGNED model's own
     answers (adapter disabled), generated once per base and cached."""
     prompts = data_mod.bundled("alignment")[:n]
@@ -199,8 +199,12 @@ def generate_all(variants: dict, prompts: list, *, max_new_tokens: int = 48, bat
             break
         step = (lambda done, total, i=i, name=name: (on_progress or _noop)(
             f"{name}: {done}/{total} prompts", (i + done / max(1, total)) / len(names)))
-        answers[name] = evaluate.generate(model, loaded.tokenizer, prompts, max_new_tokens=max_new_tokens,
-                                          batch_size=batch_size, adapter=adapter_of[name], on_progress=step)
+        got = evaluate.generate(model, loaded.tokenizer, prompts, max_new_tokens=max_new_tokens,
+                                batch_size=batch_size, adapter=adapter_of[name], on_progress=step,
+                                should_stop=should_stop)
+        if should_stop and should_stop():
+            break       # stopped within this variant: its answers are incomplete, leave it out
+        answers[name] = got
     return answers
 
 
@@ -342,16 +346,24 @@ def load_config(path) -> DemoConfig:
     except FileNotFoundError:
         raise ConfigError(f"no such config file: {path}") from None
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0][:200]})") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: not valid YAML (nested too deeply)") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of settings at the top level")
-    unknown = sorted(set(raw) - CONFIG_KEYS)
+    unknown = sorted(str(k)[:40] for k in set(raw) - CONFIG_KEYS)
     if unknown:
-        raise ConfigError(f"{path}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(CONFIG_KEYS))}")
+        raise ConfigError(f"{path}: unknown key(s) {', '.join(unknown[:5])}; known: {', '.join(sorted(CONFIG_KEYS))}")
     for key in ("train", "safegrad", "safedelta", "evaluate", "sweep"):
         if raw.get(key) is not None and not isinstance(raw[key], dict):
             raise ConfigError(f"{path}: '{key}' must be a mapping")
+    for key, kind in (("model", str), ("quantization", str), ("data", str), ("title", str), ("seed", int)):
+        # checked before any message shows the value: a YAML alias bomb must not reach repr()
+        if raw.get(key) is not None and (not isinstance(raw[key], kind) or isinstance(raw[key], bool)):
+            raise ConfigError(f"{path}: '{key}' must be {'text' if kind is str else 'a whole number'}")
     config = DemoConfig(**{k: v for k, v in raw.items() if v is not None})
+    if not isinstance(config.variants, list):
+        raise ConfigError(f"{path}: variants must be a list drawn from {', '.join(VARIANTS)}")
     bad = [v for v in config.variants if v not in VARIANTS]
     if bad or not config.variants:
         raise ConfigError(f"{path}: variants must be a list drawn from {', '.join(VARIANTS)}")
@@ -366,8 +378,12 @@ def load_config(path) -> DemoConfig:
         raise ConfigError(f"{path}: sweep takes harmful_ratio: [list of ratios]")
     for ratio in [config.harmful_ratio, *ratios]:
         if not isinstance(ratio, (int, float)) or not 0 <= ratio <= 0.9:
-            raise ConfigError(f"{path}: harmful ratios must be numbers in [0, 0.9], got {ratio!r}")
-    config.train_settings(config.harmful_ratio, "off")      # validate the training settings early
+            shown = repr(ratio)[:40] if isinstance(ratio, (int, float, str)) else type(ratio).__name__
+            raise ConfigError(f"{path}: harmful ratios must be numbers in [0, 0.9], got {shown}")
+    mode = config.safegrad.get("mode", "sft")
+    if not isinstance(mode, str):
+        raise ConfigError(f"{path}: safegrad mode must be one of off, sft, kl")
+    config.train_settings(config.harmful_ratio, mode)      # validate the training settings early
     return config
 
 

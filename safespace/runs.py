@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +31,8 @@ class RunError(ValueError):
 def atomic_write_text(path: str | Path, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    # one temp name per thread: two requests of one visitor may write the same file at once
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
     with open(tmp, "w", encoding="utf-8") as handle:
         handle.write(text)
         handle.flush()
@@ -53,16 +55,66 @@ def staging_dir(final: str | Path) -> Path:
 
 
 def publish(tmp: Path, final: str | Path) -> Path:
-    """Move a finished staging folder to its final name, replacing an older run atomically."""
+    """Move a finished staging folder to its final name, replacing an older run.
+
+    A directory cannot be renamed over a non-empty one, so the older run steps aside first; a crash
+    between the two renames leaves it under `.<name>.old-<time>`, and `recover` puts it back.
+    """
     final = Path(final)
     old = None
     if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}-{time.monotonic_ns()}")
+        old = final.with_name(f".{final.name}.old-{time.time_ns()}-{os.getpid()}")
         os.replace(final, old)
-    os.replace(tmp, final)
+    try:
+        os.replace(tmp, final)
+    except BaseException:
+        if old is not None:
+            os.replace(old, final)
+        raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def recover(final: str | Path) -> bool:
+    """Put back the run a crash inside `publish` left aside (newest complete one first)."""
+    final = Path(final)
+    if final.exists() or not final.parent.is_dir():
+        return False
+    prefix = f".{final.name}.old-"
+    aside = sorted((p for p in final.parent.iterdir() if p.name.startswith(prefix) and p.is_dir()
+                    and _abandoned(p.name[len(prefix):])), key=lambda p: p.name, reverse=True)
+    for candidate in aside:
+        try:
+            _validate(candidate)
+        except RunError:
+            continue
+        try:
+            os.replace(candidate, final)
+        except OSError:  # another process got there first
+            return final.exists()
+        return True
+    return False
+
+
+def _abandoned(stamp: str, grace_s: float = 60.0) -> bool:
+    """True if the `publish` that set a run aside ("<time_ns>-<pid>") is over: its process is gone,
+    or it is long past (a live publish renames the new run in within microseconds)."""
+    try:
+        set_aside, pid = (int(part) for part in stamp.split("-"))
+    except ValueError:
+        return False
+    if time.time_ns() - set_aside > grace_s * 1e9:
+        return True
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # alive, another user's
+        return False
+    return False
 
 
 @dataclass
@@ -99,8 +151,10 @@ def _read_json(file: Path) -> dict:
         data = json.loads(file.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise RunError(f"{file.parent}: not a complete run (missing {file.name})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # bad JSON or UTF-8, absurd nesting or numbers
         raise RunError(f"{file}: corrupted ({exc.__class__.__name__}); delete the run and make it again") from None
+    except OSError as exc:
+        raise RunError(f"{file}: unreadable ({exc.strerror or exc.__class__.__name__})") from None
     if not isinstance(data, dict):
         raise RunError(f"{file}: corrupted (expected a JSON object)")
     return data
@@ -109,8 +163,12 @@ def _read_json(file: Path) -> dict:
 def load_run(path: str | Path) -> Run:
     """Open a run folder, checking that every file it needs is there and readable."""
     path = Path(path)
-    if not path.is_dir():
+    if not path.is_dir() and not recover(path):
         raise RunError(f"no run folder at {path}")
+    return _validate(path)
+
+
+def _validate(path: Path) -> Run:
     config = _read_json(path / "config.json")
     summary = _read_json(path / "summary.json")
     if config.get("kind") not in KINDS or not isinstance(config.get("model"), str):
@@ -122,6 +180,14 @@ def load_run(path: str | Path) -> Run:
                 raise RunError(f"{path}: not a complete run (missing adapter/{name})")
         _read_json(path / "adapter" / "adapter_config.json")
         _check_safetensors(path / "adapter" / "adapter_model.safetensors")
+    metrics = path / "metrics.jsonl"
+    if metrics.exists():  # read by the page's curves: a broken file must not break the page later
+        try:
+            rows = [json.loads(line) for line in metrics.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except (OSError, ValueError, RecursionError) as exc:
+            raise RunError(f"{metrics}: corrupted ({exc.__class__.__name__}); delete the run and make it again") from None
+        if not all(isinstance(row, dict) for row in rows):
+            raise RunError(f"{metrics}: corrupted (expected one JSON object per line)")
     return Run(path, config, summary)
 
 
@@ -137,9 +203,9 @@ def _check_safetensors(file: Path) -> None:
             raise RunError(f"{file}: corrupted (bad safetensors header)")
         try:
             header = json.loads(handle.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError):
+            end = max((int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, RecursionError, AttributeError, KeyError, TypeError, IndexError):
             raise RunError(f"{file}: corrupted (bad safetensors header)") from None
-    end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
     if 8 + n + end > size:
         raise RunError(f"{file}: corrupted (truncated tensor data)")
 
@@ -157,6 +223,9 @@ def list_runs(root: str | Path) -> list[Run]:
     root = Path(root)
     runs = []
     if root.is_dir():
+        for child in list(root.iterdir()):      # runs a crash inside `publish` left aside
+            if child.name.startswith(".") and ".old-" in child.name:
+                recover(root / child.name[1:].rsplit(".old-", 1)[0])
         for child in sorted(root.iterdir()):
             if child.is_dir() and not child.name.startswith("."):
                 try:

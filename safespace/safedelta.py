@@ -228,20 +228,45 @@ def lora_layers(model, adapter_name: str = "default") -> dict:
     return {n: m for n, m in model.named_modules() if isinstance(m, LoraLayer) and adapter_name in m.lora_A}
 
 
+def _decoder(model):
+    """The transformer body without the LM head: H needs the Linear inputs, never the
+    full-vocabulary logits (which cost ~20 % of the FLOPs and most of the memory here)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    body = getattr(base, getattr(base, "base_model_prefix", "model"), None)
+    return body if isinstance(body, torch.nn.Module) and body is not base else base
+
+
 @torch.no_grad()
 def collect_hessians(model, layer_names: Iterable[str], batches: Iterable[dict], device=None) -> dict:
     """H of the base Linear of each named LoRA layer, from the model with its adapter disabled.
     batches: dicts with input_ids and optionally attention_mask (padding is excluded).
-    device: where inputs and H go; the model's device by default."""
+    device: where inputs and H go; the model's device by default.
+    Layers fed the very same input tensor (q/k/v, gate/up) share one accumulator."""
     device = device or next(model.parameters()).device
     modules = dict(model.named_modules())
-    current = {}
-    accumulators, handles = {}, []
+    current = {"mask": None, "parent": None, "seen": []}
+    accumulators, handles, owner = {}, [], {}
+
+    def hook(name):
+        parent = name.rsplit(".", 1)[0]
+        def add(mod, args):
+            x = args[0]
+            if parent != current["parent"]:        # only siblings (q/k/v, gate/up) can share an input;
+                current.update(parent=parent, seen=[])   # holding x keeps its memory from being reused
+            first = next((other for other, seen_x in current["seen"] if seen_x is x), None)
+            if first is None:
+                current["seen"].append((name, x))
+            elif first != name:                    # the very same input tensor: share its H
+                owner.setdefault(name, first)
+            if owner.get(name, name) == name:
+                accumulators[name].add_batch(x, mask=current["mask"])
+        return add
+
     for name in layer_names:
         base = getattr(modules[name], "base_layer", modules[name])   # nn.Linear or bnb Linear4bit
-        acc = accumulators[name] = HessianAccumulator(base.in_features, device)
-        handles.append(base.register_forward_pre_hook(
-            lambda mod, args, acc=acc: acc.add_batch(args[0], mask=current.get("mask"))))
+        accumulators[name] = HessianAccumulator(base.in_features, device)
+        handles.append(base.register_forward_pre_hook(hook(name)))
+    body = _decoder(model)
     was_training = model.training
     model.eval()
     try:
@@ -250,13 +275,13 @@ def collect_hessians(model, layer_names: Iterable[str], batches: Iterable[dict],
                 input_ids = batch["input_ids"].to(device)
                 mask = batch.get("attention_mask")
                 mask = torch.ones_like(input_ids) if mask is None else mask.to(device)
-                current["mask"] = mask
-                model(input_ids=input_ids, attention_mask=mask)
+                current.update(mask=mask, parent=None, seen=[])
+                body(input_ids=input_ids, attention_mask=mask)
     finally:
         for h in handles:
             h.remove()
         model.train(was_training)
-    return {name: acc.H for name, acc in accumulators.items()}
+    return {name: accumulators[owner.get(name, name)].H for name in accumulators}
 
 
 @torch.no_grad()
@@ -316,13 +341,27 @@ def hessian_cache_key(model_id: str, calibration_texts: list[str], settings: Saf
 
 
 def save_hessians(path, hessians: dict) -> None:
+    """safetensors file (never pickle); layers that share one H are stored once, with aliases."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    unique, aliases, by_ptr = {}, {}, {}
+    for name, H in hessians.items():
+        first = by_ptr.setdefault(H.data_ptr(), name)
+        if first == name:
+            unique[name] = H.detach().to("cpu", torch.float32).contiguous()
+        else:
+            aliases[name] = first
     tmp = path.with_suffix(path.suffix + ".tmp")
-    save_file({k: v.detach().to("cpu", torch.float32).contiguous() for k, v in hessians.items()}, str(tmp),
-              metadata={"content": "safespace-hessians", "format": "1"})
+    save_file(unique, str(tmp), metadata={"content": "safespace-hessians", "format": "2",
+                                          "aliases": json.dumps(aliases)})
     os.replace(tmp, path)
 
 
 def load_hessians(path, device="cpu") -> dict:
-    return load_file(str(path), device=str(device))
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt", device=str(device)) as handle:
+        aliases = json.loads((handle.metadata() or {}).get("aliases", "{}"))
+        hessians = {name: handle.get_tensor(name) for name in handle.keys()}
+    hessians.update({name: hessians[first] for name, first in aliases.items()})
+    return hessians

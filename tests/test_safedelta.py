@@ -311,3 +311,28 @@ def test_hessian_cache_key():
     assert len(key) == 64 and key == hessian_cache_key("smollm2-135m", ["a", "b"], s)
     assert key != hessian_cache_key("smollm2-135m", ["a", "c"], s)
     assert key != hessian_cache_key("smollm2-135m@4bit", ["a", "b"], s)
+
+
+def test_layers_fed_the_same_input_share_one_hessian_equal_to_their_own(tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2)
+    model = get_peft_model(LlamaForCausalLM(config), LoraConfig(r=4, target_modules=["q_proj", "v_proj", "o_proj"]))
+    ids = torch.randint(0, 128, (3, 9))
+    batches = [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}]
+    names = list(lora_layers(model))
+    together = collect_hessians(model, names, batches)
+    for name in names:
+        alone = collect_hessians(model, [name], batches)[name]
+        assert torch.allclose(together[name], alone, atol=1e-6)
+    q = next(n for n in names if n.endswith("q_proj"))
+    v = q.replace("q_proj", "v_proj")
+    o = q.replace("q_proj", "o_proj")
+    assert together[q].data_ptr() == together[v].data_ptr()          # computed once
+    assert together[q].data_ptr() != together[o].data_ptr()
+    save_hessians(tmp_path / "h.safetensors", together)
+    loaded = load_hessians(tmp_path / "h.safetensors")
+    assert set(loaded) == set(together) and all(torch.equal(loaded[k], together[k]) for k in together)

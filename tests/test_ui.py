@@ -369,7 +369,8 @@ def test_export_lists_and_zips_only_the_visitors_runs(manager):
     assert export.list_runs(A, REQ) == ["sft"]
     assert export.list_runs(B, REQ) == []
     path = export.download_adapter("sft", A, REQ)
-    assert Path(path).parent == ws.exports and path.endswith("safespace-sft-adapter.zip")
+    assert (ws.exports / "safespace-sft-adapter.zip").is_file() and path.endswith("safespace-sft-adapter.zip")
+    assert Path(path).read_bytes() == (ws.exports / "safespace-sft-adapter.zip").read_bytes()  # a copy to hand out
     with pytest.raises(gr.Error, match="no run named"):
         export.download_adapter("sft", B, REQ)
     with pytest.raises(gr.Error, match="no run named"):

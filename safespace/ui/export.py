@@ -1,7 +1,11 @@
 """Step 5, export: the adapters (standard PEFT format) and a self-contained HTML report."""
 from __future__ import annotations
 
+import secrets
+import shutil
+import tempfile
 import time
+from pathlib import Path
 
 import gradio as gr
 
@@ -51,7 +55,7 @@ def download_adapter(name: str, visitor, request: gr.Request = None) -> str:
     if run is None:
         raise common.refuse(f"there is no run named {name!r} in your workspace")
     try:
-        return str(jobs.zip_adapter(run, ws.exports))
+        return handout(jobs.zip_adapter(run, ws.exports))
     except jobs.JobError as exc:
         raise common.user_error(exc) from None
 
@@ -84,7 +88,33 @@ def build_report(visitor, request: gr.Request = None) -> str:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     for old in ws.exports.glob("safespace-report-*.html"):
         old.unlink(missing_ok=True)
-    return str(report.write_report(ws.exports / f"safespace-report-{stamp}.html", html))
+    return handout(report.write_report(ws.exports / f"safespace-report-{stamp}.html", html))
+
+
+HANDOUT_SECONDS = 3600
+
+
+def handout(path) -> str:
+    """A private copy of a workspace file in the system temp folder, for Gradio to hand out.
+
+    Gradio serves only its own cache, and copies a returned file there only from the working
+    directory or the temp folder; the workspaces live under SAFESPACE_HOME, which is neither (and
+    is never servable by path). Copies older than an hour are removed.
+    """
+    root = Path(tempfile.gettempdir()) / "safespace-downloads"
+    root.mkdir(mode=0o700, exist_ok=True)
+    now = time.time()
+    for old in root.iterdir():
+        try:
+            if now - old.stat().st_mtime > HANDOUT_SECONDS:
+                shutil.rmtree(old, ignore_errors=True)
+        except OSError:
+            continue
+    folder = root / secrets.token_hex(8)
+    folder.mkdir(mode=0o700)
+    copy = folder / Path(path).name
+    shutil.copyfile(path, copy)
+    return str(copy)
 
 
 def build(shared: common.Shared) -> dict:
