@@ -32,6 +32,7 @@ demo: install
 	$(PY) -m safespace run examples/configs/demo.yaml --out runs/demo
 
 bench: install
+	$(PY) -m pip install -q -r bench/requirements.txt
 	$(PY) bench/run.py
 
 clean-cache:

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import torch
 
 from . import align, data as data_mod, evaluate, judge as judge_mod, metrics, models, runs, safedelta, train
 from .config import ConfigError, LoraSettings, SafeGradSettings, TrainSettings, from_dict, home
@@ -123,6 +123,8 @@ def defend(run_path, out, *, keep: float | None = None, scale: float | None = No
         settings = safedelta.SafeDeltaSettings(budget="paper", scale=scale)
     elif keep is not None:
         settings = safedelta.SafeDeltaSettings(budget="relative", keep=keep)
+    # SAFESPACE_CALIBRATION_ROWS: fewer calibration rows for tests and quick demos (default 128)
+    n_calibration = n_calibration or int(os.environ.get("SAFESPACE_CALIBRATION_ROWS", "0") or 0)
     if n_calibration:
         settings.n_calibration = n_calibration
     say("loading the base and the fine-tuned adapter", 0.05)

@@ -4,6 +4,7 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("SAFESPACE_CALIBRATION_ROWS", "8")   # Safe Delta calibration: 8 rows, not 128
 
 import pytest
 import torch

@@ -86,7 +86,7 @@ def set_number(page, elem_id, value):
     box.press("Tab")
 
 
-def wait_status(page, elem_id, statuses=("finished",), timeout=240_000):
+def wait_status(page, elem_id, statuses=("finished",), timeout=480_000):   # a busy 2-core machine
     selector = ", ".join(f'#{elem_id} [data-status="{s}"]' for s in statuses)
     page.wait_for_selector(selector, timeout=timeout)
     return page.locator(f"#{elem_id} [data-status]").get_attribute("data-status")
