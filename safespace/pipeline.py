@@ -184,9 +184,11 @@ def _open_variants(variants: dict) -> tuple[models.Loaded, object, dict]:
     quant = next((r.config.get("quantization") for r in real if r.config.get("quantization")), "auto")
     align.ensure(model_name)
     loaded = models.load(model_name, quant)
-    adapters = {name: r.adapter for name, r in opened.items() if r is not None and r.adapter is not None}
+    # internal adapter ids: peft refuses names with dots, and variant names come from folder names
+    adapter_of = {name: (f"variant{i}" if r is not None and r.adapter is not None else None)
+                  for i, (name, r) in enumerate(opened.items())}
+    adapters = {adapter_of[name]: r.adapter for name, r in opened.items() if adapter_of[name]}
     model = models.load_adapters(loaded.model, adapters) if adapters else loaded.model
-    adapter_of = {name: (name if name in adapters else None) for name in variants}
     return loaded, model, adapter_of
 
 

@@ -5,7 +5,6 @@ Stop during *training* is covered by tests/test_train.py::test_stop_flag_leaves_
 (a stopped run is saved complete, loadable and marked "stopped") and, through the live app, by
 tests/test_app_e2e.py::test_reattach_from_a_new_page_and_stop_within_a_couple_of_steps.
 """
-import json
 import os
 import select
 import shutil

@@ -16,6 +16,7 @@ import re
 import signal
 import time
 import tracemalloc
+from pathlib import Path
 
 import pytest
 import yaml
@@ -69,7 +70,7 @@ def within(seconds: float):
         signal.signal(signal.SIGALRM, old)
 
 
-def put(folder, name: str, content) -> "Path":  # noqa: F821
+def put(folder: Path, name: str, content) -> Path:
     path = folder / name
     path.write_bytes(content if isinstance(content, bytes) else content.encode("utf-8"))
     return path

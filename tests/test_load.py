@@ -8,7 +8,6 @@ must not grow per visitor (each job loads the base model and must let it go).
 Prints the figures (total and per-client time, the longest queue seen, RSS before/peak/after).
 """
 import json
-import os
 import threading
 import time
 from pathlib import Path
@@ -26,8 +25,20 @@ N_CLIENTS = 6
 MARKERS = ["aardvark", "bassoon", "cobalt", "dulcimer", "emerald", "fjord", "gazebo", "harmonium"][:N_CLIENTS]
 TRAIN = dict(TINY, steps=2, batch=2, mode="off")
 COMPARE = dict(n_harmful=2, n_benign=2, n_task=1, max_new_tokens=8)
-RSS_GROWTH_MB = 1500        # one extra model copy at most; a leak per visitor would be ~500 MB x 12 loads
-RSS_PEAK_MB = 3000
+# The fp32 base is ~520 MB and each of the 12 jobs loads it. Measured here: +450 MB after the run
+# (allocator caches, libraries), ~+1000 MB at the peak; one model kept alive makes it ~+1000 MB after.
+RSS_GROWTH_MB = 800
+RSS_PEAK_MB = 2000
+TENSORS_MB = 50             # torch tensors still alive after the run: none of the models
+
+
+def tensors_mb() -> float:
+    import gc
+
+    import torch
+
+    gc.collect()
+    return sum(o.numel() * o.element_size() for o in gc.get_objects() if torch.is_tensor(o)) / 2**20
 
 
 def rss_mb() -> float:
@@ -94,7 +105,7 @@ def test_six_visitors_at_once_stay_apart_and_memory_stays_bounded(server, tmp_pa
     import gc
 
     gc.collect()
-    before = rss_mb()
+    before, tensors_before = rss_mb(), tensors_mb()
     sampler = Sampler()
     sampler.start()
     results = [{} for _ in MARKERS]
@@ -116,13 +127,14 @@ def test_six_visitors_at_once_stay_apart_and_memory_stays_bounded(server, tmp_pa
     gc.collect()
     time.sleep(1.0)
     sampler.done.set()
-    after = rss_mb()
+    after, tensors_after = rss_mb(), tensors_mb()
     max_ahead = max((a for r in results for a in r.get("ahead", [])), default=0)
     with capsys.disabled():
         print(f"\nload test: {N_CLIENTS} clients, total {total:.1f} s; per client "
               + ", ".join(f"{r.get('seconds', float('nan')):.1f}" for r in results) + " s; "
               f"max queue position seen {max_ahead} job(s) ahead; "
-              f"RSS before {before:.0f} MB, peak {sampler.peak:.0f} MB, after {after:.0f} MB")
+              f"RSS before {before:.0f} MB, peak {sampler.peak:.0f} MB, after {after:.0f} MB; "
+              f"live tensors {tensors_before:.0f} -> {tensors_after:.0f} MB")
     assert not errors, errors
 
     # everyone finished (after waiting in line, where the line was visible)
@@ -150,5 +162,6 @@ def test_six_visitors_at_once_stay_apart_and_memory_stays_bounded(server, tmp_pa
     assert len({r["session"] for r in results}) == N_CLIENTS
 
     # the base model is loaded per job and let go, never kept per visitor
+    assert tensors_after - tensors_before < TENSORS_MB, (tensors_before, tensors_after)
     assert after - before < RSS_GROWTH_MB, (before, after)
     assert sampler.peak - before < RSS_PEAK_MB, (before, sampler.peak)

@@ -134,7 +134,18 @@ def _scrub(value, root: str):
     return value
 
 
+def _preload_engine() -> None:
+    """Import the training libraries now, outside any visitor's job. bitsandbytes (imported by peft)
+    keeps the Python stack of its first import alive for good: imported inside a job, that stack
+    holds the job's model, which would then stay in memory for the life of the server."""
+    try:
+        import peft  # noqa: F401
+    except ImportError:  # the app still starts; training reports the missing package
+        pass
+
+
 def build_app() -> gr.Blocks:
+    _preload_engine()
     # delete_cache: uploads and downloads in Gradio's own cache go after a day, like the workspaces
     with gr.Blocks(title="SafeSpace: fine-tuning safety, side by side", delete_cache=(3600, 24 * 3600)) as demo:
         visitor = gr.BrowserState(None, storage_key="safespace-visitor", secret=_browser_secret())
