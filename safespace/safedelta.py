@@ -140,7 +140,7 @@ def _obs_sweep(D, delta, U, mask, a, b, chunk=128) -> float:
 
 @torch.no_grad()
 def safe_delta(delta: torch.Tensor, U: torch.Tensor, budget: float | BudgetRule, block_size: int = 2048,
-               exclude_frac: float = 0.15, whole_columns: bool = True):
+               exclude_frac: float = 0.15, whole_columns: bool = True, compensate: bool = True):
     """Safe Delta in delta coordinates. delta = W_ft - W0 [d_out, d_in], U from inverse_cholesky_upper.
     budget: eps per block (a number) or a BudgetRule. Returns (D, mask, stats): W_final = W0 + D,
     with D[mask] == delta[mask] exactly. stats: kept_{columns,elements,energy}_frac (energy =
@@ -172,7 +172,10 @@ def safe_delta(delta: torch.Tensor, U: torch.Tensor, budget: float | BudgetRule,
                 spare = eps - (cum[n_take - 1].item() if n_take else 0.0)
                 m[:, j] = cost[:, j].cumsum(0) <= spare
             cost_selected += cost[m].sum().item()
-            cost_after += _obs_sweep(D, delta, U, m, a, b)
+            if compensate:
+                cost_after += _obs_sweep(D, delta, U, m, a, b)
+            else:                                                   # ablation: mask only, no OBS update
+                D[:, a:b][m] = delta[:, a:b][m]
         energy = delta.pow(2)
         stats = dict(d_out=d_out, d_in=d_in,
                      kept_columns_frac=mask.all(0).float().mean().item(),
@@ -213,6 +216,7 @@ class SafeDeltaSettings:
     block_size: int = 2048
     percdamp: float = 0.01
     n_calibration: int = 128
+    compensate: bool = True     # False: the paper's "no compensation" ablation (mask only)
 
     def rule(self) -> BudgetRule:
         if self.budget == "relative":
@@ -301,7 +305,8 @@ def apply_to_adapter(model, adapter_name: str, hessians: dict, settings: SafeDel
         delta = scaling * B @ A                                  # W_ft - W0 of this layer
         H = hessians[name].to(A.device, torch.float32)
         U = inverse_cholesky_upper(H, settings.percdamp)
-        D, _, stats = safe_delta(delta, U, rule, settings.block_size, settings.exclude_frac)
+        D, _, stats = safe_delta(delta, U, rule, settings.block_size, settings.exclude_frac,
+                                 compensate=settings.compensate)
         A_new = refactor_lora(B, D, scaling)
         with _exact_fp32():
             full = (delta @ H * delta).sum().item()                # ||delta X||^2 on calibration data

@@ -336,3 +336,13 @@ def test_layers_fed_the_same_input_share_one_hessian_equal_to_their_own(tmp_path
     save_hessians(tmp_path / "h.safetensors", together)
     loaded = load_hessians(tmp_path / "h.safetensors")
     assert set(loaded) == set(together) and all(torch.equal(loaded[k], together[k]) for k in together)
+
+
+def test_mask_only_ablation_takes_the_fine_tuned_values_and_nothing_else():
+    torch.manual_seed(3)
+    X = torch.randn(D_IN, 200)
+    U = inverse_cholesky_upper(2 * X @ X.T / 200)
+    delta = torch.randn(D_OUT, D_IN)
+    D, mask, _ = safe_delta(delta, U, relative_budget(0.3), block_size=BLOCK, compensate=False)
+    assert mask.any() and not mask.all()
+    assert torch.equal(D[mask], delta[mask]) and torch.all(D[~mask] == 0)
