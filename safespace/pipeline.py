@@ -111,7 +111,8 @@ def _calibration_batches(rows: list, tokenizer, device, batch_size: int = 16, ma
 
 
 def defend(run_path, out, *, keep: float | None = None, scale: float | None = None,
-           n_calibration: int | None = None, on_progress: Progress | None = None) -> runs.Run:
+           n_calibration: int | None = None, compensate: bool = True,
+           on_progress: Progress | None = None) -> runs.Run:
     """Apply Safe Delta to a fine-tuned run and write the result as a new run (a LoRA adapter)."""
     say = on_progress or _noop
     start = time.time()
@@ -123,6 +124,7 @@ def defend(run_path, out, *, keep: float | None = None, scale: float | None = No
         settings = safedelta.SafeDeltaSettings(budget="paper", scale=scale)
     elif keep is not None:
         settings = safedelta.SafeDeltaSettings(budget="relative", keep=keep)
+    settings.compensate = compensate
     # SAFESPACE_CALIBRATION_ROWS: fewer calibration rows for tests and quick demos (default 128)
     n_calibration = n_calibration or int(os.environ.get("SAFESPACE_CALIBRATION_ROWS", "0") or 0)
     if n_calibration:
