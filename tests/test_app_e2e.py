@@ -16,6 +16,7 @@ pytest.importorskip("gradio_client")
 
 from gradio_client import Client  # noqa: E402
 
+from conftest import launch_app  # noqa: E402
 from safespace import jobs  # noqa: E402
 
 MODEL = "smollm2-135m"       # embedded, no alignment build needed: keeps the test fast
@@ -25,20 +26,7 @@ TINY = dict(model=MODEL, quantization="none", rank=4, alpha=8, targets=["q_proj"
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    import torch
-
-    from safespace.ui import build_app, launch_kwargs
-
-    torch.set_num_threads(1)
-    old = jobs._DEFAULT
-    jobs._DEFAULT = jobs.JobManager(tmp_path_factory.mktemp("sessions"))
-    demo = build_app()
-    demo.launch(server_name="127.0.0.1", server_port=None, prevent_thread_lock=True, quiet=True,
-                **launch_kwargs())
-    yield demo.local_url
-    jobs._DEFAULT.close(wait=30)
-    demo.close()
-    jobs._DEFAULT = old
+    yield from launch_app(tmp_path_factory.mktemp("sessions"))
 
 
 def client(url):

@@ -31,24 +31,13 @@ try:
 except ImportError:
     _unavailable("the playwright Python package is not installed")
 
+from conftest import launch_app  # noqa: E402
 from safespace import jobs  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def app_url(tmp_path_factory):
-    import torch
-
-    from safespace.ui import build_app, launch_kwargs
-
-    torch.set_num_threads(1)
-    old = jobs._DEFAULT
-    jobs._DEFAULT = jobs.JobManager(tmp_path_factory.mktemp("sessions"))
-    demo = build_app()
-    demo.launch(server_name="127.0.0.1", server_port=None, prevent_thread_lock=True, quiet=True, **launch_kwargs())
-    yield demo.local_url
-    jobs._DEFAULT.close(wait=30)
-    demo.close()
-    jobs._DEFAULT = old
+    yield from launch_app(tmp_path_factory.mktemp("sessions"))
 
 
 @pytest.fixture

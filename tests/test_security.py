@@ -171,14 +171,6 @@ def test_the_page_accepts_registry_keys_only(name):
 
 # ------------------------------------------------------------------ handlers called directly
 
-@pytest.fixture
-def manager(tmp_path, monkeypatch):
-    m = jobs.JobManager(tmp_path / "sessions")
-    monkeypatch.setattr(jobs, "_DEFAULT", m)
-    yield m
-    m.close(wait=5)
-
-
 REQ = SimpleNamespace(session_hash="session-security")
 
 

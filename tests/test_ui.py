@@ -25,14 +25,6 @@ FORM = dict(model="smollm2-135m", quantization="none", rank=4, alpha=8, targets=
             lr=2e-4, batch=2, seed=0, mode="off", lam=1.0, align_batch=2)
 
 
-@pytest.fixture
-def manager(tmp_path, monkeypatch):
-    m = jobs.JobManager(tmp_path / "sessions")
-    monkeypatch.setattr(jobs, "_DEFAULT", m)
-    yield m
-    m.close(wait=5)
-
-
 def wait_idle(m, visitor, timeout=10.0):
     deadline = time.time() + timeout
     while m.has_active(visitor):
