@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import time
 from typing import Callable
 
 import torch
@@ -128,8 +127,3 @@ def _adapter_context(model, adapter: str | None):
     model.set_adapter(adapter)
     return contextlib.nullcontext()
 
-
-def timed(fn, *args, **kwargs):
-    start = time.time()
-    result = fn(*args, **kwargs)
-    return result, time.time() - start
