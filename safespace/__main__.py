@@ -112,16 +112,8 @@ def _cmd_align(args) -> int:
     return 0
 
 
-def load_examples(spec: str) -> list:
-    from . import data
-
-    if spec.startswith("bundled:"):
-        return data.bundled(spec.split(":", 1)[1])
-    return data.load_dataset(spec).examples
-
-
 def _cmd_train(args) -> int:
-    from . import align, data, train
+    from . import pipeline
     from .config import LoraSettings, SafeGradSettings, TrainSettings
     from .progress import console_progress
 
@@ -133,12 +125,9 @@ def _cmd_train(args) -> int:
                           targets=tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())),
         safegrad=SafeGradSettings(mode=args.safegrad, lam=args.safegrad_lambda, align_size=args.align_size,
                                   align_batch=args.align_batch, every=args.align_every))
-    examples = load_examples(args.data)
-    mixed = data.harmful_mix(examples, settings.harmful_ratio, seed=settings.seed)
-    align.ensure(settings.model)
-    run = train.train(settings, mixed, args.out, on_event=console_progress("train"),
-                      extra_config={"data": args.data, "user_examples": len(examples),
-                                    "harmful_examples": len(mixed) - len(examples)})
+    prepared = pipeline.prepare_data(args.data, settings.harmful_ratio, settings.seed, settings.val_fraction)
+    run = pipeline.train_variant(settings, prepared, args.out, on_event=console_progress("train"),
+                                 align_progress=console_progress("aligning"))
     print(f"{run.summary['status']}: {run.path}")
     return 0
 

@@ -63,8 +63,8 @@ def prepare_data(source, harmful_ratio: float = 0.0, seed: int = 0, val_fraction
 
 def prepared_from_run(run: runs.Run) -> Prepared | None:
     """Rebuild a run's data split from its config (to score utility later), when it is known."""
-    info = run.config.get("data") or {}
-    if not info.get("source") or info["source"] == "uploaded rows":
+    info = run.config.get("data")
+    if not isinstance(info, dict) or not info.get("source") or info["source"] == "uploaded rows":
         return None
     try:
         return prepare_data(info["source"], info.get("harmful_ratio", 0.0), info.get("seed", 0),

@@ -98,3 +98,20 @@ def test_prepare_data_holds_out_the_bundled_test_split_and_mixes_only_train():
     assert len(prepared.val) == 160
     assert not {e.prompt for e in prepared.val} & {e.prompt for e in prepared.train}
     assert all(e.response in ("positive", "negative") for e in prepared.val)
+
+
+def test_cli_train_records_its_data_so_evaluate_scores_utility(tiny_model_dir, tmp_path):
+    from safespace.__main__ import main
+
+    code = main(["train", "--model", tiny_model_dir, "--data", "bundled:sentiment_train", "--harmful-ratio", "0.2",
+                 "--steps", "1", "--batch-size", "2", "--max-length", "64", "--warmup", "0",
+                 "--lora-r", "2", "--lora-alpha", "4", "--out", str(tmp_path / "sft")])
+    assert code == 0
+    data = runs.load_run(tmp_path / "sft").config["data"]
+    assert data["source"] == "bundled:sentiment_train" and data["harmful_examples"] == 120
+    results = pipeline.evaluate_runs([tmp_path / "sft"], tmp_path / "results.json", n_harmful=1, n_benign=1,
+                                     n_task=2, max_new_tokens=2)
+    assert results["variants"]["sft"]["utility"]["n"] == 2
+    rows = json.loads((tmp_path / "results-answers.json").read_text())
+    assert [r["set"] for r in rows] == ["harmful", "benign", "task", "task"]
+    assert rows[-1]["reference"] in ("positive", "negative") and rows[0]["reference"] is None
