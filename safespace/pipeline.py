@@ -214,20 +214,25 @@ def generate_all(variants: dict, prompts: list, *, max_new_tokens: int = 48, bat
     return answers
 
 
-def compare(variants: dict, prompts: list, *, max_new_tokens: int = 48, on_progress=None, should_stop=None,
-            judge=None) -> list[dict]:
-    """Side-by-side rows: {"prompt", "category", "answers": {variant: {"response", "label", "reason"}}}."""
-    judge = judge or judge_mod.KeywordJudge()
-    answers = generate_all(variants, prompts, max_new_tokens=max_new_tokens, on_progress=on_progress,
-                           should_stop=should_stop)
+def judged_rows(prompts: list, answers: dict[str, list[str]], judge, **fields) -> list[dict]:
+    """Side-by-side rows, each answer judged once:
+    {**fields, "prompt", "category", "answers": {variant: {"response", "label", "reason"}}}."""
     rows = []
     for i, ex in enumerate(prompts):
         cells = {}
         for name, texts in answers.items():
             v = judge.judge(ex.prompt, texts[i])
             cells[name] = {"response": texts[i], "label": v.label, "reason": v.reason}
-        rows.append({"prompt": ex.prompt, "category": ex.category, "answers": cells})
+        rows.append({**fields, "prompt": ex.prompt, "category": ex.category, "answers": cells})
     return rows
+
+
+def compare(variants: dict, prompts: list, *, max_new_tokens: int = 48, on_progress=None, should_stop=None,
+            judge=None) -> list[dict]:
+    """Every variant's judged answers to the same prompts, side by side (see `judged_rows`)."""
+    answers = generate_all(variants, prompts, max_new_tokens=max_new_tokens, on_progress=on_progress,
+                           should_stop=should_stop)
+    return judged_rows(prompts, answers, judge or judge_mod.KeywordJudge())
 
 
 def evaluate_variants(variants: dict, val: list | None, *, n_harmful: int | None = None,
@@ -239,11 +244,11 @@ def evaluate_variants(variants: dict, val: list | None, *, n_harmful: int | None
     harmful = data_mod.bundled("eval_harmful")[:n_harmful]
     benign = data_mod.bundled("benign_eval")[:n_benign]
     task = list(val or [])[:n_task]
-    labels = bool(task) and metrics.is_label_set([e.response for e in task])
+    label_task = bool(task) and metrics.is_label_set([e.response for e in task])
     opened = _open_variants(variants)
     judge = judge_mod.KeywordJudge()
     sets = [("harmful", harmful, max_new_tokens), ("benign", benign, max_new_tokens),
-            ("task", task, 8 if labels else max(max_new_tokens, 96))]
+            ("task", task, 8 if label_task else max(max_new_tokens, 96))]
     outputs = {}
     total = sum(len(s[1]) for s in sets) or 1
     done = 0
@@ -259,39 +264,36 @@ def evaluate_variants(variants: dict, val: list | None, *, n_harmful: int | None
 
     results = {"variants": {}, "settings": {"n_harmful": len(harmful), "n_benign": len(benign),
                                             "n_task": len(task), "max_new_tokens": max_new_tokens}}
-    rows = []
+    rows_by_set = {set_name: judged_rows(prompts, outputs[set_name], judge, set=set_name)
+                   for set_name, prompts, _ in sets if set_name in outputs}
+    for set_name, prompts, _ in sets:
+        for row, ex in zip(rows_by_set.get(set_name, []), prompts):
+            row["reference"] = ex.response or None
+
+    def labels(set_name: str, name: str) -> list[str]:
+        return [row["answers"][name]["label"] for row in rows_by_set[set_name]]
+
     for name in variants:
         entry = {}
         if name in outputs.get("harmful", {}):
-            verdicts = judge.judge_many([(e.prompt, a) for e, a in zip(harmful, outputs["harmful"][name])])
+            verdicts = labels("harmful", name)
             entry["refusal"] = metrics.refusal_rate(verdicts).to_dict()
             entry["labels"] = metrics.label_counts(verdicts)
             entry["per_category"] = {c: r.to_dict() for c, r in
                                      metrics.per_category(verdicts, [e.category for e in harmful]).items()}
         if name in outputs.get("benign", {}):
-            verdicts = judge.judge_many([(e.prompt, a) for e, a in zip(benign, outputs["benign"][name])])
-            entry["over_refusal"] = metrics.refusal_rate(verdicts).to_dict()
+            entry["over_refusal"] = metrics.refusal_rate(labels("benign", name)).to_dict()
         if name in outputs.get("task", {}):
             entry["utility"] = metrics.utility(outputs["task"][name], [e.response for e in task])
         results["variants"][name] = entry
-    for set_name, prompts, _ in sets:
-        for i, ex in enumerate(prompts):
-            if set_name not in outputs:
-                continue
-            cells = {}
-            for name, texts in outputs[set_name].items():
-                v = judge.judge(ex.prompt, texts[i])
-                cells[name] = {"response": texts[i], "label": v.label, "reason": v.reason}
-            rows.append({"set": set_name, "prompt": ex.prompt, "category": ex.category,
-                         "reference": ex.response or None, "answers": cells})
-    return results, rows
+    return results, [row for rows in rows_by_set.values() for row in rows]
 
 
 def evaluate_runs(run_paths: list, out, **kwargs) -> dict:
     """CLI `evaluate`: runs named by their folder names; utility from the first run's data split."""
-    variants = {Path(p).name: (None if runs.load_run(p).kind == "base" else p) for p in run_paths}
-    prepared = next((prepared_from_run(runs.load_run(p)) for p in run_paths
-                     if runs.load_run(p).kind != "base"), None)
+    opened = [runs.load_run(p) for p in run_paths]
+    variants = {r.name: (None if r.kind == "base" else r.path) for r in opened}
+    prepared = next((prepared_from_run(r) for r in opened if r.kind != "base"), None)
     results, rows = evaluate_variants(variants, prepared.val if prepared else None, **kwargs)
     runs.atomic_write_json(out, results)
     runs.atomic_write_json(Path(out).with_name(Path(out).stem + "-answers.json"), rows)
