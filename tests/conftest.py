@@ -6,10 +6,12 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("SAFESPACE_CALIBRATION_ROWS", "8")   # Safe Delta calibration: 8 rows, not 128
 
+import json
+
 import pytest
 import torch
 
-from safespace import models
+from safespace import models, runs
 
 
 @pytest.fixture(scope="session")
@@ -59,3 +61,16 @@ def manager(tmp_path, monkeypatch):
     monkeypatch.setattr(jobs, "_DEFAULT", m)
     yield m
     m.close(wait=5)
+
+
+def fake_run(path, model="smollm2-135m", kind="train", metrics=(), summary=None):
+    """A complete run folder with a tiny fake adapter, published atomically like a real run."""
+    header = json.dumps({"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}).encode()
+    tmp = runs.staging_dir(path)
+    (tmp / "adapter").mkdir()
+    (tmp / "adapter" / "adapter_model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + b"\0" * 4)
+    runs.atomic_write_json(tmp / "adapter" / "adapter_config.json", {"r": 4, "peft_type": "LORA"})
+    runs.atomic_write_json(tmp / "config.json", {"kind": kind, "model": model, "settings": {"steps": 2}})
+    runs.atomic_write_text(tmp / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in metrics))
+    runs.atomic_write_json(tmp / "summary.json", summary or {"status": "finished", "steps_done": 2, "final_loss": 0.5})
+    return runs.load_run(runs.publish(tmp, path))

@@ -1,5 +1,4 @@
 """Background jobs: one worker slot, FIFO queue with positions, stop, failures, isolation, expiry."""
-import json
 import os
 import sys
 import threading
@@ -8,7 +7,8 @@ import zipfile
 
 import pytest
 
-from safespace import jobs, runs
+from conftest import fake_run
+from safespace import jobs
 from safespace.train import Event
 
 A, B = "visitor-aaaa", "visitor-bbbb"
@@ -298,22 +298,11 @@ def test_format_seconds():
     assert jobs.format_seconds(3 * 3600 + 60) == "3 h 01 min"
 
 
-def _fake_run(path, model="smollm2-135m", kind="train"):
-    runs.atomic_write_json(path / "config.json", {"kind": kind, "model": model, "settings": {"steps": 2}})
-    runs.atomic_write_json(path / "summary.json", {"status": "finished", "steps_done": 2, "final_loss": 1.0})
-    adapter = path / "adapter"
-    adapter.mkdir(parents=True, exist_ok=True)
-    (adapter / "adapter_config.json").write_text(json.dumps({"r": 8, "peft_type": "LORA"}))
-    header = json.dumps({"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}).encode()
-    (adapter / "adapter_model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + b"\0" * 4)
-    return runs.load_run(path)
-
-
 def test_workspace_variants_share_one_base_and_zip_adapter(tmp_path):
     ws = jobs.Workspace(tmp_path / "visitor-aaaa")
     assert ws.variants() == ({}, [])
-    sft = _fake_run(ws.run_path("sft"))
-    _fake_run(ws.run_path("safegrad"), model="qwen2.5-0.5b")
+    sft = fake_run(ws.run_path("sft"))
+    fake_run(ws.run_path("safegrad"), model="qwen2.5-0.5b")
     variants, notes = ws.variants()
     assert variants == {"base": None, "sft": str(sft.path)}
     assert notes and "qwen2.5-0.5b" in notes[0]
@@ -341,14 +330,14 @@ def test_train_job_with_a_fake_engine(tmp_path, monkeypatch):
             if should_stop():
                 break
             on_event(Event("step", step, settings.steps, {"step": step, "loss": 1.0 / step, "eta": 0.0}))
-        return _fake_run(out)
+        return fake_run(out)
 
     monkeypatch.setattr(pipeline, "train_variant", fake_train)
     monkeypatch.setattr(align, "is_built", lambda *a: True)
     m = jobs.JobManager(tmp_path / "sessions")
     try:
         ws = m.workspace(A)
-        _fake_run(ws.run_path("safedelta"))
+        fake_run(ws.run_path("safedelta"))
         ws.write_json("results.json", {"variants": {}})
         plan = [("sft", TrainSettings(model="smollm2-135m", steps=3, warmup=0)),
                 ("safegrad", TrainSettings(model="smollm2-135m", steps=3, warmup=0, safegrad={"mode": "sft"}))]

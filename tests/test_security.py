@@ -20,7 +20,8 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from safespace import jobs, models, runs
+from conftest import fake_run
+from safespace import jobs, models
 from safespace.config import home
 from safespace.ui import compare, data, defend, train
 from test_app_e2e import client  # noqa: E402  (the e2e suite's client helper)
@@ -201,14 +202,7 @@ def test_limits_are_enforced_by_the_handlers_themselves(manager):
     """Gradio's sliders check their bounds, but an API caller can skip a slider: every handler
     checks again (steps, batch, tokens, prompts, budget; file size and rows: tests/test_ui.py)."""
     ws = manager.workspace("visitor-ffff")
-    header = json.dumps({"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}).encode()
-    tmp = runs.staging_dir(ws.run_path("sft"))
-    (tmp / "adapter").mkdir()
-    (tmp / "adapter" / "adapter_model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + b"\0" * 4)
-    runs.atomic_write_json(tmp / "adapter" / "adapter_config.json", {"peft_type": "LORA"})
-    runs.atomic_write_json(tmp / "config.json", {"kind": "train", "model": "smollm2-135m"})
-    runs.atomic_write_json(tmp / "summary.json", {"status": "finished"})
-    runs.publish(tmp, ws.run_path("sft"))
+    fake_run(ws.run_path("sft"), summary={"status": "finished"})
     refused = [
         (train.make_settings, (*dict(FORM, steps=100_000).values(), 0.0), "1..300"),
         (train.make_settings, (*dict(FORM, batch=10_000).values(), 0.0), "batch size must be 1..16"),
@@ -303,14 +297,7 @@ def test_downloads_reach_their_owner_through_gradios_cache_only(app):
     owner = client(app.url)
     owner.predict(None, api_name="/list_runs")           # makes the owner's workspace
     ws = jobs.Workspace(app.root / owner.session_hash)
-    header = json.dumps({"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}).encode()
-    tmp = runs.staging_dir(ws.run_path("sft"))
-    (tmp / "adapter").mkdir()
-    (tmp / "adapter" / "adapter_model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + b"\0" * 4)
-    runs.atomic_write_json(tmp / "adapter" / "adapter_config.json", {"peft_type": "LORA"})
-    runs.atomic_write_json(tmp / "config.json", {"kind": "train", "model": "smollm2-135m"})
-    runs.atomic_write_json(tmp / "summary.json", {"status": "finished", "steps_done": 1})
-    runs.publish(tmp, ws.run_path("sft"))
+    fake_run(ws.run_path("sft"), summary={"status": "finished", "steps_done": 1})
     from gradio_client import Client
 
     raw = Client(app.url, verbose=False, download_files=False)

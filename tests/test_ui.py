@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import gradio as gr
 import pytest
 
+from conftest import fake_run
 from safespace import jobs, runs
 from safespace.train import Event
 from safespace.ui import common, compare, data, defend, export, train
@@ -30,18 +31,6 @@ def wait_idle(m, visitor, timeout=10.0):
     while m.has_active(visitor):
         assert time.time() < deadline, "job did not finish"
         time.sleep(0.02)
-
-
-def fake_run(path, model="smollm2-135m", kind="train", metrics=(), summary=None):
-    runs.atomic_write_json(path / "config.json", {"kind": kind, "model": model, "settings": {"steps": 2}})
-    runs.atomic_write_text(path / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in metrics))
-    runs.atomic_write_json(path / "summary.json", summary or {"status": "finished", "steps_done": 2, "final_loss": 0.5})
-    adapter = path / "adapter"
-    adapter.mkdir(parents=True, exist_ok=True)
-    (adapter / "adapter_config.json").write_text(json.dumps({"r": 4, "peft_type": "LORA"}))
-    header = json.dumps({"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}).encode()
-    (adapter / "adapter_model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + b"\0" * 4)
-    return runs.load_run(path)
 
 
 def fake_train_job(ctx, plan, source, ratio, seed):
