@@ -77,6 +77,7 @@ class TrainSettings:
     clip: float = 1.0
     weight_decay: float = 0.0
     seed: int = 0
+    precision: str = "auto"     # auto (bf16 autocast on CPUs with native bf16, else fp32) | fp32 | bf16
     harmful_ratio: float = 0.0
     val_fraction: float = 0.1
     lora: LoraSettings = field(default_factory=LoraSettings)
@@ -88,6 +89,7 @@ class TrainSettings:
         if isinstance(self.safegrad, dict):
             self.safegrad = SafeGradSettings(**self.safegrad)
         _check(self.quantization in ("auto", "4bit", "none"), f"quantization must be auto, 4bit or none, got {self.quantization!r}")
+        _check(self.precision in ("auto", "fp32", "bf16"), f"precision must be auto, fp32 or bf16, got {self.precision!r}")
         _check(1 <= self.steps <= 100_000, f"steps must be 1..100000, got {self.steps}")
         _check(0 < self.lr <= 1e-1, f"learning rate must be in (0, 0.1], got {self.lr}")
         _check(1 <= self.batch_size <= 256, f"batch size must be 1..256, got {self.batch_size}")

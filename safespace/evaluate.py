@@ -2,7 +2,8 @@
 
 One base sits in memory; each variant is a PEFT adapter loaded onto it by name, and the aligned
 base itself is "the adapter disabled". Prompts are batched with left padding and answered greedily
-(seeded sampling optional).
+(seeded sampling optional). On a CPU with native bf16 the matmuls run in bf16 (models.autocast):
+decoding measured 2.5x faster than fp32 with the same greedy answers up to late tokens.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import Callable
 import torch
 
 from . import data as data_mod
+from . import models
 
 
 # Decoding on CPU with 2+ threads is erratic (OpenMP spin-waits; one decode step measured 35x
@@ -58,7 +60,7 @@ def generate(model, tokenizer, examples: list, *, max_new_tokens: int = 64, batc
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     try:
-        with _adapter_context(model, adapter), cpu_threads(CPU_GENERATION_THREADS, device):
+        with _adapter_context(model, adapter), cpu_threads(CPU_GENERATION_THREADS, device), models.autocast(device):
             for start, index in _chunks(order, batch_size):
                 if should_stop is not None and should_stop():
                     break
@@ -99,7 +101,7 @@ def generate_mixed(model, tokenizer, examples: list, adapters: list[str | None],
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     try:
-        with cpu_threads(CPU_GENERATION_THREADS, device):
+        with cpu_threads(CPU_GENERATION_THREADS, device), models.autocast(device):
             for start, chunk in _chunks(jobs, batch_size):
                 enc = tokenizer([texts[i] for i, _ in chunk], return_tensors="pt", padding=True,
                                 add_special_tokens=False).to(device)

@@ -41,6 +41,8 @@ from typing import Callable, Iterable
 import torch
 from safetensors.torch import load_file, save_file
 
+from . import models
+
 BudgetRule = Callable[[torch.Tensor, torch.Tensor, int], float]
 
 
@@ -232,14 +234,6 @@ def lora_layers(model, adapter_name: str = "default") -> dict:
     return {n: m for n, m in model.named_modules() if isinstance(m, LoraLayer) and adapter_name in m.lora_A}
 
 
-def _decoder(model):
-    """The transformer body without the LM head: H needs the Linear inputs, never the
-    full-vocabulary logits (which cost ~20 % of the FLOPs and most of the memory here)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    body = getattr(base, getattr(base, "base_model_prefix", "model"), None)
-    return body if isinstance(body, torch.nn.Module) and body is not base else base
-
-
 @torch.no_grad()
 def collect_hessians(model, layer_names: Iterable[str], batches: Iterable[dict], device=None) -> dict:
     """H of the base Linear of each named LoRA layer, from the model with its adapter disabled.
@@ -270,7 +264,7 @@ def collect_hessians(model, layer_names: Iterable[str], batches: Iterable[dict],
         base = getattr(modules[name], "base_layer", modules[name])   # nn.Linear or bnb Linear4bit
         accumulators[name] = HessianAccumulator(base.in_features, device)
         handles.append(base.register_forward_pre_hook(hook(name)))
-    body = _decoder(model)
+    body = models.decoder_body(model)   # H needs the Linear inputs, never the vocabulary logits
     was_training = model.training
     model.eval()
     try:

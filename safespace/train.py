@@ -122,7 +122,8 @@ def train(settings: TrainSettings, examples: list, out: str | Path, *,
         task_loss, tokens = 0.0, 0
         for _ in range(settings.grad_accum):
             batch = task_stream.next()
-            loss = model(**batch).loss / settings.grad_accum
+            with models.autocast(device, settings.precision):
+                loss = safegrad.sft_loss(model, batch) / settings.grad_accum
             loss.backward()
             task_loss += loss.item()
             tokens += int(batch["attention_mask"].sum())
@@ -133,7 +134,8 @@ def train(settings: TrainSettings, examples: list, out: str | Path, *,
             g_u = safegrad.flat_grad(params)
             if g_a is None or step % sg.every == 0:
                 optimizer.zero_grad(set_to_none=True)
-                align_loss = safegrad.alignment_loss(sg.mode, model, align_stream.next())
+                with models.autocast(device, settings.precision):
+                    align_loss = safegrad.alignment_loss(sg.mode, model, align_stream.next())
                 align_loss.backward()
                 g_a = safegrad.flat_grad(params)
                 align_loss_value = align_loss.item()

@@ -131,3 +131,34 @@ def test_flat_grad_roundtrip(tiny_model):
     flat = torch.randn(sum(p.numel() for p in params))
     safegrad.assign_flat_grad(params, flat)
     assert torch.equal(safegrad.flat_grad(params), flat)
+
+
+def test_answer_logits_and_sft_loss_equal_the_full_forward(tiny_model, tokenizer):
+    """The LM head on the answer rows only must give the model's own logits and loss there."""
+    torch.manual_seed(2)
+    model = _lora_model(tiny_model, init_b=True)
+    batch = _batch(tokenizer)
+    batch["labels"][1, :9] = -100                              # rows with different answer lengths
+    mask = safegrad.answer_mask(batch["labels"])
+    with torch.no_grad():
+        full = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                     labels=batch["labels"])
+        picked = safegrad.answer_logits(model, batch)
+    assert picked.shape == (int(mask.sum()), full.logits.shape[-1])
+    assert torch.allclose(picked, full.logits[:, :-1][mask], atol=1e-5)
+    assert safegrad.sft_loss(model, batch).item() == pytest.approx(full.loss.item(), rel=1e-5)
+
+
+def test_autocast_is_bf16_only_where_asked_or_native(monkeypatch):
+    monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: False)
+    with models.autocast("cpu", "auto"):
+        assert not torch.is_autocast_enabled("cpu")
+    with models.autocast("cpu", "fp32"):
+        assert not torch.is_autocast_enabled("cpu")
+    with models.autocast("cpu", "bf16"):
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: True)
+    with models.autocast("cpu", "auto"):
+        assert torch.is_autocast_enabled("cpu")
+    with models.autocast("cuda:0", "auto"):                     # GPU models compute in bf16 already
+        assert not torch.is_autocast_enabled("cpu")
