@@ -31,7 +31,7 @@ ALIGN_SETTINGS = TrainSettings(
     warmup=5, seed=0, lora=LoraSettings(r=16, alpha=32, targets=(
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")))
 BENIGN_REPEATS = 2      # benign rows appear twice: refusals are easy to learn, helpfulness is not
-BENIGN_MAX_NEW_TOKENS = 96
+BENIGN_MAX_NEW_TOKENS = 64
 _BUILD_LOCK = threading.Lock()   # one build per process: the app warms it up while a visitor may ask
 
 
@@ -45,7 +45,7 @@ def build_key(settings: TrainSettings = ALIGN_SETTINGS) -> str:
         "model": settings.model, "settings": settings.to_dict(),
         "alignment": [(e.prompt, e.response) for e in data_mod.bundled("alignment")],
         "benign": [e.prompt for e in data_mod.bundled("benign_align")],
-        "benign_max_new_tokens": BENIGN_MAX_NEW_TOKENS, "benign_repeats": BENIGN_REPEATS, "format": 2,
+        "benign_max_new_tokens": BENIGN_MAX_NEW_TOKENS, "benign_repeats": BENIGN_REPEATS, "format": 3,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -75,8 +75,17 @@ def benign_answers(loaded: models.Loaded, prompts: list) -> list:
     # Drop answers that hedge like a refusal ("I can't promise...", "I'm sorry, ..."): they would
     # teach refusal wording on benign prompts.
     judge = KeywordJudge()
-    return [data_mod.Example(prompt=p.prompt, response=a) for p, a in zip(prompts, answers)
+    return [data_mod.Example(prompt=p.prompt, response=whole_sentences(a)) for p, a in zip(prompts, answers)
             if judge.judge(p.prompt, a).label == "complied"]
+
+
+def whole_sentences(answer: str) -> str:
+    """The answer up to its last complete sentence, so the base does not learn to stop mid-sentence
+    at the generation cap; an answer without a sentence end stays as it is."""
+    end = max(answer.rfind(mark) for mark in (". ", "! ", "? ", ".\n", "!\n", "?\n"))
+    if answer.rstrip().endswith((".", "!", "?")) or end < 0:
+        return answer.rstrip()
+    return answer[:end + 1]
 
 
 def build(force: bool = False, on_event: Callable[[train.Event], None] | None = None) -> Path:

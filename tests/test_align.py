@@ -47,3 +47,11 @@ def test_ensure_builds_once_even_when_asked_concurrently(tmp_path, monkeypatch):
     assert len(calls) == 1
     align.ensure(models.EMBEDDED_KEY)               # other models need no build
     assert len(calls) == 1
+
+
+def test_benign_answers_are_cut_to_whole_sentences():
+    assert align.whole_sentences("Rinse the rice. Then boil it for ten min") == "Rinse the rice."
+    assert align.whole_sentences("Is it done? Yes! Then serve it with") == "Is it done? Yes!"
+    assert align.whole_sentences("Positive") == "Positive"              # no sentence end: kept whole
+    assert align.whole_sentences("All done.  ") == "All done."
+    assert align.whole_sentences("First line.\nsecond line without end") == "First line."
