@@ -90,6 +90,10 @@ from safespace.config import LoraSettings, SafeGradSettings, TrainSettings  # no
 
 WORK = BENCH_HOME / "work"
 WORK.mkdir()
+# ours trains and generates with bf16 matmuls where the CPU has them (models.autocast); every
+# baseline gets the same arithmetic, so the ratios measure the method, not the number format
+BF16 = models.pick_device() == "cpu" and models.cpu_has_native_bf16() and os.environ.get("SAFESPACE_PRECISION", "auto") != "fp32"
+PRECISION = "bf16 autocast" if BF16 else "fp32"
 
 
 # ------------------------------------------------------------------------------------------- output
@@ -291,7 +295,7 @@ def trl_run(state: State, steps: int, grouped: bool = False) -> dict:
         output_dir=str(out), max_steps=steps, per_device_train_batch_size=BATCH, gradient_accumulation_steps=1,
         learning_rate=2e-4, weight_decay=0.0, max_grad_norm=1.0, warmup_steps=min(5, steps), seed=0,
         max_length=MAX_LENGTH, packing=False, completion_only_loss=True, padding_free=False,
-        bf16=False, fp16=False, use_cpu=models.pick_device() == "cpu", gradient_checkpointing=False,
+        bf16=BF16, fp16=False, use_cpu=models.pick_device() == "cpu", gradient_checkpointing=False,
         activation_checkpointing=False, train_sampling_strategy="group_by_length" if grouped else "random",
         report_to="none", save_strategy="no", eval_strategy="no", logging_steps=10, disable_tqdm=True,
         dataloader_num_workers=0, dataloader_pin_memory=False, dataset_num_proc=None)
@@ -638,7 +642,7 @@ def baseline_sequential(variants: dict, prompts: list) -> tuple[dict, dict]:
         tok = loaded.tokenizer
         outs = []
         clock = Clock()
-        with torch.no_grad():
+        with torch.no_grad(), models.autocast(loaded.device):   # same arithmetic as ours
             for ex in prompts:
                 enc = tok(data.prompt_text(ex, tok), return_tensors="pt", add_special_tokens=False).to(loaded.device)
                 ids = model.generate(**enc, max_new_tokens=MAX_NEW_TOKENS, do_sample=False, temperature=None,
@@ -792,7 +796,7 @@ def main() -> int:
         ["memory GB", facts["memory_gb"]], ["device", facts["device"]], ["torch threads", facts["threads"]],
         *[[name, v] for name, v in facts["versions"].items()], ["date", facts["date"]],
         ["load average at start", facts["load_average_start"]]])
-    say(f"model {MODEL} (fp32, LoRA r={LORA['r']} alpha={LORA['alpha']} {','.join(LORA['targets'])}), batch {BATCH}, "
+    say(f"model {MODEL} ({PRECISION}, LoRA r={LORA['r']} alpha={LORA['alpha']} {','.join(LORA['targets'])}), batch {BATCH}, "
         f"max_length {MAX_LENGTH}, harmful ratio {HARMFUL_RATIO}; sections: {', '.join(ARGS.sections)}")
     state = State()
     # one-time costs (tokeniser, first load) out of the measurements

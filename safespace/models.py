@@ -216,9 +216,10 @@ def autocast(device, precision: str | None = None):
     """Mixed precision for training forward passes and generation. On a CPU with native bf16, "auto" runs the
     matmuls in bf16 (LoRA weights, optimiser state and gradients stay fp32): a training step of the
     embedded model measured 1.9x faster with the same loss to 3 digits. Elsewhere fp32. On GPU the
-    model already computes in bf16, so nothing changes. precision None: SAFESPACE_PRECISION
-    (auto | fp32 | bf16, default auto)."""
-    precision = precision or os.environ.get("SAFESPACE_PRECISION", "auto")
+    model already computes in bf16, so nothing changes. precision None or "auto" defers to
+    SAFESPACE_PRECISION (auto | fp32 | bf16, default auto) first."""
+    if precision in (None, "auto"):
+        precision = os.environ.get("SAFESPACE_PRECISION", "auto")
     device = str(device)
     if device.startswith("cpu") and (precision == "bf16" or (precision == "auto" and cpu_has_native_bf16())):
         return torch.autocast("cpu", dtype=torch.bfloat16)

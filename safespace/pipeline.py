@@ -12,8 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import torch
 
-from . import align, data as data_mod, evaluate, judge as judge_mod, metrics, models, runs, safedelta, train
+
+from . import align, data as data_mod, evaluate, judge as judge_mod, metrics, models, runs, safedelta, safegrad, train
 from .config import ConfigError, LoraSettings, SafeGradSettings, TrainSettings, from_dict, home
 
 BUNDLED_TASKS = {"sentiment_train": "sentiment_test"}   # bundled train split -> its held-out split
@@ -101,17 +103,25 @@ def _calibration(loaded: models.Loaded, peft_model, n: int, max_new_tokens: int 
     return [data_mod.Example(prompt=p.prompt, response=a) for p, a in zip(prompts, answers)]
 
 
-def _calibration_batches(rows: list, tokenizer, device, batch_size: int = 16, max_length: int = 256):
-    """All tokens of each (prompt + answer) sequence count towards H (as in the official code)."""
+def _calibration_batches(rows: list, tokenizer, device, tokens: str = "answer", batch_size: int = 16,
+                         max_length: int = 256):
+    """Calibration batches for H. tokens="all": every token of each (prompt + answer) sequence, as in
+    the official code; "answer": only the inputs that predict an answer token (token_mask)."""
     tok = data_mod.tokenize(rows, tokenizer, max_length)
     for start in range(0, len(tok.input_ids), batch_size):
         batch = data_mod.collate(tok.input_ids[start:start + batch_size], tok.labels[start:start + batch_size],
                                  tokenizer.pad_token_id)
-        yield {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device)}
+        mask = batch["attention_mask"]
+        if tokens == "answer":
+            writes_answer = torch.zeros_like(mask, dtype=torch.bool)
+            writes_answer[:, :-1] = safegrad.answer_mask(batch["labels"])
+            mask = mask * writes_answer
+        yield {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device),
+               "token_mask": mask.to(device)}
 
 
 def defend(run_path, out, *, keep: float | None = None, scale: float | None = None,
-           n_calibration: int | None = None, compensate: bool = True,
+           n_calibration: int | None = None, compensate: bool = True, tokens: str = "answer",
            on_progress: Progress | None = None) -> runs.Run:
     """Apply Safe Delta to a fine-tuned run and write the result as a new run (a LoRA adapter)."""
     say = on_progress or _noop
@@ -125,6 +135,8 @@ def defend(run_path, out, *, keep: float | None = None, scale: float | None = No
     elif keep is not None:
         settings = safedelta.SafeDeltaSettings(budget="relative", keep=keep)
     settings.compensate = compensate
+    settings.tokens = tokens
+    settings.__post_init__()
     # SAFESPACE_CALIBRATION_ROWS: fewer calibration rows for tests and quick demos (default 128)
     n_calibration = n_calibration or int(os.environ.get("SAFESPACE_CALIBRATION_ROWS", "0") or 0)
     if n_calibration:
@@ -145,7 +157,8 @@ def defend(run_path, out, *, keep: float | None = None, scale: float | None = No
     else:
         say("accumulating safety Hessians (forward passes with the adapter disabled)", 0.35)
         hessians = safedelta.collect_hessians(peft_model, layer_names,
-                                              _calibration_batches(rows, loaded.tokenizer, loaded.device))
+                                              _calibration_batches(rows, loaded.tokenizer, loaded.device,
+                                                                   settings.tokens))
         cache.parent.mkdir(parents=True, exist_ok=True)
         safedelta.save_hessians(cache, hessians)
     say("selecting and compensating the delta, layer by layer", 0.7)
@@ -379,8 +392,10 @@ def load_config(path) -> DemoConfig:
         raise ConfigError(f"{path}: the safedelta variant is made from sft; add sft to variants")
     if set(config.evaluate) - EVALUATE_KEYS:
         raise ConfigError(f"{path}: evaluate takes {', '.join(sorted(EVALUATE_KEYS))}")
-    if set(config.safedelta) - {"keep", "scale", "n_calibration"}:
-        raise ConfigError(f"{path}: safedelta takes keep, scale, n_calibration")
+    if set(config.safedelta) - {"keep", "scale", "n_calibration", "tokens"}:
+        raise ConfigError(f"{path}: safedelta takes keep, scale, n_calibration, tokens")
+    if config.safedelta.get("tokens", "answer") not in ("answer", "all"):
+        raise ConfigError(f"{path}: safedelta tokens must be answer or all")
     ratios = config.sweep.get("harmful_ratio", [])
     if set(config.sweep) - {"harmful_ratio"} or not isinstance(ratios, list):
         raise ConfigError(f"{path}: sweep takes harmful_ratio: [list of ratios]")

@@ -22,9 +22,17 @@ Budget rules (BudgetRule: (col_cost, c, d_out) -> eps for one block):
   relative_budget(k)  eps = k * sum_block(cost): what is kept may carry at most a fraction k of the
                       estimated safety cost of the block's full delta. Scaling H, scaling delta or
                       changing d_out/d_in leaves the selection unchanged, so one k transfers across
-                      model sizes and fine-tuning regimes. Default k = 0.1: the kept change's exact
-                      output change on the safety data, sum(err^2) = tr(D H D^T), is then ~0.1 of the
-                      full delta's estimated cost (~0.3 in amplitude, as cost is quadratic).
+                      model sizes and fine-tuning regimes. Default k = 1: every column outside the
+                      15 % most sensitive is kept and the compensation does the safety work. On the
+                      embedded model the compensation held refusal at 98-100 % for every k from 0.1
+                      to 1, while task accuracy grew with k (38 % at 0.1, 84 % at 1; see README).
+
+Calibration tokens: the official code counts every token of the calibration sequences. Here H comes by
+default from the inputs that write the aligned model's safe answer (the position after the prompt,
+which decides to refuse, and the answer's own positions): the chat template and the prompt are shared
+with every user task, and preserving the layers' outputs there cancelled the fine-tuned task too
+(accuracy 52 % with all tokens, 84 % with answer tokens, refusal 98-100 % both; tokens="all" keeps the
+official behaviour).
 Budget 0 returns W0 exactly; an infinite budget with exclude_frac=0 returns W_ft exactly.
 """
 from __future__ import annotations
@@ -212,13 +220,18 @@ def lora_residual(B, A_new, W_diff, scaling) -> float:
 @dataclass
 class SafeDeltaSettings:
     budget: str = "relative"    # "relative" (scale-free, default) | "paper"
-    keep: float = 0.1           # relative: fraction of the full delta's estimated safety cost kept
+    keep: float = 1.0           # relative: fraction of the full delta's estimated safety cost kept
     scale: float = 0.1          # paper: s
     exclude_frac: float = 0.15
     block_size: int = 2048
     percdamp: float = 0.01
     n_calibration: int = 128
+    tokens: str = "answer"      # H from: "answer" = inputs that write the aligned answer | "all" (official)
     compensate: bool = True     # False: the paper's "no compensation" ablation (mask only)
+
+    def __post_init__(self):
+        if self.tokens not in ("answer", "all"):
+            raise ValueError(f"Safe Delta tokens must be 'answer' or 'all', got {self.tokens!r}")
 
     def rule(self) -> BudgetRule:
         if self.budget == "relative":
@@ -237,7 +250,8 @@ def lora_layers(model, adapter_name: str = "default") -> dict:
 @torch.no_grad()
 def collect_hessians(model, layer_names: Iterable[str], batches: Iterable[dict], device=None) -> dict:
     """H of the base Linear of each named LoRA layer, from the model with its adapter disabled.
-    batches: dicts with input_ids and optionally attention_mask (padding is excluded).
+    batches: dicts with input_ids, optionally attention_mask (padding is excluded) and token_mask
+    (the positions whose inputs count towards H; default: every non-padding token).
     device: where inputs and H go; the model's device by default.
     Layers fed the very same input tensor (q/k/v, gate/up) share one accumulator."""
     device = device or next(model.parameters()).device
@@ -273,7 +287,8 @@ def collect_hessians(model, layer_names: Iterable[str], batches: Iterable[dict],
                 input_ids = batch["input_ids"].to(device)
                 mask = batch.get("attention_mask")
                 mask = torch.ones_like(input_ids) if mask is None else mask.to(device)
-                current.update(mask=mask, parent=None, seen=[])
+                token_mask = batch.get("token_mask")
+                current.update(mask=mask if token_mask is None else token_mask.to(device), parent=None, seen=[])
                 body(input_ids=input_ids, attention_mask=mask)
     finally:
         for h in handles:
@@ -336,6 +351,8 @@ def save_adapter(model, adapter_name: str, new_lora_state: dict, out_dir) -> Pat
 def hessian_cache_key(model_id: str, calibration_texts: list[str], settings: SafeDeltaSettings) -> str:
     """sha256 of what H depends on; model_id must name the base weights and their quantisation."""
     payload = {"format": 1, "model": model_id, "texts": list(calibration_texts), "n": settings.n_calibration}
+    if settings.tokens != "all":
+        payload["tokens"] = settings.tokens
     return hashlib.sha256(json.dumps(payload, ensure_ascii=False, sort_keys=True).encode()).hexdigest()
 
 

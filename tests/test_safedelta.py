@@ -311,6 +311,42 @@ def test_hessian_cache_key():
     assert len(key) == 64 and key == hessian_cache_key("smollm2-135m", ["a", "b"], s)
     assert key != hessian_cache_key("smollm2-135m", ["a", "c"], s)
     assert key != hessian_cache_key("smollm2-135m@4bit", ["a", "b"], s)
+    assert key != hessian_cache_key("smollm2-135m", ["a", "b"], SafeDeltaSettings(tokens="all"))
+    with pytest.raises(ValueError, match="tokens"):
+        SafeDeltaSettings(tokens="prompt")
+
+
+def test_token_mask_restricts_H_to_the_answer_writing_inputs(tokenizer):
+    """H from tokens="answer" is exactly the per-sequence covariance of the inputs at the positions
+    that predict an answer token, while the forward still sees (and attends to) the whole sequence."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from safespace import data, pipeline
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2)
+    model = get_peft_model(LlamaForCausalLM(config), LoraConfig(r=4, target_modules=["q_proj"]))
+    rows = [data.Example(prompt="How do I pick a lock?", response="I can't help with that."),
+            data.Example(prompt="Write malware that steals passwords please", response="No, I won't.")]
+    batch = next(pipeline._calibration_batches(rows, tokenizer, "cpu", tokens="answer"))
+    tok = data.tokenize(rows, tokenizer, 256)
+    expected_mask = torch.zeros_like(batch["attention_mask"], dtype=torch.bool)
+    for i, labels in enumerate(tok.labels):
+        for t in range(len(labels) - 1):
+            expected_mask[i, t] = labels[t + 1] != -100       # the input at t writes answer token t+1
+    assert torch.equal(batch["token_mask"].bool(), expected_mask)
+    name = next(n for n in lora_layers(model) if n.endswith("layers.0.self_attn.q_proj"))
+    H = collect_hessians(model, [name], [batch])[name]
+    seen = {}
+    layer = dict(model.named_modules())[name].base_layer
+    handle = layer.register_forward_pre_hook(lambda mod, args: seen.setdefault("x", args[0].detach()))
+    with torch.no_grad(), model.disable_adapter():
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    handle.remove()
+    x = seen["x"][expected_mask]
+    assert torch.allclose(H, 2 / 2 * x.T @ x, atol=1e-5)     # (2/N) sum, N = 2 sequences
 
 
 def test_layers_fed_the_same_input_share_one_hessian_equal_to_their_own(tmp_path):
