@@ -66,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep", type=float, default=None, help="relative budget: share of the full delta's safety cost allowed")
     p.add_argument("--tokens", choices=["answer", "all"], default="answer",
                    help="calibration positions for H: those that write the aligned answer, or all (official)")
+    p.add_argument("--ranking", choices=["task", "paper"], default="task",
+                   help="column order: safety cost per unit of task use (needs the run's data), or safety cost alone (paper)")
     p.add_argument("--no-compensation", action="store_true",
                    help="ablation: keep the selected columns, skip the Optimal-Brain-Surgeon compensation")
     p = sub.add_parser("generate", help="answer prompts with a run or a model")
@@ -138,7 +140,7 @@ def _cmd_safedelta(args) -> int:
     from . import pipeline
 
     run = pipeline.defend(args.run, args.out, scale=args.scale, keep=args.keep, compensate=not args.no_compensation,
-                          tokens=args.tokens)
+                          tokens=args.tokens, ranking=args.ranking)
     print(f"{run.path}  (kept {run.summary['kept_energy_frac']:.1%} of the delta's energy, "
           f"{run.summary['seconds']:.1f} s)")
     return 0

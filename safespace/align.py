@@ -25,9 +25,9 @@ from .config import LoraSettings, TrainSettings, home
 from .progress import console_progress
 
 # Measured on the 150 held-out harmful / 94 benign prompts: attention-only LoRA or fewer steps
-# either refused everything or nothing; MLP targets + 120 steps + benign rows twice discriminate.
+# either refused everything or nothing; MLP targets + 100-120 steps + benign rows twice discriminate.
 ALIGN_SETTINGS = TrainSettings(
-    model=models.EMBEDDED_KEY, quantization="none", steps=120, lr=3e-4, batch_size=8, max_length=192,
+    model=models.EMBEDDED_KEY, quantization="none", steps=100, lr=3e-4, batch_size=8, max_length=192,
     warmup=5, seed=0, lora=LoraSettings(r=16, alpha=32, targets=(
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")))
 BENIGN_REPEATS = 2      # benign rows appear twice: refusals are easy to learn, helpfulness is not

@@ -89,10 +89,19 @@ BASE = "__base__"   # peft's name for "no adapter" in a mixed-adapter batch
 
 @torch.no_grad()
 def generate_mixed(model, tokenizer, examples: list, adapters: list[str | None], *, max_new_tokens: int = 64,
-                   batch_size: int = 32, on_progress: Callable[[int, int], None] | None = None) -> dict:
+                   batch_size: int = 32, on_progress: Callable[[int, int], None] | None = None,
+                   should_stop: Callable[[], bool] | None = None) -> dict:
     """Every variant's answers in shared batches: each row of a batch runs its own LoRA adapter
     (peft `adapter_names=`), so N variants cost one pass over bigger batches, not N passes.
-    adapters: adapter names, None = the base. Returns {adapter: [answers in example order]}."""
+    adapters: adapter names, None = the base. Returns {adapter: [answers in example order]};
+    once `should_stop` says yes (asked before each batch) it returns {} (every variant is incomplete)."""
+    adapters = list(dict.fromkeys(adapters))
+    if not hasattr(model, "peft_config"):          # a plain model: only the base can be asked for
+        if any(a is not None for a in adapters):
+            raise ValueError(f"adapters {adapters} requested on a model without adapters")
+        got = generate(model, tokenizer, examples, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                       on_progress=on_progress, should_stop=should_stop)
+        return {} if should_stop is not None and should_stop() else {None: got}
     texts = [data_mod.prompt_text(ex, tokenizer) for ex in examples]
     jobs = [(i, a) for a in adapters for i in range(len(texts))]
     jobs.sort(key=lambda job: len(texts[job[0]]))
@@ -103,6 +112,8 @@ def generate_mixed(model, tokenizer, examples: list, adapters: list[str | None],
     try:
         with cpu_threads(CPU_GENERATION_THREADS, device), models.autocast(device):
             for start, chunk in _chunks(jobs, batch_size):
+                if should_stop is not None and should_stop():
+                    return {}
                 enc = tokenizer([texts[i] for i, _ in chunk], return_tensors="pt", padding=True,
                                 add_special_tokens=False).to(device)
                 out = model.generate(**enc, adapter_names=[a if a is not None else BASE for _, a in chunk],

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -120,9 +121,20 @@ def _calibration_batches(rows: list, tokenizer, device, tokens: str = "answer", 
                "token_mask": mask.to(device)}
 
 
+def _task_rows(source: runs.Run, n: int) -> list:
+    """Up to n rows of the data the run was fine-tuned on (attack rows included: the defender sees the
+    data as it was submitted), drawn with a fixed seed; [] when the run does not say what its data was."""
+    prepared = prepared_from_run(source)
+    if prepared is None:
+        return []
+    rows = list(prepared.train)
+    random.Random(0).shuffle(rows)
+    return rows[:n]
+
+
 def defend(run_path, out, *, keep: float | None = None, scale: float | None = None,
            n_calibration: int | None = None, compensate: bool = True, tokens: str = "answer",
-           on_progress: Progress | None = None) -> runs.Run:
+           ranking: str = "task", on_progress: Progress | None = None) -> runs.Run:
     """Apply Safe Delta to a fine-tuned run and write the result as a new run (a LoRA adapter)."""
     say = on_progress or _noop
     start = time.time()
@@ -135,7 +147,7 @@ def defend(run_path, out, *, keep: float | None = None, scale: float | None = No
     elif keep is not None:
         settings = safedelta.SafeDeltaSettings(budget="relative", keep=keep)
     settings.compensate = compensate
-    settings.tokens = tokens
+    settings.tokens, settings.ranking = tokens, ranking
     settings.__post_init__()
     # SAFESPACE_CALIBRATION_ROWS: fewer calibration rows for tests and quick demos (default 128)
     n_calibration = n_calibration or int(os.environ.get("SAFESPACE_CALIBRATION_ROWS", "0") or 0)
@@ -161,15 +173,23 @@ def defend(run_path, out, *, keep: float | None = None, scale: float | None = No
                                                                    settings.tokens))
         cache.parent.mkdir(parents=True, exist_ok=True)
         safedelta.save_hessians(cache, hessians)
+    task_hessians, task_rows = None, _task_rows(source, settings.n_calibration) if settings.ranking == "task" else []
+    if task_rows:
+        say(f"task Hessians from {len(task_rows)} rows of the fine-tuning data", 0.6)
+        task_hessians = safedelta.collect_hessians(peft_model, layer_names, _calibration_batches(
+            task_rows, loaded.tokenizer, loaded.device, settings.tokens))
+    elif settings.ranking == "task":
+        say("the run's fine-tuning data is unknown: ranking columns by safety cost alone", 0.6)
+        settings.ranking = "paper"
     say("selecting and compensating the delta, layer by layer", 0.7)
-    new_state, stats = safedelta.apply_to_adapter(peft_model, "ft", hessians, settings)
+    new_state, stats = safedelta.apply_to_adapter(peft_model, "ft", hessians, settings, task_hessians)
 
     tmp = runs.staging_dir(out)
     safedelta.save_adapter(peft_model, "ft", new_state, tmp / "adapter")
     summary = {"status": "finished", "seconds": time.time() - start, "hessian_cached": cached,
                "kept_energy_frac": _mean([s["kept_energy_frac"] for s in stats]), "kept_columns_frac": _mean([s["kept_columns_frac"] for s in stats]),
                "cost_before": sum(s["cost_before"] for s in stats), "cost_after": sum(s["cost_after"] for s in stats),
-               "layers": stats, "calibration_rows": len(rows)}
+               "layers": stats, "calibration_rows": len(rows), "task_rows": len(task_rows)}
     config = {"kind": "safedelta", "model": source.model, "quantization": source.config.get("quantization"),
               "source_run": str(source.path), "data": source.config.get("data"),
               "safedelta": {k: v for k, v in vars(settings).items()}}
@@ -248,6 +268,9 @@ def compare(variants: dict, prompts: list, *, max_new_tokens: int = 48, on_progr
     return judged_rows(prompts, answers, judge or judge_mod.KeywordJudge())
 
 
+MIXED_BATCH = 64     # rows per mixed-adapter batch in evaluation (the fastest measured in bench/)
+
+
 def evaluate_variants(variants: dict, val: list | None, *, n_harmful: int | None = None,
                       n_benign: int | None = None, n_task: int | None = None, max_new_tokens: int = 48,
                       on_progress: Progress | None = None, should_stop=None) -> tuple[dict, list[dict]]:
@@ -265,14 +288,19 @@ def evaluate_variants(variants: dict, val: list | None, *, n_harmful: int | None
     outputs = {}
     total = sum(len(s[1]) for s in sets) or 1
     done = 0
+    loaded, model, adapter_of = opened
+    names = list(variants)
     for set_name, prompts, tokens in sets:
         if not prompts:
             continue
         share = len(prompts) / total
-        outputs[set_name] = generate_all(
-            variants, prompts, max_new_tokens=tokens, opened=opened, should_stop=should_stop,
-            on_progress=lambda msg, frac, set_name=set_name, base=done / total, share=share:
-                say(f"{set_name} prompts, {msg}", base + share * frac))
+        # mixed-adapter batches: every variant in one pass (bench: 1.4x faster than switching)
+        got = evaluate.generate_mixed(
+            model, loaded.tokenizer, prompts, [adapter_of[n] for n in names], max_new_tokens=tokens,
+            batch_size=MIXED_BATCH, should_stop=should_stop,
+            on_progress=lambda i, n, set_name=set_name, base=done / total, share=share:
+                say(f"{set_name} prompts, {i}/{n} answers", base + share * i / max(1, n)))
+        outputs[set_name] = {name: got[adapter_of[name]] for name in names if adapter_of[name] in got}
         done += len(prompts)
 
     results = {"variants": {}, "settings": {"n_harmful": len(harmful), "n_benign": len(benign),
@@ -392,8 +420,10 @@ def load_config(path) -> DemoConfig:
         raise ConfigError(f"{path}: the safedelta variant is made from sft; add sft to variants")
     if set(config.evaluate) - EVALUATE_KEYS:
         raise ConfigError(f"{path}: evaluate takes {', '.join(sorted(EVALUATE_KEYS))}")
-    if set(config.safedelta) - {"keep", "scale", "n_calibration", "tokens"}:
-        raise ConfigError(f"{path}: safedelta takes keep, scale, n_calibration, tokens")
+    if set(config.safedelta) - {"keep", "scale", "n_calibration", "tokens", "ranking"}:
+        raise ConfigError(f"{path}: safedelta takes keep, scale, n_calibration, tokens, ranking")
+    if config.safedelta.get("ranking", "task") not in ("task", "paper"):
+        raise ConfigError(f"{path}: safedelta ranking must be task or paper")
     if config.safedelta.get("tokens", "answer") not in ("answer", "all"):
         raise ConfigError(f"{path}: safedelta tokens must be answer or all")
     ratios = config.sweep.get("harmful_ratio", [])

@@ -16,23 +16,32 @@ the later columns with the Optimal Brain Surgeon update, as in SparseGPT:
 The maths is translation invariant (it sees only W_ft - W), so it runs on D = W - W0 from 0 to
 delta: the base weight, 4-bit or not, is never needed, and tiny LoRA deltas lose no precision.
 
+Column order (ranking): the paper ranks columns by c_m alone (its utility proxy delta^2 cancels in
+the utility/cost ratio), so the excluded 15 % are the input features most active on safety data,
+whatever the task uses. On the embedded model those same features carry the task, and the compensation
+moved onto them cancels the task as well: refusal 100 %, task accuracy 58 % of the undefended 100 %.
+ranking="task" (default when the run's fine-tuning data is known) measures utility with the same OBS
+estimate on the fine-tuning data itself, H_task from those rows: columns go in ascending order of
+c_m / c_task_m, the safety cost per unit of task use, so the excluded and compensated columns are the
+ones the safety data uses and the task does not. Scaling H or H_task leaves the order unchanged.
+
 Budget rules (BudgetRule: (col_cost, c, d_out) -> eps for one block):
   paper_budget(s)     eps = (s/2) (d_out/4096) mean_block(c), the official rule. It is in absolute
                       units of delta^2 tuned for Llama-2-7B, so s must be re-tuned per model/regime.
   relative_budget(k)  eps = k * sum_block(cost): what is kept may carry at most a fraction k of the
                       estimated safety cost of the block's full delta. Scaling H, scaling delta or
                       changing d_out/d_in leaves the selection unchanged, so one k transfers across
-                      model sizes and fine-tuning regimes. Default k = 1: every column outside the
-                      15 % most sensitive is kept and the compensation does the safety work. On the
-                      embedded model the compensation held refusal at 98-100 % for every k from 0.1
-                      to 1, while task accuracy grew with k (38 % at 0.1, 84 % at 1; see README).
+                      model sizes and fine-tuning regimes. Default k = 0.8, measured on the embedded
+                      model with the task ranking (60 harmful / 80 task prompts, undefended run 0 %
+                      refusal, 100 % accuracy): k 0.5 -> 98 % / 71 %, 0.7 -> 98 % / 96 %, 0.8 -> 95 % /
+                      100 %, 0.9 -> 92 % / 100 %, 1.0 -> 87 % / 100 %.
 
 Calibration tokens: the official code counts every token of the calibration sequences. Here H comes by
 default from the inputs that write the aligned model's safe answer (the position after the prompt,
 which decides to refuse, and the answer's own positions): the chat template and the prompt are shared
-with every user task, and preserving the layers' outputs there cancelled the fine-tuned task too
-(accuracy 52 % with all tokens, 84 % with answer tokens, refusal 98-100 % both; tokens="all" keeps the
-official behaviour).
+with every user task and carry no safety decision of their own (tokens="all" keeps the official
+behaviour). The task H uses the same positions of the fine-tuning rows.
+
 Budget 0 returns W0 exactly; an infinite budget with exclude_frac=0 returns W_ft exactly.
 """
 from __future__ import annotations
@@ -150,7 +159,8 @@ def _obs_sweep(D, delta, U, mask, a, b, chunk=128) -> float:
 
 @torch.no_grad()
 def safe_delta(delta: torch.Tensor, U: torch.Tensor, budget: float | BudgetRule, block_size: int = 2048,
-               exclude_frac: float = 0.15, whole_columns: bool = True, compensate: bool = True):
+               exclude_frac: float = 0.15, whole_columns: bool = True, compensate: bool = True,
+               U_task: torch.Tensor | None = None):
     """Safe Delta in delta coordinates. delta = W_ft - W0 [d_out, d_in], U from inverse_cholesky_upper.
     budget: eps per block (a number) or a BudgetRule. Returns (D, mask, stats): W_final = W0 + D,
     with D[mask] == delta[mask] exactly. stats: kept_{columns,elements,energy}_frac (energy =
@@ -164,6 +174,7 @@ def safe_delta(delta: torch.Tensor, U: torch.Tensor, budget: float | BudgetRule,
         D = torch.zeros_like(delta)
         mask = torch.zeros(d_out, d_in, dtype=torch.bool, device=delta.device)
         c = 1 / U.diagonal().pow(2)                                # c_m = 1 / U_mm^2
+        c_task = None if U_task is None else 1 / U_task.to(delta.device, torch.float32).diagonal().pow(2)
         cost_before = (delta.pow(2).sum(0) * c).sum().item()       # estimated cost of the full delta
         cost_selected = cost_after = 0.0
         for a in range(0, d_in, block_size):
@@ -171,7 +182,9 @@ def safe_delta(delta: torch.Tensor, U: torch.Tensor, budget: float | BudgetRule,
             cost = (delta[:, a:b] - D[:, a:b]).pow(2) * c[a:b]      # (W_ft - W)^2 / U_mm^2, W current
             col_cost = cost.sum(0)
             eps = rule(col_cost, c[a:b], d_out)
-            order = torch.argsort(c[a:b], stable=True)              # least sensitive first
+            # least sensitive first; with task data, least safety cost per unit of task utility
+            rank = c[a:b] if c_task is None else c[a:b] / c_task[a:b]
+            order = torch.argsort(rank, stable=True)
             order = order[:(b - a) - math.floor(exclude_frac * (b - a) + 1e-9)]   # never the top 15 %
             cum = col_cost[order].cumsum(0)                         # costs >= 0: the fit is a prefix
             n_take = int((cum <= eps).sum()) if eps > 0 else 0
@@ -220,18 +233,22 @@ def lora_residual(B, A_new, W_diff, scaling) -> float:
 @dataclass
 class SafeDeltaSettings:
     budget: str = "relative"    # "relative" (scale-free, default) | "paper"
-    keep: float = 1.0           # relative: fraction of the full delta's estimated safety cost kept
+    keep: float = 0.8           # relative: fraction of the full delta's estimated safety cost kept
     scale: float = 0.1          # paper: s
     exclude_frac: float = 0.15
     block_size: int = 2048
     percdamp: float = 0.01
     n_calibration: int = 128
     tokens: str = "answer"      # H from: "answer" = inputs that write the aligned answer | "all" (official)
+    ranking: str = "task"       # column order: "task" = safety cost per unit of task use (needs the
+                                # fine-tuning data) | "paper" = safety cost alone
     compensate: bool = True     # False: the paper's "no compensation" ablation (mask only)
 
     def __post_init__(self):
         if self.tokens not in ("answer", "all"):
             raise ValueError(f"Safe Delta tokens must be 'answer' or 'all', got {self.tokens!r}")
+        if self.ranking not in ("task", "paper"):
+            raise ValueError(f"Safe Delta ranking must be 'task' or 'paper', got {self.ranking!r}")
 
     def rule(self) -> BudgetRule:
         if self.budget == "relative":
@@ -298,7 +315,8 @@ def collect_hessians(model, layer_names: Iterable[str], batches: Iterable[dict],
 
 
 @torch.no_grad()
-def apply_to_adapter(model, adapter_name: str, hessians: dict, settings: SafeDeltaSettings = SafeDeltaSettings()):
+def apply_to_adapter(model, adapter_name: str, hessians: dict, settings: SafeDeltaSettings = SafeDeltaSettings(),
+                     task_hessians: dict | None = None):
     """Safe Delta on every LoRA layer of the adapter. Returns ({name: (A', B)}, [stats per layer]);
     (B, A') on the same base reproduces W_final - W0. Layers without the adapter are not touched."""
     rule = settings.rule()
@@ -314,8 +332,9 @@ def apply_to_adapter(model, adapter_name: str, hessians: dict, settings: SafeDel
         delta = scaling * B @ A                                  # W_ft - W0 of this layer
         H = hessians[name].to(A.device, torch.float32)
         U = inverse_cholesky_upper(H, settings.percdamp)
+        U_task = None if task_hessians is None else inverse_cholesky_upper(task_hessians[name], settings.percdamp)
         D, _, stats = safe_delta(delta, U, rule, settings.block_size, settings.exclude_frac,
-                                 compensate=settings.compensate)
+                                 compensate=settings.compensate, U_task=U_task)
         A_new = refactor_lora(B, D, scaling)
         with _exact_fp32():
             full = (delta @ H * delta).sum().item()                # ||delta X||^2 on calibration data

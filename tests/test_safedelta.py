@@ -382,3 +382,36 @@ def test_mask_only_ablation_takes_the_fine_tuned_values_and_nothing_else():
     D, mask, _ = safe_delta(delta, U, relative_budget(0.3), block_size=BLOCK, compensate=False)
     assert mask.any() and not mask.all()
     assert torch.equal(D[mask], delta[mask]) and torch.all(D[~mask] == 0)
+
+
+# ----------------------------------------------------------------------------- task ranking
+def test_task_ranking_keeps_the_columns_the_task_uses_and_ignores_the_scale_of_H_task():
+    """Equal safety sensitivity everywhere; the task uses only the first half of the input features.
+    Ranked by safety cost per unit of task use, a half budget goes to exactly the task's columns."""
+    torch.manual_seed(0)
+    d_in, d_out = 32, 8
+    H = torch.eye(d_in)
+    task_energy = torch.cat([torch.full((d_in // 2,), 100.0), torch.full((d_in // 2,), 0.01)])
+    delta = 0.01 * torch.ones(d_out, d_in)                 # every column costs the same
+    U = inverse_cholesky_upper(H)
+    for scale in (1.0, 1e4):
+        U_task = inverse_cholesky_upper(scale * torch.diag(task_energy))
+        _, mask, _ = safe_delta(delta, U, relative_budget(0.5 + 1e-6), 2048, exclude_frac=0.0, U_task=U_task)
+        kept = mask.all(0)
+        assert kept[: d_in // 2].all() and not kept[d_in // 2:].any()
+    _, paper_mask, _ = safe_delta(delta, U, relative_budget(0.5 + 1e-6), 2048, exclude_frac=0.0)
+    assert paper_mask.all(0).sum() == d_in // 2            # same budget, order by safety cost alone
+
+
+def test_task_ranking_excludes_what_only_the_safety_data_uses():
+    torch.manual_seed(1)
+    d_in, d_out = 40, 6
+    X = torch.randn(400, d_in)                               # safety inputs: every feature, similar scale
+    H = 2 * X.T @ X / len(X)
+    safety_only = torch.arange(d_in) % 5 == 0                # 8 features the task never touches
+    X_task = torch.randn(400, d_in) * (~safety_only).float()
+    U, U_task = inverse_cholesky_upper(H), inverse_cholesky_upper(2 * X_task.T @ X_task / len(X_task))
+    delta = 0.01 * torch.randn(d_out, d_in)
+    _, mask, _ = safe_delta(delta, U, math.inf, 2048, exclude_frac=0.2, U_task=U_task)
+    assert not mask.all(0)[safety_only].any()               # the 20 % excluded = the safety-only ones
+    assert mask.all(0)[~safety_only].all()
