@@ -163,7 +163,7 @@ def _cmd_evaluate(args) -> int:
 
     results = pipeline.evaluate_runs(args.runs, args.out, max_new_tokens=args.max_new_tokens)
     for name, v in results["variants"].items():
-        print(f"{name:<14} refusal {v['refusal']['value']:.1%}  utility {v.get('utility', {}).get('value', float('nan')):.1%}")
+        print(f"{name:<14} {pipeline.summary_line(v)}")
     return 0
 
 

@@ -370,7 +370,7 @@ class DemoConfig:
     harmful_ratio: float = 0.2
     seed: int = 0
     train: dict = field(default_factory=dict)
-    safegrad: dict = field(default_factory=lambda: {"mode": "sft"})
+    safegrad: dict = field(default_factory=lambda: {"mode": "kl"})
     safedelta: dict = field(default_factory=dict)
     evaluate: dict = field(default_factory=dict)
     variants: list = field(default_factory=lambda: list(VARIANTS))
@@ -433,7 +433,7 @@ def load_config(path) -> DemoConfig:
         if not isinstance(ratio, (int, float)) or not 0 <= ratio <= 0.9:
             shown = repr(ratio)[:40] if isinstance(ratio, (int, float, str)) else type(ratio).__name__
             raise ConfigError(f"{path}: harmful ratios must be numbers in [0, 0.9], got {shown}")
-    mode = config.safegrad.get("mode", "sft")
+    mode = config.safegrad.get("mode", "kl")
     if not isinstance(mode, str):
         raise ConfigError(f"{path}: safegrad mode must be one of off, sft, kl")
     config.train_settings(config.harmful_ratio, mode)      # validate the training settings early
@@ -455,7 +455,7 @@ def run_variants(config: DemoConfig, harmful_ratio: float, out: Path, say=_stage
     if "base" in config.variants:
         runs.write_base_run(out / "base", config.model, {"data": prepared.describe()})
         variants["base"] = None
-    for name, mode in (("sft", "off"), ("safegrad", config.safegrad.get("mode", "sft"))):
+    for name, mode in (("sft", "off"), ("safegrad", config.safegrad.get("mode", "kl"))):
         if name in config.variants:
             say(f"training {name} (SafeGrad {mode})")
             train_variant(config.train_settings(harmful_ratio, mode), prepared, out / name,
@@ -540,8 +540,15 @@ def run_config(config_path, out, say: Callable[[str], None] = _stage) -> dict:
     report.write_report(out / "report.html", html)
     say(f"done in {time.time() - start:.0f} s: {out / 'results.json'}, {out / 'report.html'}")
     for name, v in results["variants"].items():
-        util = v.get("utility", {})
-        say(f"  {name:<10} refusal {v.get('refusal', {}).get('value', float('nan')):6.1%}   "
-            f"over-refusal {v.get('over_refusal', {}).get('value', float('nan')):6.1%}   "
-            f"{util.get('metric', 'utility')} {util.get('value', float('nan')):6.1%}")
+        say(f"  {name:<10} {summary_line(v)}")
     return results
+
+
+def summary_line(entry: dict) -> str:
+    """'refusal 96.0%   over-refusal 1.7%   accuracy 98.8%', with '-' for what was not measured."""
+    def pct(value) -> str:
+        return "     -" if value is None or value != value else f"{value:6.1%}"
+    util = entry.get("utility", {})
+    return (f"refusal {pct(entry.get('refusal', {}).get('value'))}   "
+            f"over-refusal {pct(entry.get('over_refusal', {}).get('value'))}   "
+            f"{util.get('metric', 'utility')} {pct(util.get('value'))}")

@@ -31,10 +31,11 @@ Budget rules (BudgetRule: (col_cost, c, d_out) -> eps for one block):
   relative_budget(k)  eps = k * sum_block(cost): what is kept may carry at most a fraction k of the
                       estimated safety cost of the block's full delta. Scaling H, scaling delta or
                       changing d_out/d_in leaves the selection unchanged, so one k transfers across
-                      model sizes and fine-tuning regimes. Default k = 0.8, measured on the embedded
-                      model with the task ranking (60 harmful / 80 task prompts, undefended run 0 %
-                      refusal, 100 % accuracy): k 0.5 -> 98 % / 71 %, 0.7 -> 98 % / 96 %, 0.8 -> 95 % /
-                      100 %, 0.9 -> 92 % / 100 %, 1.0 -> 87 % / 100 %.
+                      model sizes and fine-tuning regimes. Default k = 0.9, measured on the embedded
+                      model with the task ranking (demo run: aligned base 99.3 % refusal, undefended
+                      0.7 % refusal / 98.1 % task accuracy; 150 harmful / 160 task prompts):
+                      k 0.8 -> 98.7 % / 93.1 %, 0.9 -> 96.7 % / 94.4 %, 1.0 -> 95.3 % / 94.4 %.
+                      An earlier run (60 / 80 prompts): k 0.5 -> 98 % / 71 %, 0.7 -> 98 % / 96 %.
 
 Calibration tokens: the official code counts every token of the calibration sequences. Here H comes by
 default from the inputs that write the aligned model's safe answer (the position after the prompt,
@@ -233,7 +234,7 @@ def lora_residual(B, A_new, W_diff, scaling) -> float:
 @dataclass
 class SafeDeltaSettings:
     budget: str = "relative"    # "relative" (scale-free, default) | "paper"
-    keep: float = 0.8           # relative: fraction of the full delta's estimated safety cost kept
+    keep: float = 0.9           # relative: fraction of the full delta's estimated safety cost kept
     scale: float = 0.1          # paper: s
     exclude_frac: float = 0.15
     block_size: int = 2048

@@ -115,3 +115,10 @@ def test_cli_train_records_its_data_so_evaluate_scores_utility(tiny_model_dir, t
     rows = json.loads((tmp_path / "results-answers.json").read_text())
     assert [r["set"] for r in rows] == ["harmful", "benign", "task", "task"]
     assert rows[-1]["reference"] in ("positive", "negative") and rows[0]["reference"] is None
+
+
+def test_summary_line_marks_unmeasured_metrics_instead_of_nan():
+    line = pipeline.summary_line({"utility": {"metric": "accuracy", "value": 0.994},
+                                  "over_refusal": {"value": float("nan")}})
+    assert "nan" not in line and "accuracy  99.4%" in line and line.count(" -") == 2
+    assert "refusal  96.0%" in pipeline.summary_line({"refusal": {"value": 0.96}})

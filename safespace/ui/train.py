@@ -15,6 +15,7 @@ SAFEGRAD_CHOICES = [("off: plain fine-tuning", "off"),
                     ("sft: keep refusing (cross-entropy on safe answers)", "sft"),
                     ("kl: stay close to the aligned model (KL)", "kl")]
 DEFAULTS = TrainSettings()
+DEFAULT_LOSS = "kl"   # "train both" with SafeGrad off: kl held refusal at 96 % where sft held 89 % (README)
 N_POLL = 6   # outputs of `poll` after its key
 
 
@@ -57,7 +58,7 @@ def _start(both: bool, visitor, request, ratio, *form):
     settings = make_settings(*form, ratio)
     mode = settings.safegrad.mode
     if both:
-        plan = [("sft", _with_mode(settings, "off")), ("safegrad", _with_mode(settings, mode if mode != "off" else "sft"))]
+        plan = [("sft", _with_mode(settings, "off")), ("safegrad", _with_mode(settings, mode if mode != "off" else DEFAULT_LOSS))]
         title = "Train both: plain, then SafeGrad"
     else:
         plan = [("sft" if mode == "off" else "safegrad", settings)]
