@@ -253,10 +253,11 @@ def our_batch_shapes(state: State, steps: int, batch_size: int = BATCH, examples
 
 
 # ----------------------------------------------------------------------------------------- training
-SAFEGRAD_VARIANTS = [  # (label, settings); the first is the JSON `safegrad_overhead`
-    ("sft, align batch 4", dict(mode="sft", align_batch=4)),
-    ("kl, align batch 4", dict(mode="kl", align_batch=4)),
-    ("sft, align batch 8", dict(mode="sft", align_batch=8)),
+SAFEGRAD_VARIANTS = [  # (label, settings); the first, the defaults, is the JSON `safegrad_overhead`
+    ("kl, align batch 4, every 2", dict(mode="kl", align_batch=4, every=2)),
+    ("kl, align batch 4", dict(mode="kl", align_batch=4, every=1)),
+    ("sft, align batch 4", dict(mode="sft", align_batch=4, every=1)),
+    ("sft, align batch 8", dict(mode="sft", align_batch=8, every=1)),
     ("sft, align batch 4, every 2", dict(mode="sft", align_batch=4, every=2)),
 ]
 
@@ -396,7 +397,8 @@ def training_sections(state: State, do_safegrad: bool, do_trl: bool) -> dict:
         say()
         result["safegrad"] = sg_result
         result["task_tokens_per_step"] = task_tokens
-        result["safegrad_overhead"] = sg_result[SAFEGRAD_VARIANTS[0][0]]["overhead_median"]
+        first, kw = SAFEGRAD_VARIANTS[0]      # alternating steps: the mean is the cost per step
+        result["safegrad_overhead"] = sg_result[first]["overhead_mean" if kw.get("every", 1) > 1 else "overhead_median"]
 
     if do_trl:
         shapes = our_batch_shapes(state, steps)[WARMUP_STEPS:] * rounds
@@ -834,7 +836,7 @@ def main() -> int:
     section_header("Summary")
     sd = result["safedelta_seconds"] or {}
     table(["metric", "value", "goal"], [
-        ["safegrad_overhead (sft, align batch 4)", result["safegrad_overhead"], GOALS["safegrad_overhead"]],
+        [f"safegrad_overhead ({SAFEGRAD_VARIANTS[0][0]}, the defaults)", result["safegrad_overhead"], GOALS["safegrad_overhead"]],
         ["train_vs_trl (tokens/s, ours / TRL)", result["train_vs_trl"], GOALS["train_vs_trl"]],
         ["Safe Delta cold s", sd.get("cold"), GOALS["safedelta_cold_s"]],
         ["Safe Delta warm s (fresh process)", sd.get("warm"), GOALS["safedelta_warm_s"]],

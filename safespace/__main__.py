@@ -33,7 +33,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--safegrad-lambda", type=float, default=1.0, help="weight of the alignment gradient")
     p.add_argument("--align-size", type=int, default=32, help="alignment examples SafeGrad protects")
     p.add_argument("--align-batch", type=int, default=4, help="alignment examples per alignment gradient")
-    p.add_argument("--align-every", type=int, default=1, help="recompute the alignment gradient every k steps")
+    p.add_argument("--align-every", type=int, default=2, help="recompute the alignment gradient every k steps (default 2)")
     p.add_argument("--steps", type=int, default=d.steps)
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
