@@ -24,7 +24,7 @@ from .judge import KeywordJudge
 from .config import LoraSettings, TrainSettings, home
 from .progress import console_progress
 
-# Measured on the 150 held-out harmful / 94 benign prompts: attention-only LoRA or fewer steps
+# Measured on the 150 held-out harmful / 94-106 benign prompts: attention-only LoRA or fewer steps
 # either refused everything or nothing; MLP targets + 100-120 steps + benign rows twice discriminate.
 ALIGN_SETTINGS = TrainSettings(
     model=models.EMBEDDED_KEY, quantization="none", steps=100, lr=3e-4, batch_size=8, max_length=192,
