@@ -41,8 +41,11 @@ def _say(message: str) -> None:
 
 def build_key(settings: TrainSettings = ALIGN_SETTINGS) -> str:
     """Hash of everything that determines the aligned weights."""
+    acting = settings.to_dict()
+    if settings.safegrad.mode == "off":
+        acting.pop("safegrad")          # unused when off: its defaults must not force a rebuild
     payload = {
-        "model": settings.model, "settings": settings.to_dict(),
+        "model": settings.model, "settings": acting,
         "alignment": [(e.prompt, e.response) for e in data_mod.bundled("alignment")],
         "benign": [e.prompt for e in data_mod.bundled("benign_align")],
         "benign_max_new_tokens": BENIGN_MAX_NEW_TOKENS, "benign_repeats": BENIGN_REPEATS, "format": 3,

@@ -55,3 +55,10 @@ def test_benign_answers_are_cut_to_whole_sentences():
     assert align.whole_sentences("Positive") == "Positive"              # no sentence end: kept whole
     assert align.whole_sentences("All done.  ") == "All done."
     assert align.whole_sentences("First line.\nsecond line without end") == "First line."
+
+
+def test_key_ignores_safegrad_settings_that_do_not_act():
+    off_every_5 = replace(align.ALIGN_SETTINGS, safegrad=replace(align.ALIGN_SETTINGS.safegrad, every=5))
+    assert align.build_key(off_every_5) == align.build_key()
+    on = replace(align.ALIGN_SETTINGS, safegrad=replace(align.ALIGN_SETTINGS.safegrad, mode="kl"))
+    assert align.build_key(on) != align.build_key()
