@@ -92,7 +92,7 @@ WORK = BENCH_HOME / "work"
 WORK.mkdir()
 # ours trains and generates with bf16 matmuls where the CPU has them (models.autocast); every
 # baseline gets the same arithmetic, so the ratios measure the method, not the number format
-BF16 = models.pick_device() == "cpu" and models.cpu_has_native_bf16() and os.environ.get("SAFESPACE_PRECISION", "auto") != "fp32"
+BF16 = isinstance(models.autocast(models.pick_device()), torch.autocast)
 PRECISION = "bf16 autocast" if BF16 else "fp32"
 
 

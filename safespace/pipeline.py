@@ -15,7 +15,6 @@ from typing import Callable
 
 import torch
 
-
 from . import align, data as data_mod, evaluate, judge as judge_mod, metrics, models, runs, safedelta, safegrad, train
 from .config import ConfigError, LoraSettings, SafeGradSettings, TrainSettings, from_dict, home
 
@@ -141,14 +140,9 @@ def defend(run_path, out, *, keep: float | None = None, scale: float | None = No
     source = runs.load_run(run_path)
     if source.kind != "train":
         raise runs.RunError(f"{source.path}: Safe Delta needs a fine-tuned run, not a {source.kind} run")
-    settings = safedelta.SafeDeltaSettings()
-    if scale is not None:
-        settings = safedelta.SafeDeltaSettings(budget="paper", scale=scale)
-    elif keep is not None:
-        settings = safedelta.SafeDeltaSettings(budget="relative", keep=keep)
-    settings.compensate = compensate
-    settings.tokens, settings.ranking = tokens, ranking
-    settings.__post_init__()
+    budget = (dict(budget="paper", scale=scale) if scale is not None else
+              dict(budget="relative", keep=keep) if keep is not None else {})
+    settings = safedelta.SafeDeltaSettings(**budget, compensate=compensate, tokens=tokens, ranking=ranking)
     # SAFESPACE_CALIBRATION_ROWS: fewer calibration rows for tests and quick demos (default 128)
     n_calibration = n_calibration or int(os.environ.get("SAFESPACE_CALIBRATION_ROWS", "0") or 0)
     if n_calibration:
@@ -173,7 +167,8 @@ def defend(run_path, out, *, keep: float | None = None, scale: float | None = No
                                                                    settings.tokens))
         cache.parent.mkdir(parents=True, exist_ok=True)
         safedelta.save_hessians(cache, hessians)
-    task_hessians, task_rows = None, _task_rows(source, settings.n_calibration) if settings.ranking == "task" else []
+    task_hessians = None
+    task_rows = _task_rows(source, settings.n_calibration) if settings.ranking == "task" else []
     if task_rows:
         say(f"task Hessians from {len(task_rows)} rows of the fine-tuning data", 0.6)
         task_hessians = safedelta.collect_hessians(peft_model, layer_names, _calibration_batches(
@@ -422,10 +417,10 @@ def load_config(path) -> DemoConfig:
         raise ConfigError(f"{path}: evaluate takes {', '.join(sorted(EVALUATE_KEYS))}")
     if set(config.safedelta) - {"keep", "scale", "n_calibration", "tokens", "ranking"}:
         raise ConfigError(f"{path}: safedelta takes keep, scale, n_calibration, tokens, ranking")
-    if config.safedelta.get("ranking", "task") not in ("task", "paper"):
-        raise ConfigError(f"{path}: safedelta ranking must be task or paper")
-    if config.safedelta.get("tokens", "answer") not in ("answer", "all"):
-        raise ConfigError(f"{path}: safedelta tokens must be answer or all")
+    try:                                   # tokens and ranking are checked where they are defined
+        safedelta.SafeDeltaSettings(**{k: v for k, v in config.safedelta.items() if k in ("tokens", "ranking")})
+    except ValueError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
     ratios = config.sweep.get("harmful_ratio", [])
     if set(config.sweep) - {"harmful_ratio"} or not isinstance(ratios, list):
         raise ConfigError(f"{path}: sweep takes harmful_ratio: [list of ratios]")

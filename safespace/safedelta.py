@@ -322,6 +322,13 @@ def apply_to_adapter(model, adapter_name: str, hessians: dict, settings: SafeDel
     (B, A') on the same base reproduces W_final - W0. Layers without the adapter are not touched."""
     rule = settings.rule()
     new_state, all_stats = {}, []
+    factors = {}     # layers that share one H (q/k/v, gate/up) share its factor U
+
+    def factor(H, device):
+        if id(H) not in factors:      # H itself is kept in the entry, so its id stays unique
+            factors[id(H)] = (H, inverse_cholesky_upper(H.to(device, torch.float32), settings.percdamp))
+        return factors[id(H)][1]
+
     for name, layer in lora_layers(model, adapter_name).items():
         if layer.use_dora.get(adapter_name):
             raise ValueError(f"{name}: DoRA adapters are not supported by Safe Delta")
@@ -332,8 +339,8 @@ def apply_to_adapter(model, adapter_name: str, hessians: dict, settings: SafeDel
         scaling = float(layer.scaling[adapter_name])
         delta = scaling * B @ A                                  # W_ft - W0 of this layer
         H = hessians[name].to(A.device, torch.float32)
-        U = inverse_cholesky_upper(H, settings.percdamp)
-        U_task = None if task_hessians is None else inverse_cholesky_upper(task_hessians[name], settings.percdamp)
+        U = factor(hessians[name], A.device)
+        U_task = None if task_hessians is None else factor(task_hessians[name], A.device)
         D, _, stats = safe_delta(delta, U, rule, settings.block_size, settings.exclude_frac,
                                  compensate=settings.compensate, U_task=U_task)
         A_new = refactor_lora(B, D, scaling)

@@ -73,6 +73,8 @@ def _write(tmp_path, text):
     ("variants: [base, safedelta]\n", "made from sft"),
     ("safegrad: {mode: maybe}\n", "SafeGrad mode must be one of"),
     ("evaluate: {n_prompts: 3}\n", "evaluate takes"),
+    ("safedelta: {ranking: best}\n", "ranking must be 'task' or 'paper'"),
+    ("safedelta: {tokens: some}\n", "tokens must be 'answer' or 'all'"),
     ("sweep: {harmful_ratio: 0.1}\n", "sweep takes"),
     ("train: {lora: {r: 0}}\n", "LoRA rank must be 1..256"),
 ])
