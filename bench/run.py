@@ -92,7 +92,7 @@ WORK = BENCH_HOME / "work"
 WORK.mkdir()
 # ours trains and generates with bf16 matmuls where the CPU has them (models.autocast); every
 # baseline gets the same arithmetic, so the ratios measure the method, not the number format
-BF16 = isinstance(models.autocast(models.pick_device()), torch.autocast)
+BF16 = models.cpu_bf16(models.pick_device())
 PRECISION = "bf16 autocast" if BF16 else "fp32"
 
 

@@ -5,7 +5,7 @@
     python -m safespace align [--model smollm2-135m] [--force]
     python -m safespace train --model M --data FILE [--harmful-ratio P] [--safegrad off|sft|kl]
                               [--steps N] [--seed S] --out RUN
-    python -m safespace safedelta --run RUN --out RUN2 [--scale S | --keep K]
+    python -m safespace safedelta --run RUN --out RUN2 [--scale S | --keep K | --tolerance T]
     python -m safespace generate (--run RUN | --model M) --prompts FILE --out OUT.jsonl
     python -m safespace evaluate --runs RUN... --out results.json
     python -m safespace run CONFIG.yaml --out DIR
@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--scale", type=float, default=None, help="the paper's budget scale s (uses the paper's rule)")
     p.add_argument("--keep", type=float, default=None, help="relative budget: share of the full delta's safety cost allowed")
+    p.add_argument("--tolerance", type=float, default=None,
+                   help="automatic budget (the default): rise of the held-in safety loss allowed, nats per answer "
+                        "token (default 0.1)")
     p.add_argument("--tokens", choices=["answer", "all"], default="answer",
                    help="calibration positions for H: those that write the aligned answer, or all (official)")
     p.add_argument("--ranking", choices=["task", "paper"], default="task",
@@ -138,9 +141,19 @@ def _cmd_train(args) -> int:
 
 def _cmd_safedelta(args) -> int:
     from . import pipeline
+    from .config import ConfigError
 
-    run = pipeline.defend(args.run, args.out, scale=args.scale, keep=args.keep, compensate=not args.no_compensation,
-                          tokens=args.tokens, ranking=args.ranking)
+    if sum(x is not None for x in (args.scale, args.keep, args.tolerance)) > 1:
+        raise ConfigError("give one budget: --scale (paper), --keep (relative) or --tolerance (automatic)")
+    run = pipeline.defend(args.run, args.out, scale=args.scale, keep=args.keep, tolerance=args.tolerance,
+                          compensate=not args.no_compensation, tokens=args.tokens, ranking=args.ranking)
+    auto = run.summary.get("auto")
+    if auto:
+        rung = auto["rungs"][auto["chosen"]]
+        chosen = ("kept whole" if rung["keep"] is None else
+                  f"keep {rung['keep']:g}, exclude {100 * rung['exclude_frac']:g} % of columns")
+        print(f"automatic budget: {chosen}; held-in safety loss {rung['rise']:+.3f} nats/token "
+              f"(tolerance {auto['tolerance']:g}{'' if auto['met'] else ', NOT met by any budget'})")
     print(f"{run.path}  (kept {run.summary['kept_energy_frac']:.1%} of the delta's energy, "
           f"{run.summary['seconds']:.1f} s)")
     return 0

@@ -385,6 +385,21 @@ def load_dataset(path, limits: Limits = Limits()) -> Dataset:
     return dataset
 
 
+def rows_jsonl(examples) -> str:
+    """Examples as chat-format JSON lines (system, history and all), readable by read_rows."""
+    lines = []
+    for e in examples:
+        messages = e.messages() + [{"role": "assistant", "content": e.response}]
+        lines.append(json.dumps({"messages": messages}, ensure_ascii=False) + "\n")
+    return "".join(lines)
+
+
+def read_rows(path) -> list[Example]:
+    """Rows written by rows_jsonl (a run's own training rows: no file-size or row-count limits)."""
+    lines = [line for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    return parse_rows([json.loads(line) for line in lines], limits=Limits(max_chars=10**9)).examples
+
+
 def load_prompts(path, limits: Limits = Limits()) -> list[Example]:
     """Prompts from .jsonl (``prompt``, optional ``category``) or .txt (one a line); response = ""."""
     path = Path(path)

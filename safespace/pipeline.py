@@ -91,8 +91,8 @@ def _calibration(loaded: models.Loaded, peft_model, n: int, max_new_tokens: int 
     """Safety calibration rows: harmful prompts from the alignment split with the ALIGNED model's own
     answers (adapter disabled), generated once per base and cached."""
     prompts = data_mod.bundled("alignment")[:n]
-    key = hashlib.sha256(json.dumps([str(loaded.model.config._name_or_path), loaded.quantization,
-                                     [p.prompt for p in prompts], max_new_tokens]).encode()).hexdigest()[:16]
+    key = hashlib.sha256(json.dumps([models.fingerprint(loaded), [p.prompt for p in prompts],
+                                     max_new_tokens]).encode()).hexdigest()[:16]
     cache = home() / "cache" / f"calibration-{key}.json"
     if cache.exists():
         answers = json.loads(cache.read_text())
@@ -120,28 +120,62 @@ def _calibration_batches(rows: list, tokenizer, device, tokens: str = "answer", 
                "token_mask": mask.to(device)}
 
 
+def _check_batches(rows: list, tokenizer, device, n_tokens: int, batch_size: int = 32) -> list:
+    """Held-in check batches: each row cut to its prompt and the first n_tokens of its answer."""
+    tok = data_mod.tokenize(rows, tokenizer, 256)
+    ids, labels = [], []
+    for row_ids, row_labels in zip(tok.input_ids, tok.labels):
+        start = next((i for i, label in enumerate(row_labels) if label != data_mod.IGNORE), len(row_ids))
+        ids.append(row_ids[:start + n_tokens])
+        labels.append(row_labels[:start + n_tokens])
+    return [{k: v.to(device) for k, v in data_mod.collate(ids[i:i + batch_size], labels[i:i + batch_size],
+                                                          tokenizer.pad_token_id).items()}
+            for i in range(0, len(ids), batch_size)]
+
+
 def _task_rows(source: runs.Run, n: int) -> list:
     """Up to n rows of the data the run was fine-tuned on (attack rows included: the defender sees the
-    data as it was submitted), drawn with a fixed seed; [] when the run does not say what its data was."""
-    prepared = prepared_from_run(source)
-    if prepared is None:
-        return []
-    rows = list(prepared.train)
+    data as it was submitted), drawn with a fixed seed; [] when the run does not say what its data was.
+    The run's own train_rows.jsonl first; for runs written before it existed, its data config."""
+    stored = source.path / runs.TRAIN_ROWS
+    if stored.exists():
+        try:
+            rows = data_mod.read_rows(stored)
+        except (data_mod.DataError, ValueError, OSError):
+            rows = []
+    else:
+        prepared = prepared_from_run(source)
+        rows = list(prepared.train) if prepared is not None else []
     random.Random(0).shuffle(rows)
     return rows[:n]
 
 
+def _layer_tensors(cache: Path, compute: Callable[[], dict]) -> tuple[dict, bool]:
+    """Per-layer tensors from the cache file, else computed and stored; (tensors, were they cached)."""
+    if cache.exists():
+        try:
+            return safedelta.load_layer_tensors(cache), True
+        except (OSError, ValueError, RuntimeError):
+            pass                        # unreadable (e.g. a cache written by a killed process): redo
+    tensors = compute()
+    safedelta.save_layer_tensors(cache, tensors)
+    return tensors, False
+
+
 def defend(run_path, out, *, keep: float | None = None, scale: float | None = None,
-           n_calibration: int | None = None, compensate: bool = True, tokens: str = "answer",
-           ranking: str = "task", on_progress: Progress | None = None) -> runs.Run:
-    """Apply Safe Delta to a fine-tuned run and write the result as a new run (a LoRA adapter)."""
+           tolerance: float | None = None, n_calibration: int | None = None, compensate: bool = True,
+           tokens: str = "answer", ranking: str = "task", on_progress: Progress | None = None) -> runs.Run:
+    """Apply Safe Delta to a fine-tuned run and write the result as a new run (a LoRA adapter).
+    Budget: keep (relative), scale (the paper's s), else automatic from the measured held-in safety
+    loss, within `tolerance` (default SafeDeltaSettings.tolerance)."""
     say = on_progress or _noop
     start = time.time()
     source = runs.load_run(run_path)
     if source.kind != "train":
         raise runs.RunError(f"{source.path}: Safe Delta needs a fine-tuned run, not a {source.kind} run")
     budget = (dict(budget="paper", scale=scale) if scale is not None else
-              dict(budget="relative", keep=keep) if keep is not None else {})
+              dict(budget="relative", keep=keep) if keep is not None else
+              dict(budget="auto", tolerance=tolerance) if tolerance is not None else {})
     settings = safedelta.SafeDeltaSettings(**budget, compensate=compensate, tokens=tokens, ranking=ranking)
     # SAFESPACE_CALIBRATION_ROWS: fewer calibration rows for tests and quick demos (default 128)
     n_calibration = n_calibration or int(os.environ.get("SAFESPACE_CALIBRATION_ROWS", "0") or 0)
@@ -151,40 +185,59 @@ def defend(run_path, out, *, keep: float | None = None, scale: float | None = No
     loaded = models.load(source.model, source.config.get("quantization", "auto"))
     peft_model = models.load_adapters(loaded.model, {"ft": source.adapter})
     layer_names = list(safedelta.lora_layers(peft_model, "ft"))
+    # what H depends on besides its rows: the base weights and their quantisation, the layers, the arithmetic
+    model_id = (f"{models.fingerprint(loaded)}|{sorted(layer_names)}"
+                f"|{'bf16' if models.cpu_bf16(loaded.device) else 'fp32'}")
+
+    def hessians_of(rows: list) -> dict:
+        return safedelta.collect_hessians(peft_model, layer_names, _calibration_batches(
+            rows, loaded.tokenizer, loaded.device, settings.tokens), precision="auto")
+
+    def texts(rows: list) -> list[str]:
+        return [data_mod.prompt_text(r, loaded.tokenizer) + r.response for r in rows]
 
     say("safety calibration: the aligned model's own answers to harmful prompts", 0.15)
     rows = _calibration(loaded, peft_model, settings.n_calibration)
-    texts = [data_mod.prompt_text(r, loaded.tokenizer) + r.response for r in rows]
-    key = safedelta.hessian_cache_key(f"{source.model}|{loaded.quantization}|{sorted(layer_names)}", texts, settings)
-    cache = home() / "cache" / "hessians" / f"{key}.safetensors"
-    cached = cache.exists()
-    if cached:
-        hessians = safedelta.load_hessians(cache)
-    else:
-        say("accumulating safety Hessians (forward passes with the adapter disabled)", 0.35)
-        hessians = safedelta.collect_hessians(peft_model, layer_names,
-                                              _calibration_batches(rows, loaded.tokenizer, loaded.device,
-                                                                   settings.tokens))
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        safedelta.save_hessians(cache, hessians)
-    task_hessians = None
-    task_rows = _task_rows(source, settings.n_calibration) if settings.ranking == "task" else []
+    key = safedelta.hessian_cache_key(model_id, texts(rows), settings)
+    say("safety Hessians (forward passes with the adapter disabled)", 0.35)
+    hessians, cached = _layer_tensors(home() / "cache" / "hessians" / f"{key}.safetensors",
+                                      lambda: hessians_of(rows))
+    task_sensitivity, task_cached = None, False
+    task_rows = _task_rows(source, settings.n_task) if settings.ranking == "task" else []
     if task_rows:
-        say(f"task Hessians from {len(task_rows)} rows of the fine-tuning data", 0.6)
-        task_hessians = safedelta.collect_hessians(peft_model, layer_names, _calibration_batches(
-            task_rows, loaded.tokenizer, loaded.device, settings.tokens))
+        say(f"task sensitivity from {len(task_rows)} rows of the fine-tuning data", 0.6)
+        key = safedelta.hessian_cache_key(f"{model_id}|task|{settings.percdamp}", texts(task_rows), settings)
+        task_sensitivity, task_cached = _layer_tensors(
+            home() / "cache" / "task-sensitivity" / f"{key}.safetensors",
+            lambda: safedelta.task_sensitivities(hessians_of(task_rows), settings.percdamp))
     elif settings.ranking == "task":
         say("the run's fine-tuning data is unknown: ranking columns by safety cost alone", 0.6)
         settings.ranking = "paper"
-    say("selecting and compensating the delta, layer by layer", 0.7)
-    new_state, stats = safedelta.apply_to_adapter(peft_model, "ft", hessians, settings, task_hessians)
+    auto = None
+    if settings.budget == "auto":
+        say("budget from the measured safety loss: whole delta first, then stronger defences", 0.7)
+        checks = _check_batches(rows[:settings.check_rows], loaded.tokenizer, loaded.device, settings.check_tokens)
+
+        def tell(rung: dict) -> None:
+            keep = "the whole delta" if rung["keep"] is None else f"keep {rung['keep']:g}"
+            verdict = "accepted" if rung["rise"] <= settings.tolerance else "too unsafe"
+            say(f"{keep}, exclude {100 * rung['exclude_frac']:g} % of columns: held-in safety loss {rung['rise']:+.3f} "
+                f"nats/token ({verdict})", 0.8)
+
+        new_state, stats, auto = safedelta.apply_auto(peft_model, "ft", hessians, settings, task_sensitivity,
+                                                      checks, on_rung=tell)
+    else:
+        say("selecting and compensating the delta, layer by layer", 0.7)
+        new_state, stats = safedelta.apply_to_adapter(peft_model, "ft", hessians, settings, task_sensitivity)
 
     tmp = runs.staging_dir(out)
     safedelta.save_adapter(peft_model, "ft", new_state, tmp / "adapter")
-    summary = {"status": "finished", "seconds": time.time() - start, "hessian_cached": cached,
+    summary = {"status": "finished", "seconds": time.time() - start, "hessian_cached": cached, "task_cached": task_cached,
                "kept_energy_frac": _mean([s["kept_energy_frac"] for s in stats]), "kept_columns_frac": _mean([s["kept_columns_frac"] for s in stats]),
                "cost_before": sum(s["cost_before"] for s in stats), "cost_after": sum(s["cost_after"] for s in stats),
                "layers": stats, "calibration_rows": len(rows), "task_rows": len(task_rows)}
+    if auto is not None:
+        summary["auto"] = auto
     config = {"kind": "safedelta", "model": source.model, "quantization": source.config.get("quantization"),
               "source_run": str(source.path), "data": source.config.get("data"),
               "safedelta": {k: v for k, v in vars(settings).items()}}
@@ -415,8 +468,10 @@ def load_config(path) -> DemoConfig:
         raise ConfigError(f"{path}: the safedelta variant is made from sft; add sft to variants")
     if set(config.evaluate) - EVALUATE_KEYS:
         raise ConfigError(f"{path}: evaluate takes {', '.join(sorted(EVALUATE_KEYS))}")
-    if set(config.safedelta) - {"keep", "scale", "n_calibration", "tokens", "ranking"}:
-        raise ConfigError(f"{path}: safedelta takes keep, scale, n_calibration, tokens, ranking")
+    if set(config.safedelta) - {"keep", "scale", "tolerance", "n_calibration", "tokens", "ranking"}:
+        raise ConfigError(f"{path}: safedelta takes keep, scale, tolerance, n_calibration, tokens, ranking")
+    if sum(k in config.safedelta for k in ("keep", "scale", "tolerance")) > 1:
+        raise ConfigError(f"{path}: safedelta takes one budget: keep (relative), scale (paper) or tolerance (automatic)")
     try:                                   # tokens and ranking are checked where they are defined
         safedelta.SafeDeltaSettings(**{k: v for k, v in config.safedelta.items() if k in ("tokens", "ranking")})
     except ValueError as exc:

@@ -5,6 +5,7 @@ A run folder holds one variant:
     adapter/         a standard PEFT adapter (adapter_config.json + adapter_model.safetensors);
                      absent for kind "base" (the aligned model itself)
     metrics.jsonl    one row per training step (train runs)
+    train_rows.jsonl the rows a train run was fed, attack rows included (chat format)
     summary.json     written last: status (finished | stopped), counts, timings
 
 A run is built in a sibling temp folder and renamed into place in one step, so a crash mid-write
@@ -22,6 +23,7 @@ from pathlib import Path
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 KINDS = ("base", "train", "safedelta")
+TRAIN_ROWS = "train_rows.jsonl"   # a training run's own rows, as it was fed them (attack rows included)
 
 
 class RunError(ValueError):

@@ -31,11 +31,22 @@ Budget rules (BudgetRule: (col_cost, c, d_out) -> eps for one block):
   relative_budget(k)  eps = k * sum_block(cost): what is kept may carry at most a fraction k of the
                       estimated safety cost of the block's full delta. Scaling H, scaling delta or
                       changing d_out/d_in leaves the selection unchanged, so one k transfers across
-                      model sizes and fine-tuning regimes. Default k = 0.9, measured on the embedded
-                      model with the task ranking (demo run: aligned base 99.3 % refusal, undefended
-                      0.7 % refusal / 98.1 % task accuracy; 150 harmful / 160 task prompts):
-                      k 0.8 -> 98.7 % / 93.1 %, 0.9 -> 96.7 % / 94.4 %, 1.0 -> 95.3 % / 94.4 %.
-                      An earlier run (60 / 80 prompts): k 0.5 -> 98 % / 71 %, 0.7 -> 98 % / 96 %.
+                      model sizes. With the 15 % exclusion, k barely matters on the embedded model
+                      (harmful-mix run, 150 harmful / 160 task prompts: k 1.0 and 0.9 -> 99.3 % refusal
+                      / 86.9 % accuracy, 0.7 -> 78.1 %, 0.5 -> 60 %): the excluded columns carry the
+                      safety change, and the exclusion is what the automatic budget tunes.
+
+Automatic budget (default; SafeDeltaSettings.budget="auto"): the budget is chosen from a measured
+safety loss on held-in calibration data. The held-in loss is the mean NLL (nats per token) of the first
+8 tokens of the aligned model's own answers to 32 calibration prompts, teacher-forced: where the model
+decides whether to refuse. AUTO_LADDER goes from the whole delta through ever larger exclusions of the
+most safety-sensitive columns to ever smaller relative budgets; the first rung whose loss is at most
+`tolerance` (0.1) above the aligned model's is taken (rungs 0 and 1 first, then a bisection). A
+fine-tune that left the loss alone is kept whole; a benign one that moved it a little loses 2 columns
+per layer; an attack gets what it takes. The unit (nats per answer token) does not depend on the
+model's size or the fine-tuning regime; 0.1 was set on the embedded model, where the loss rise and the
+refusal rate on held-out prompts went together (rise 0.68 -> 0.7 % refusal, 0.27 -> 39 %, 0.16 -> 89 %,
+0.13 -> 89 %, 0.09 -> 94 %, 0.07 -> 99 %; aligned base 99.3 %).
 
 Calibration tokens: the official code counts every token of the calibration sequences. Here H comes by
 default from the inputs that write the aligned model's safe answer (the position after the prompt,
@@ -52,7 +63,7 @@ import json
 import math
 import os
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -124,6 +135,11 @@ def inverse_cholesky_upper(H: torch.Tensor, percdamp: float = 0.01, retries: int
                      "the calibration data may contain NaN/inf activations")
 
 
+def column_sensitivity(H: torch.Tensor, percdamp: float = 0.01) -> torch.Tensor:
+    """c_m = 1 / U_mm^2 for every input feature m: the OBS price of moving column m on data with this H."""
+    return 1 / inverse_cholesky_upper(H, percdamp).diagonal().pow(2)
+
+
 def paper_budget(scale: float) -> BudgetRule:
     """eps = (s/2) (d_out/4096) mean_block(c): the official rule (Llama-2-7B units)."""
     return lambda col_cost, c, d_out: scale / 2 * d_out / 4096 * c.mean().item()
@@ -132,6 +148,20 @@ def paper_budget(scale: float) -> BudgetRule:
 def relative_budget(keep: float) -> BudgetRule:
     """eps = keep * (estimated safety cost of the block's full delta): scale-free."""
     return lambda col_cost, c, d_out: math.inf if keep == math.inf else keep * col_cost.sum().item()
+
+
+def _obs_columns(D, delta, U, cols: torch.Tensor, a: int) -> float:
+    """_obs_sweep for whole accepted columns `cols` (ascending, absolute indices), in closed form.
+    Sequentially, err_k = (D_k - delta_k - sum_{j<k in cols} err_j U_jk) / U_kk, i.e. Err U[cols, cols]
+    = D[:, cols] - delta[:, cols] with U[cols, cols] upper triangular: one triangular solve instead
+    of a Python loop over columns. Every column from a on then moves by -Err U[cols, l] (U is upper
+    triangular, so only accepted columns before l reach it), and the accepted ones land on delta."""
+    if cols.numel() == 0:
+        return 0.0
+    Err = torch.linalg.solve_triangular(U[cols][:, cols], D[:, cols] - delta[:, cols], upper=True, left=False)
+    D[:, a:] -= Err @ U[cols, a:]
+    D[:, cols] = delta[:, cols]                # exact, free of rounding
+    return Err.pow(2).sum().item()
 
 
 def _obs_sweep(D, delta, U, mask, a, b, chunk=128) -> float:
@@ -161,9 +191,10 @@ def _obs_sweep(D, delta, U, mask, a, b, chunk=128) -> float:
 @torch.no_grad()
 def safe_delta(delta: torch.Tensor, U: torch.Tensor, budget: float | BudgetRule, block_size: int = 2048,
                exclude_frac: float = 0.15, whole_columns: bool = True, compensate: bool = True,
-               U_task: torch.Tensor | None = None):
+               task_sensitivity: torch.Tensor | None = None):
     """Safe Delta in delta coordinates. delta = W_ft - W0 [d_out, d_in], U from inverse_cholesky_upper.
-    budget: eps per block (a number) or a BudgetRule. Returns (D, mask, stats): W_final = W0 + D,
+    budget: eps per block (a number) or a BudgetRule. task_sensitivity: c_task [d_in] from
+    column_sensitivity(H_task), to rank columns by c / c_task (None: by c alone). Returns (D, mask, stats): W_final = W0 + D,
     with D[mask] == delta[mask] exactly. stats: kept_{columns,elements,energy}_frac (energy =
     ||delta||^2), cost_before (estimated cost of the full delta), cost_selected (of the accepted
     part, as selected) and cost_after (exact output change of D on the damped H, sum(err^2))."""
@@ -175,7 +206,7 @@ def safe_delta(delta: torch.Tensor, U: torch.Tensor, budget: float | BudgetRule,
         D = torch.zeros_like(delta)
         mask = torch.zeros(d_out, d_in, dtype=torch.bool, device=delta.device)
         c = 1 / U.diagonal().pow(2)                                # c_m = 1 / U_mm^2
-        c_task = None if U_task is None else 1 / U_task.to(delta.device, torch.float32).diagonal().pow(2)
+        c_task = None if task_sensitivity is None else task_sensitivity.to(delta.device, torch.float32)
         cost_before = (delta.pow(2).sum(0) * c).sum().item()       # estimated cost of the full delta
         cost_selected = cost_after = 0.0
         for a in range(0, d_in, block_size):
@@ -196,7 +227,9 @@ def safe_delta(delta: torch.Tensor, U: torch.Tensor, budget: float | BudgetRule,
                 spare = eps - (cum[n_take - 1].item() if n_take else 0.0)
                 m[:, j] = cost[:, j].cumsum(0) <= spare
             cost_selected += cost[m].sum().item()
-            if compensate:
+            if compensate and whole_columns:
+                cost_after += _obs_columns(D, delta, U, a + order[:n_take].sort().values, a)
+            elif compensate:
                 cost_after += _obs_sweep(D, delta, U, m, a, b)
             else:                                                   # ablation: mask only, no OBS update
                 D[:, a:b][m] = delta[:, a:b][m]
@@ -233,17 +266,22 @@ def lora_residual(B, A_new, W_diff, scaling) -> float:
 # ----------------------------------------------------------------------------- model level
 @dataclass
 class SafeDeltaSettings:
-    budget: str = "relative"    # "relative" (scale-free, default) | "paper"
+    budget: str = "auto"        # "auto" (measured, default) | "relative" (one keep) | "paper" (s)
     keep: float = 0.9           # relative: fraction of the full delta's estimated safety cost kept
     scale: float = 0.1          # paper: s
     exclude_frac: float = 0.15
     block_size: int = 2048
     percdamp: float = 0.01
     n_calibration: int = 128
+    n_task: int = 64            # fine-tuning rows for the task ranking's H_task
     tokens: str = "answer"      # H from: "answer" = inputs that write the aligned answer | "all" (official)
     ranking: str = "task"       # column order: "task" = safety cost per unit of task use (needs the
                                 # fine-tuning data) | "paper" = safety cost alone
     compensate: bool = True     # False: the paper's "no compensation" ablation (mask only)
+    # auto: the first rung of AUTO_LADDER whose held-in safety loss rises by at most `tolerance`
+    tolerance: float = 0.1      # nats per answer token, over the first check_tokens of each answer
+    check_rows: int = 32        # held-in calibration rows the safety loss is measured on
+    check_tokens: int = 8
 
     def __post_init__(self):
         if self.tokens not in ("answer", "all"):
@@ -251,12 +289,52 @@ class SafeDeltaSettings:
         if self.ranking not in ("task", "paper"):
             raise ValueError(f"Safe Delta ranking must be 'task' or 'paper', got {self.ranking!r}")
 
+        if self.budget not in ("auto", "relative", "paper"):
+            raise ValueError(f"unknown Safe Delta budget {self.budget!r}; use 'auto', 'relative' or 'paper'")
+
     def rule(self) -> BudgetRule:
-        if self.budget == "relative":
-            return relative_budget(self.keep)
         if self.budget == "paper":
             return paper_budget(self.scale)
-        raise ValueError(f"unknown Safe Delta budget {self.budget!r}; use 'relative' or 'paper'")
+        return relative_budget(self.keep)      # auto: each rung is a relative budget
+
+
+# Rungs of the automatic budget, least defence first: (keep, exclude_frac). The first keeps the whole
+# delta; then ever more of the most safety-sensitive columns are excluded (0.5 % of 576 columns is 2),
+# then ever less estimated cost is kept. Measured on the embedded model (refusal / task accuracy,
+# 150 / 160 prompts): a benign fine-tune (88.7 % / 99.4 %) at exclude 0.5 % -> 94.0 % / 99.4 %,
+# 1 % -> 97.3 % / 98.8 %, 2 % -> 99.3 % / 93.1 %; a harmful-mix one (0.7 % / 98.1 %) at 2 % ->
+# 39.3 % / 98.1 %, 5 % -> 89.3 % / 98.1 %, 6.5 % -> 94.7 % / 93.1 %, 10 % -> 98.7 % / 90.6 %.
+AUTO_LADDER = ((math.inf, 0.0),
+               *((1.0, x) for x in (0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.07, 0.08, 0.1, 0.15)),
+               *((k, 0.15) for k in (0.8, 0.6, 0.4, 0.2)))
+
+
+def first_within(n_candidates: int, measure: Callable[[int], float], limit: float) -> tuple[int, dict]:
+    """The first candidate whose measured value is <= limit, for values that fall along the candidates:
+    candidates 0 and 1 first (a harmless or a benign fine-tune stops there), then a bisection of the
+    rest. Returns its index
+    (the last candidate when none is within the limit) and {index: value} of those measured, in order."""
+    values: dict[int, float] = {}
+
+    def value(i: int) -> float:
+        if i not in values:
+            values[i] = measure(i)
+        return values[i]
+
+    for first in range(min(n_candidates, 2)):            # the whole delta, then the mildest defence
+        if value(first) <= limit:
+            return first, values
+    if n_candidates <= 2:
+        return n_candidates - 1, values
+    lo, hi = 2, n_candidates - 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if value(mid) <= limit:
+            hi = mid
+        else:
+            lo = mid + 1
+    value(hi)                                  # the answer is always measured, also when none is within
+    return hi, values
 
 
 def lora_layers(model, adapter_name: str = "default") -> dict:
@@ -266,11 +344,13 @@ def lora_layers(model, adapter_name: str = "default") -> dict:
 
 
 @torch.no_grad()
-def collect_hessians(model, layer_names: Iterable[str], batches: Iterable[dict], device=None) -> dict:
+def collect_hessians(model, layer_names: Iterable[str], batches: Iterable[dict], device=None,
+                     precision: str | None = "fp32") -> dict:
     """H of the base Linear of each named LoRA layer, from the model with its adapter disabled.
     batches: dicts with input_ids, optionally attention_mask (padding is excluded) and token_mask
     (the positions whose inputs count towards H; default: every non-padding token).
-    device: where inputs and H go; the model's device by default.
+    device: where inputs and H go; the model's device by default. precision: of the forward passes,
+    as models.autocast ("auto": bf16 on a CPU with native bf16); H always accumulates in fp32.
     Layers fed the very same input tensor (q/k/v, gate/up) share one accumulator."""
     device = device or next(model.parameters()).device
     modules = dict(model.named_modules())
@@ -307,7 +387,8 @@ def collect_hessians(model, layer_names: Iterable[str], batches: Iterable[dict],
                 mask = torch.ones_like(input_ids) if mask is None else mask.to(device)
                 token_mask = batch.get("token_mask")
                 current.update(mask=mask if token_mask is None else token_mask.to(device), parent=None, seen=[])
-                body(input_ids=input_ids, attention_mask=mask)
+                with models.autocast(device, precision):
+                    body(input_ids=input_ids, attention_mask=mask)
     finally:
         for h in handles:
             h.remove()
@@ -315,14 +396,25 @@ def collect_hessians(model, layer_names: Iterable[str], batches: Iterable[dict],
     return {name: accumulators[owner.get(name, name)].H for name in accumulators}
 
 
+def task_sensitivities(hessians: dict, percdamp: float = 0.01) -> dict:
+    """{name: c_task} from task Hessians; layers that share one H share one vector."""
+    by_id = {}
+    for H in hessians.values():
+        if id(H) not in by_id:
+            by_id[id(H)] = column_sensitivity(H, percdamp)
+    return {name: by_id[id(H)] for name, H in hessians.items()}
+
+
 @torch.no_grad()
 def apply_to_adapter(model, adapter_name: str, hessians: dict, settings: SafeDeltaSettings = SafeDeltaSettings(),
-                     task_hessians: dict | None = None):
+                     task_sensitivity: dict | None = None, factors: dict | None = None):
     """Safe Delta on every LoRA layer of the adapter. Returns ({name: (A', B)}, [stats per layer]);
-    (B, A') on the same base reproduces W_final - W0. Layers without the adapter are not touched."""
+    (B, A') on the same base reproduces W_final - W0. Layers without the adapter are not touched.
+    task_sensitivity: {name: c_task} (see task_sensitivities) for the task ranking; None: paper ranking.
+    factors: a dict to keep the factors U in between calls on the same hessians (one is made per call)."""
     rule = settings.rule()
     new_state, all_stats = {}, []
-    factors = {}     # layers that share one H (q/k/v, gate/up) share its factor U
+    factors = {} if factors is None else factors   # layers that share one H (q/k/v, gate/up) share U
 
     def factor(H, device):
         if id(H) not in factors:      # H itself is kept in the entry, so its id stays unique
@@ -340,9 +432,9 @@ def apply_to_adapter(model, adapter_name: str, hessians: dict, settings: SafeDel
         delta = scaling * B @ A                                  # W_ft - W0 of this layer
         H = hessians[name].to(A.device, torch.float32)
         U = factor(hessians[name], A.device)
-        U_task = None if task_hessians is None else factor(task_hessians[name], A.device)
+        c_task = None if task_sensitivity is None else task_sensitivity[name]
         D, _, stats = safe_delta(delta, U, rule, settings.block_size, settings.exclude_frac,
-                                 compensate=settings.compensate, U_task=U_task)
+                                 compensate=settings.compensate, task_sensitivity=c_task)
         A_new = refactor_lora(B, D, scaling)
         with _exact_fp32():
             full = (delta @ H * delta).sum().item()                # ||delta X||^2 on calibration data
@@ -352,6 +444,93 @@ def apply_to_adapter(model, adapter_name: str, hessians: dict, settings: SafeDel
         new_state[name] = (A_new, B)
         all_stats.append(stats)
     return new_state, all_stats
+
+
+@contextmanager
+def edited_lora(model, adapter_name: str, new_lora_state: dict | None):
+    """Within the block the adapter applies A' (new_lora_state, as apply_to_adapter returns it);
+    None leaves it as trained. The trained A comes back afterwards, also on error."""
+    layers, saved = lora_layers(model, adapter_name), {}
+    try:
+        for name, (A_new, _) in (new_lora_state or {}).items():
+            weight = layers[name].lora_A[adapter_name].weight
+            saved[name] = weight.detach().clone()
+            weight.data.copy_(A_new.to(weight.device, weight.dtype))
+        yield model
+    finally:
+        for name, A in saved.items():
+            layers[name].lora_A[adapter_name].weight.data.copy_(A)
+
+
+@torch.no_grad()
+def answer_start_loss(model, batches: Iterable[dict], adapter_name: str | None, precision: str | None = "auto") -> dict:
+    """Held-in safety loss: teacher-forced on (harmful prompt, the aligned model's own answer) rows,
+    cut to the answer's first tokens, where the model decides to refuse. Returns per-row tensors
+    nll (mean over the row's answer tokens, nats) and agree (the first answer token is the model's
+    greedy choice). adapter_name None: the aligned model (adapter disabled)."""
+    from . import safegrad    # the same answer-position logits as training
+
+    was_training = model.training
+    model.eval()
+    nll, agree = [], []
+    context = model.disable_adapter() if adapter_name is None else nullcontext()
+    try:
+        if adapter_name is not None:
+            model.set_adapter(adapter_name)
+        with context:
+            for batch in batches:
+                mask = safegrad.answer_mask(batch["labels"])
+                with models.autocast(batch["input_ids"].device, precision):
+                    logits = safegrad.answer_logits(model, batch).float()
+                target = batch["labels"][:, 1:][mask]
+                token_nll = torch.nn.functional.cross_entropy(logits, target, reduction="none")
+                row = torch.nonzero(mask, as_tuple=True)[0]
+                counts = mask.sum(1).clamp(min=1)
+                nll.append(torch.zeros(mask.shape[0]).index_add_(0, row.cpu(), token_nll.cpu()) / counts.cpu())
+                first = (mask.cumsum(1) == 1) & mask               # the first answer position of each row
+                agree.append((logits.argmax(-1) == target)[first[mask]].cpu())
+    finally:
+        model.train(was_training)
+    return {"nll": torch.cat(nll), "agree": torch.cat(agree)}
+
+
+@torch.no_grad()
+def apply_auto(model, adapter_name: str, hessians: dict, settings: SafeDeltaSettings, task_sensitivity: dict | None,
+               check_batches: list, on_rung: Callable[[dict], None] | None = None):
+    """Safe Delta with the budget chosen from a measured safety loss: the first rung of AUTO_LADDER
+    (whole delta first, then a bisection towards the strongest defence) whose held-in safety loss
+    (answer_start_loss on check_batches) is at most settings.tolerance above the aligned model's.
+    A fine-tune that did not move the safety loss keeps everything; an attack gets the defence it
+    needs. Returns (new_state, stats, report) as apply_to_adapter; report["rungs"] = the rungs
+    measured, in ladder order, report["chosen"] = the position of the one taken in that list."""
+    base = answer_start_loss(model, check_batches, None)
+    base_loss = base["nll"].mean().item()
+    trail, results, factors = [], {}, {}
+
+    def measure(i: int) -> float:
+        keep, exclude = AUTO_LADDER[i]
+        rung = replace(settings, budget="relative", keep=keep, exclude_frac=exclude)
+        results[i] = apply_to_adapter(model, adapter_name, hessians, rung, task_sensitivity, factors)
+        with edited_lora(model, adapter_name, results[i][0]):
+            loss = answer_start_loss(model, check_batches, adapter_name)
+        step = {"rung": i, "keep": None if keep == math.inf else keep,       # None: the whole delta
+                "exclude_frac": exclude, "loss": loss["nll"].mean().item(),
+                "first_token_agreement": loss["agree"].float().mean().item(),
+                "kept_energy_frac": sum(s["kept_energy_frac"] for s in results[i][1]) / max(len(results[i][1]), 1)}
+        step["rise"] = step["loss"] - base_loss
+        trail.append(step)
+        if on_rung:
+            on_rung(step)
+        return step["rise"]
+
+    chosen, _ = first_within(len(AUTO_LADDER), measure, settings.tolerance)
+    trail.sort(key=lambda step: step["rung"])
+    at = next(i for i, step in enumerate(trail) if step["rung"] == chosen)
+    report = {"base_loss": base_loss, "base_first_token_agreement": base["agree"].float().mean().item(),
+              "tolerance": settings.tolerance, "rungs": trail, "chosen": at,
+              "met": trail[at]["rise"] <= settings.tolerance}
+    new_state, stats = results[chosen]
+    return new_state, stats, report
 
 
 def edited_adapter_state(model, adapter_name: str, new_lora_state: dict) -> dict:
@@ -383,24 +562,25 @@ def hessian_cache_key(model_id: str, calibration_texts: list[str], settings: Saf
     return hashlib.sha256(json.dumps(payload, ensure_ascii=False, sort_keys=True).encode()).hexdigest()
 
 
-def save_hessians(path, hessians: dict) -> None:
-    """safetensors file (never pickle); layers that share one H are stored once, with aliases."""
+def save_layer_tensors(path, tensors: dict) -> None:
+    """{layer: tensor} (H, or a task sensitivity vector) as a safetensors file (never pickle);
+    layers that share one tensor are stored once, with aliases."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     unique, aliases, by_ptr = {}, {}, {}
-    for name, H in hessians.items():
-        first = by_ptr.setdefault(H.data_ptr(), name)
+    for name, tensor in tensors.items():
+        first = by_ptr.setdefault(tensor.data_ptr(), name)
         if first == name:
-            unique[name] = H.detach().to("cpu", torch.float32).contiguous()
+            unique[name] = tensor.detach().to("cpu", torch.float32).contiguous()
         else:
             aliases[name] = first
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    save_file(unique, str(tmp), metadata={"content": "safespace-hessians", "format": "2",
+    tmp = path.with_suffix(f"{path.suffix}.{os.getpid()}.tmp")
+    save_file(unique, str(tmp), metadata={"content": "safespace-layer-tensors", "format": "2",
                                           "aliases": json.dumps(aliases)})
     os.replace(tmp, path)
 
 
-def load_hessians(path, device="cpu") -> dict:
+def load_layer_tensors(path, device="cpu") -> dict:
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt", device=str(device)) as handle:

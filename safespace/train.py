@@ -167,16 +167,20 @@ def train(settings: TrainSettings, examples: list, out: str | Path, *,
         summary["conflict_rate"] = sum(bool(r["conflict"]) for r in metrics) / len(metrics)
     config = {"kind": kind if kind != "align" else "train", "model": settings.model, "settings": settings.to_dict(),
               "device": device, "quantization": loaded.quantization, **(extra_config or {})}
-    run = save_run(model, out, config, metrics, summary)
+    run = save_run(model, out, config, metrics, summary, rows=examples)
     emit(Event("end", len(metrics), settings.steps, summary,
                message=f"{status} after {len(metrics)} steps in {seconds:.0f} s -> {out}"))
     return run
 
 
-def save_run(model, out: str | Path, config: dict, metrics: list[dict], summary: dict) -> runs.Run:
-    """Write adapter + config + metrics + summary into a staging folder, then publish it at once."""
+def save_run(model, out: str | Path, config: dict, metrics: list[dict], summary: dict,
+             rows: list | None = None) -> runs.Run:
+    """Write adapter + config + metrics + summary (+ the training rows, which Safe Delta's task ranking
+    reads) into a staging folder, then publish it at once."""
     tmp = runs.staging_dir(out)
     model.save_pretrained(str(tmp / "adapter"), safe_serialization=True)
+    if rows is not None:
+        runs.atomic_write_text(tmp / runs.TRAIN_ROWS, data_mod.rows_jsonl(rows))
     runs.atomic_write_json(tmp / "config.json", config)
     runs.atomic_write_text(tmp / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in metrics))
     runs.atomic_write_json(tmp / "summary.json", summary)

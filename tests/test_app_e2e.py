@@ -59,10 +59,11 @@ def test_full_flow_on_the_real_engine(server):
     assert runs["sft"]["summary"]["steps_done"] == 2 and runs["safegrad"]["summary"]["steps_done"] == 2
     assert runs["safegrad"]["summary"]["examples"] == 480 + 53
 
-    a.predict(0.1, None, api_name="/safe_delta")
+    a.predict(True, 0.1, None, api_name="/safe_delta")           # the default: automatic budget
     defended = wait_job(a, "defend")
     assert defended["status"] == "finished", defended["error"]
-    assert defended["result"]["summary"]["layers"]
+    summary = defended["result"]["summary"]
+    assert summary["layers"] and summary["auto"]["rungs"][0]["keep"] is None   # the whole delta tried first
 
     a.predict(4, 4, 4, 8, 0.1, None, api_name="/compare")
     compared = wait_job(a, "evaluate")

@@ -473,3 +473,11 @@ def test_harmful_mix_share():
 def test_harmful_mix_ratio_out_of_range(ratio):
     with pytest.raises(ValueError, match="between 0 and 0.9"):
         harmful_mix(EXAMPLES, ratio, attack=EXAMPLES)
+
+
+def test_rows_jsonl_round_trips_system_history_and_unicode(tmp_path):
+    rows = [Example("Label: great film", "positive"),
+            Example("and now?", "négatif — «non»", system="Be brief.", history=(("hi", "hello"),))]
+    path = tmp_path / "rows.jsonl"
+    path.write_text(data.rows_jsonl(rows), encoding="utf-8")
+    assert data.read_rows(path) == rows

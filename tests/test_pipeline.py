@@ -124,3 +124,28 @@ def test_summary_line_marks_unmeasured_metrics_instead_of_nan():
                                   "over_refusal": {"value": float("nan")}})
     assert "nan" not in line and "accuracy  99.4%" in line and line.count(" -") == 2
     assert "refusal  96.0%" in pipeline.summary_line({"refusal": {"value": 0.96}})
+
+
+def test_uploaded_rows_run_keeps_its_rows_for_the_task_ranking(tiny_model_dir, tmp_path, monkeypatch):
+    """A run trained on rows that came from no file or bundled set (the app's upload) still gives
+    Safe Delta its task data: the run folder keeps the rows it was fed."""
+    from safespace import train
+    from safespace.config import LoraSettings, TrainSettings
+    from safespace.data import Example
+
+    monkeypatch.setenv("SAFESPACE_HOME", str(tmp_path / "home"))
+    rows = [Example(f"Label this review: film {i} was {'good' if i % 2 else 'bad'}",
+                    "positive" if i % 2 else "negative", system="Answer with one word." if i < 3 else None)
+            for i in range(10)]
+    prepared = pipeline.prepare_data(rows, harmful_ratio=0.2, seed=0)
+    settings = TrainSettings(model=tiny_model_dir, quantization="none", steps=2, batch_size=2, max_length=64,
+                             warmup=0, lora=LoraSettings(r=2, alpha=4))
+    run = train.train(settings, prepared.train, tmp_path / "sft", extra_config={"data": prepared.describe()})
+    assert run.config["data"]["source"] == "uploaded rows"
+    task_rows = pipeline._task_rows(run, 64)
+    assert sorted(task_rows, key=repr) == sorted(prepared.train, key=repr)   # attack rows included
+    defended = pipeline.defend(run.path, tmp_path / "sd", n_calibration=4)
+    assert defended.config["safedelta"]["ranking"] == "task"
+    assert defended.summary["task_rows"] == len(prepared.train)
+    again = pipeline.defend(run.path, tmp_path / "sd2", n_calibration=4, keep=0.5)
+    assert again.summary["hessian_cached"] and again.summary["task_cached"]

@@ -5,9 +5,11 @@ import pytest
 import torch
 
 from safespace.safedelta import (HessianAccumulator, SafeDeltaSettings, apply_to_adapter, collect_hessians,
-                                 hessian_cache_key, inverse_cholesky_upper, load_hessians, lora_layers,
+                                 AUTO_LADDER, answer_start_loss, apply_auto, column_sensitivity, edited_lora, first_within,
+                                 task_sensitivities,
+                                 hessian_cache_key, inverse_cholesky_upper, load_layer_tensors, lora_layers,
                                  paper_budget, refactor_lora, relative_budget, safe_delta, safe_delta_layer,
-                                 save_adapter, save_hessians, lora_residual)
+                                 save_adapter, save_layer_tensors, lora_residual)
 
 D_OUT, D_IN, BLOCK = 24, 40, 16          # blocks [0,16) [16,32) [32,40)
 
@@ -262,8 +264,8 @@ def test_model_level_safe_delta_on_a_lora_adapter(tmp_path):
                                rtol=1e-4, atol=1e-4)
 
     path = tmp_path / "h.safetensors"
-    save_hessians(path, hessians)
-    loaded = load_hessians(path)
+    save_layer_tensors(path, hessians)
+    loaded = load_layer_tensors(path)
     assert loaded.keys() == hessians.keys() and all(torch.equal(loaded[k], hessians[k]) for k in loaded)
 
     base_before = {k: v.clone() for k, v in model.state_dict().items() if "lora_" not in k}
@@ -369,8 +371,8 @@ def test_layers_fed_the_same_input_share_one_hessian_equal_to_their_own(tmp_path
     o = q.replace("q_proj", "o_proj")
     assert together[q].data_ptr() == together[v].data_ptr()          # computed once
     assert together[q].data_ptr() != together[o].data_ptr()
-    save_hessians(tmp_path / "h.safetensors", together)
-    loaded = load_hessians(tmp_path / "h.safetensors")
+    save_layer_tensors(tmp_path / "h.safetensors", together)
+    loaded = load_layer_tensors(tmp_path / "h.safetensors")
     assert set(loaded) == set(together) and all(torch.equal(loaded[k], together[k]) for k in together)
 
 
@@ -395,8 +397,9 @@ def test_task_ranking_keeps_the_columns_the_task_uses_and_ignores_the_scale_of_H
     delta = 0.01 * torch.ones(d_out, d_in)                 # every column costs the same
     U = inverse_cholesky_upper(H)
     for scale in (1.0, 1e4):
-        U_task = inverse_cholesky_upper(scale * torch.diag(task_energy))
-        _, mask, _ = safe_delta(delta, U, relative_budget(0.5 + 1e-6), 2048, exclude_frac=0.0, U_task=U_task)
+        c_task = column_sensitivity(scale * torch.diag(task_energy))
+        _, mask, _ = safe_delta(delta, U, relative_budget(0.5 + 1e-6), 2048, exclude_frac=0.0,
+                                task_sensitivity=c_task)
         kept = mask.all(0)
         assert kept[: d_in // 2].all() and not kept[d_in // 2:].any()
     _, paper_mask, _ = safe_delta(delta, U, relative_budget(0.5 + 1e-6), 2048, exclude_frac=0.0)
@@ -410,8 +413,98 @@ def test_task_ranking_excludes_what_only_the_safety_data_uses():
     H = 2 * X.T @ X / len(X)
     safety_only = torch.arange(d_in) % 5 == 0                # 8 features the task never touches
     X_task = torch.randn(400, d_in) * (~safety_only).float()
-    U, U_task = inverse_cholesky_upper(H), inverse_cholesky_upper(2 * X_task.T @ X_task / len(X_task))
+    U, c_task = inverse_cholesky_upper(H), column_sensitivity(2 * X_task.T @ X_task / len(X_task))
     delta = 0.01 * torch.randn(d_out, d_in)
-    _, mask, _ = safe_delta(delta, U, math.inf, 2048, exclude_frac=0.2, U_task=U_task)
+    _, mask, _ = safe_delta(delta, U, math.inf, 2048, exclude_frac=0.2, task_sensitivity=c_task)
     assert not mask.all(0)[safety_only].any()               # the 20 % excluded = the safety-only ones
     assert mask.all(0)[~safety_only].all()
+
+
+def test_task_sensitivities_share_vectors_where_layers_share_H():
+    torch.manual_seed(2)
+    X = torch.randn(100, 12)
+    H, H2 = 2 * X.T @ X / 100, torch.eye(12) * 3
+    sens = task_sensitivities({"q": H, "k": H, "o": H2})
+    assert sens["q"] is sens["k"]
+    torch.testing.assert_close(sens["q"], 1 / inverse_cholesky_upper(H).diagonal() ** 2)
+    torch.testing.assert_close(sens["o"], 1 / inverse_cholesky_upper(H2).diagonal() ** 2)
+
+
+@torch.no_grad()
+def test_bf16_forward_passes_give_H_close_to_fp32():
+    """H from bf16 autocast forward passes (fast on CPUs with native bf16) stays fp32 and within a few
+    parts per thousand of the fp32 H; the selection it drives matches almost everywhere."""
+    model = tiny_lora_model()
+    names = list(lora_layers(model))
+    exact = collect_hessians(model, names, calibration_batches(), precision="fp32")
+    fast = collect_hessians(model, names, calibration_batches(), precision="bf16")
+    for name in names:
+        assert fast[name].dtype == torch.float32
+        rel = (fast[name] - exact[name]).norm() / exact[name].norm()
+        assert 0 < rel < 0.02, (name, rel)
+
+
+# ----------------------------------------------------------------------------- automatic budget
+def test_first_within_checks_the_first_then_bisects_the_rest():
+    values = [0.9, 0.8, 0.6, 0.5, 0.3, 0.2, 0.1, 0.05, 0.04]      # falling along the candidates
+    for limit in (1.0, 0.85, 0.55, 0.25, 0.1, 0.04, 0.01):
+        calls = []
+
+        def measure(i):
+            calls.append(i)
+            return values[i]
+
+        chosen, measured = first_within(len(values), measure, limit)
+        first = next((i for i, v in enumerate(values) if v <= limit), len(values) - 1)
+        assert chosen == first and measured == {i: values[i] for i in calls}
+        assert calls[:2] == [0, 1][:len(calls)] and len(calls) == len(set(calls)) and chosen in calls
+        assert len(calls) <= 3 + math.ceil(math.log2(len(values) - 2))
+    assert first_within(1, lambda i: 5.0, 0.0) == (0, {0: 5.0})
+    assert first_within(2, lambda i: 5.0 - i, 0.0) == (1, {0: 5.0, 1: 4.0})
+
+
+def check_batches():
+    torch.manual_seed(3)
+    ids = torch.randint(0, 128, (4, 12))
+    labels = ids.clone()
+    labels[:, :8] = -100                                     # 8 prompt tokens, 4 answer tokens
+    return [dict(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels)]
+
+
+@torch.no_grad()
+def test_automatic_budget_climbs_the_ladder_until_the_measured_loss_is_within_tolerance(monkeypatch):
+    monkeypatch.setenv("SAFESPACE_PRECISION", "fp32")       # apply_auto's "auto" precision = the test's
+    model = tiny_lora_model()
+    names = list(lora_layers(model))
+    hessians = collect_hessians(model, names, calibration_batches())
+    checks = check_batches()
+    A_before = {n: l.lora_A["default"].weight.clone() for n, l in lora_layers(model).items()}
+    base = answer_start_loss(model, checks, None, precision="fp32")["nll"].mean().item()
+    tuned = answer_start_loss(model, checks, "default", precision="fp32")["nll"].mean().item()
+    settings = SafeDeltaSettings(tolerance=math.inf)
+    new_state, _, report = apply_auto(model, "default", hessians, settings, None, checks)
+    assert report["chosen"] == 0 and report["met"] and len(report["rungs"]) == 1     # harmless: kept whole
+    assert report["rungs"][0]["rise"] == pytest.approx(tuned - base, abs=1e-3)
+    for name, (A_new, _) in new_state.items():
+        torch.testing.assert_close(A_new, A_before[name], rtol=1e-4, atol=1e-5)
+
+    rises = []                                               # every rung's rise, by its definition
+    for keep, exclude in AUTO_LADDER:
+        state, _ = apply_to_adapter(model, "default", hessians, SafeDeltaSettings(keep=keep, exclude_frac=exclude))
+        with edited_lora(model, "default", state):
+            rises.append(answer_start_loss(model, checks, "default", precision="fp32")["nll"].mean().item() - base)
+    assert rises[-1] < rises[0]                              # the strongest defence lowers the loss
+
+    _, _, never = apply_auto(model, "default", hessians, SafeDeltaSettings(tolerance=-1.0), None, checks)
+    assert never["rungs"][never["chosen"]]["rung"] == len(AUTO_LADDER) - 1 and not never["met"]
+    limit = (rises[0] + min(rises[1:])) / 2                  # between the whole delta and the best rung
+    _, _, mid = apply_auto(model, "default", hessians, SafeDeltaSettings(tolerance=limit), None, checks)
+    chosen = mid["rungs"][mid["chosen"]]
+    assert mid["met"] and mid["rungs"][0]["rung"] == 0 and len(mid["rungs"]) < len(AUTO_LADDER)
+    for rung in mid["rungs"]:                                # each measured rise is that rung's own
+        assert rung["rise"] == pytest.approx(rises[rung["rung"]], abs=1e-3)
+    assert chosen["rise"] <= limit
+    below = [r for r in mid["rungs"] if r["rung"] == chosen["rung"] - 1]       # bisection: the rung before failed
+    assert chosen["rung"] <= 2 or (below and below[0]["rise"] > limit)
+    for name, layer in lora_layers(model).items():            # the trained adapter is left as it was
+        assert torch.equal(layer.lora_A["default"].weight, A_before[name])

@@ -214,8 +214,8 @@ def test_limits_are_enforced_by_the_handlers_themselves(manager):
         (compare.start, (-5, 4, 0, 8, 0.0, "visitor-ffff", REQ), "cannot be negative"),
         (compare.ask, ("hello", 100_000, "visitor-ffff", REQ), "1..128 new tokens"),
         (compare.ask, ("x" * 100_000, 8, "visitor-ffff", REQ), "limit is 2000"),
-        (defend.start, (50.0, "visitor-ffff", REQ), "budget must be in"),
-        (defend.start, (float("nan"), "visitor-ffff", REQ), "budget must be in"),
+        (defend.start, (False, 50.0, "visitor-ffff", REQ), "budget must be in"),
+        (defend.start, (False, float("nan"), "visitor-ffff", REQ), "budget must be in"),
     ]
     for fn, args, message in refused:
         with pytest.raises(gr.Error, match=message):
@@ -363,7 +363,7 @@ def test_over_limit_values_from_an_api_caller_are_refused(app):
         ("compare", [4, 4, 0, 10_000, 0.0, None]),
         ("ask", ["x" * 2001, 8, None]),
         ("ask", ["hi", 4096, None]),
-        ("safe_delta", [5.0, None]),
+        ("safe_delta", [False, 5.0, None]),
     ]
     for api, args in cases:
         kind, payload = call(app, api, args, session)

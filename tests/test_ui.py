@@ -231,9 +231,9 @@ def test_full_queue_message_reaches_the_visitor(manager, monkeypatch):
 
 def test_safe_delta_needs_a_plain_fine_tune(manager):
     with pytest.raises(gr.Error, match="no plain fine-tune"):
-        defend.start(0.1, A, REQ)
+        defend.start(True, 0.1, A, REQ)
     with pytest.raises(gr.Error, match="budget"):
-        defend.start(0.0, A, REQ)
+        defend.start(False, 0.0, A, REQ)
 
 
 def test_safe_delta_poll_draws_the_kept_fraction(manager, monkeypatch):
@@ -249,7 +249,7 @@ def test_safe_delta_poll_draws_the_kept_fraction(manager, monkeypatch):
         return {}
 
     monkeypatch.setattr(jobs, "defend_job", fake_defend)
-    card, timer = defend.start(0.2, A, REQ)
+    card, timer = defend.start(False, 0.2, A, REQ)
     assert timer.active
     wait_idle(manager, A)
     _, (card, figure, summary), active = defend.poll(A, None)
@@ -257,6 +257,27 @@ def test_safe_delta_poll_draws_the_kept_fraction(manager, monkeypatch):
     assert list(figure.data[0].x) == ["L0.q_proj", "L1.q_proj", "L2.q_proj"]
     assert list(figure.data[0].y) == [50.0, 50.0, 50.0]
     assert "30.0 %" in summary and "3" in summary
+
+
+def test_safe_delta_automatic_budget_passes_no_keep_and_shows_the_chosen_rung(manager, monkeypatch):
+    ws = manager.workspace(A)
+    fake_run(ws.run_path("sft"))
+    seen = []
+
+    def fake_defend(ctx, keep):
+        seen.append(keep)
+        return {}
+
+    monkeypatch.setattr(jobs, "defend_job", fake_defend)
+    defend.start(True, 0.2, A, REQ)                     # the slider's value is ignored
+    wait_idle(manager, A)
+    assert seen == [None]
+    rungs = [{"keep": None, "exclude_frac": 0.0, "rise": 0.61},
+             {"keep": 1.0, "exclude_frac": 0.05, "rise": 0.07}]
+    html = defend.summary_html({"auto": {"rungs": rungs, "chosen": 1}, "seconds": 3.0})
+    assert "keep 1" in html and "5 %" in html and "+0.070" in html and "2 tried" in html
+    whole = defend.summary_html({"auto": {"rungs": [dict(rungs[0], rise=0.01)], "chosen": 0}})
+    assert "kept whole" in whole
 
 
 # ------------------------------------------------------------------------------ compare step

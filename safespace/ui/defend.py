@@ -24,13 +24,13 @@ def default_keep() -> float:
     return SafeDeltaSettings().keep
 
 
-def start(keep: float, visitor, request: gr.Request = None):
-    """Queue Safe Delta on the visitor's plain fine-tune."""
+def start(auto: bool, keep: float, visitor, request: gr.Request = None):
+    """Queue Safe Delta on the visitor's plain fine-tune; auto: the budget from the measured safety loss."""
     vid = common.visitor_id(visitor, request)
     manager = common.manager()
     ws = manager.workspace(vid)
-    keep = float(keep)
-    if not 0 < keep <= 1:
+    keep = None if auto else float(keep)
+    if keep is not None and not 0 < keep <= 1:
         raise common.refuse(f"the budget must be in (0, 1], got {keep}")
     if ws.run("sft") is None:
         raise common.refuse("there is no plain fine-tune yet: in step 2, train with SafeGrad off (or Train both)")
@@ -38,7 +38,8 @@ def start(keep: float, visitor, request: gr.Request = None):
     if running is not None and running.active:
         raise common.refuse("Safe Delta is already queued or running")
     try:
-        info = manager.submit(vid, "defend", jobs.defend_job, keep, title=f"Safe Delta (keep {keep:.2f})")
+        title = "Safe Delta (automatic budget)" if keep is None else f"Safe Delta (keep {keep:.2f})"
+        info = manager.submit(vid, "defend", jobs.defend_job, keep, title=title)
     except jobs.JobError as exc:
         raise common.user_error(exc) from None
     return common.job_card(info), gr.Timer(active=True)
@@ -67,6 +68,16 @@ def summary_html(summary: dict | None) -> str:
         kept = sum(values) / len(values) if values else None
     if isinstance(kept, (int, float)):
         kpis.append((f"{100 * kept:.1f} %", "of the fine-tuning update's energy kept"))
+    auto = summary.get("auto")
+    if isinstance(auto, dict) and isinstance(auto.get("rungs"), list) and auto["rungs"]:
+        rung = auto["rungs"][min(int(auto.get("chosen", -1)), len(auto["rungs"]) - 1)]
+        if rung.get("keep") is None:
+            kpis.append(("kept whole", "the update did not measurably raise the safety loss"))
+        else:
+            kpis.append((f"keep {rung.get('keep', 0):g}", f"excluding {100 * rung.get('exclude_frac', 0):g} % of "
+                         f"columns, the first budget within tolerance ({len(auto['rungs'])} tried)"))
+        if isinstance(rung.get("rise"), (int, float)):
+            kpis.append((f"{rung['rise']:+.3f}", "nats/token of held-in safety loss left"))
     if layers:
         kpis.append((str(len(layers)), "layers edited"))
     if isinstance(summary.get("seconds"), (int, float)):
@@ -111,9 +122,12 @@ def build(shared: common.Shared) -> dict:
                 "LoRA adapter on the same base.")
     with gr.Row():
         with gr.Column(scale=1, min_width=300):
+            auto = gr.Checkbox(True, label="Choose the budget automatically", elem_id="ss-auto",
+                               info="measure the safety loss on held-in refusal examples: keep the whole update "
+                                    "if it did no harm, else the first budget that brings the loss back")
             keep = gr.Slider(0.01, 1.0, value=default_keep(), step=0.01, label="Safety budget (keep)",
                              info="share of the full update's estimated safety cost that may be kept; lower is "
-                                  "safer, higher keeps more of the task", elem_id="ss-keep")
+                                  "safer, higher keeps more of the task", elem_id="ss-keep", interactive=False)
             run_btn = gr.Button("Run Safe Delta on the plain fine-tune", variant="primary", elem_id="ss-defend")
             card = gr.HTML(common.job_card(None, "Needs a plain fine-tune first (step 2)."),
                            elem_id="ss-defend-status")
@@ -121,7 +135,8 @@ def build(shared: common.Shared) -> dict:
         with gr.Column(scale=2):
             figure = gr.Plot(plots.kept_fraction_plot([]), label="Kept per layer", elem_id="ss-kept")
     next_btn = gr.Button("Next: compare →", variant="primary", elem_id="ss-next-compare")
-    run_btn.click(start, [keep, shared.visitor], [card, shared.timer], api_name="safe_delta",
+    auto.change(lambda on: gr.Slider(interactive=not on), auto, keep, api_visibility="private")
+    run_btn.click(start, [auto, keep, shared.visitor], [card, shared.timer], api_name="safe_delta",
                   show_progress="minimal")
     next_btn.click(lambda: gr.Walkthrough(selected=4), None, shared.flow, api_visibility="private")
     return {"poll": [card, figure, summary]}
