@@ -141,7 +141,7 @@ def _task_rows(source: runs.Run, n: int) -> list:
     if stored.exists():
         try:
             rows = data_mod.read_rows(stored)
-        except (data_mod.DataError, ValueError, OSError):
+        except (ValueError, OSError):          # DataError and bad JSON are ValueErrors
             rows = []
     else:
         prepared = prepared_from_run(source)

@@ -288,7 +288,6 @@ class SafeDeltaSettings:
             raise ValueError(f"Safe Delta tokens must be 'answer' or 'all', got {self.tokens!r}")
         if self.ranking not in ("task", "paper"):
             raise ValueError(f"Safe Delta ranking must be 'task' or 'paper', got {self.ranking!r}")
-
         if self.budget not in ("auto", "relative", "paper"):
             raise ValueError(f"unknown Safe Delta budget {self.budget!r}; use 'auto', 'relative' or 'paper'")
 
@@ -312,8 +311,8 @@ AUTO_LADDER = ((math.inf, 0.0),
 def first_within(n_candidates: int, measure: Callable[[int], float], limit: float) -> tuple[int, dict]:
     """The first candidate whose measured value is <= limit, for values that fall along the candidates:
     candidates 0 and 1 first (a harmless or a benign fine-tune stops there), then a bisection of the
-    rest. Returns its index
-    (the last candidate when none is within the limit) and {index: value} of those measured, in order."""
+    rest. Returns its index (the last candidate when none is within the limit) and {index: value} of
+    those measured, in order."""
     values: dict[int, float] = {}
 
     def value(i: int) -> float:
@@ -484,9 +483,7 @@ def answer_start_loss(model, batches: Iterable[dict], adapter_name: str | None, 
                     logits = safegrad.answer_logits(model, batch).float()
                 target = batch["labels"][:, 1:][mask]
                 token_nll = torch.nn.functional.cross_entropy(logits, target, reduction="none")
-                row = torch.nonzero(mask, as_tuple=True)[0]
-                counts = mask.sum(1).clamp(min=1)
-                nll.append(torch.zeros(mask.shape[0]).index_add_(0, row.cpu(), token_nll.cpu()) / counts.cpu())
+                nll.append(safegrad.row_means(token_nll, mask).cpu())
                 first = (mask.cumsum(1) == 1) & mask               # the first answer position of each row
                 agree.append((logits.argmax(-1) == target)[first[mask]].cpu())
     finally:

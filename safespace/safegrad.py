@@ -124,10 +124,15 @@ def kl_divergence(ref_log_probs: torch.Tensor, log_probs: torch.Tensor, mask: to
     mask: [B, T-1].
     """
     token_kl = F.kl_div(log_probs, ref_log_probs, log_target=True, reduction="none").sum(-1)
+    return row_means(token_kl, mask)[mask.any(1)].mean()
+
+
+def row_means(token_values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-sequence mean [B] of values given at mask's True positions, in order ([n_answer_tokens]);
+    0 for a sequence without any."""
     seq_index = torch.nonzero(mask, as_tuple=True)[0]
-    per_seq = torch.zeros(mask.shape[0], device=token_kl.device).index_add_(0, seq_index, token_kl)
-    counts = mask.sum(1).clamp(min=1)
-    return (per_seq / counts)[mask.any(1)].mean()
+    per_seq = torch.zeros(mask.shape[0], device=token_values.device).index_add_(0, seq_index, token_values)
+    return per_seq / mask.sum(1).clamp(min=1)
 
 
 def kl_loss(model, batch: dict, ref_log_probs: torch.Tensor | None = None) -> torch.Tensor:
