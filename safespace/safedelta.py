@@ -15,6 +15,8 @@ the later columns with the Optimal Brain Surgeon update, as in SparseGPT:
 
 The maths is translation invariant (it sees only W_ft - W), so it runs on D = W - W0 from 0 to
 delta: the base weight, 4-bit or not, is never needed, and tiny LoRA deltas lose no precision.
+With whole columns, D = W - W0 stays in the column space of the LoRA B (delta = s B A), so the sweep
+runs on M with D = s B M (safe_delta_lora: r rows instead of d_out) and M is the new A' itself.
 
 Column order (ranking): the paper ranks columns by c_m alone (its utility proxy delta^2 cancels in
 the utility/cost ratio), so the excluded 15 % are the input features most active on safety data,
@@ -150,18 +152,31 @@ def relative_budget(keep: float) -> BudgetRule:
     return lambda col_cost, c, d_out: math.inf if keep == math.inf else keep * col_cost.sum().item()
 
 
-def _obs_columns(D, delta, U, cols: torch.Tensor, a: int) -> float:
+def _obs_columns(D, delta, U, cols: torch.Tensor, a: int, G: torch.Tensor | None = None) -> float:
     """_obs_sweep for whole accepted columns `cols` (ascending, absolute indices), in closed form.
     Sequentially, err_k = (D_k - delta_k - sum_{j<k in cols} err_j U_jk) / U_kk, i.e. Err U[cols, cols]
     = D[:, cols] - delta[:, cols] with U[cols, cols] upper triangular: one triangular solve instead
     of a Python loop over columns. Every column from a on then moves by -Err U[cols, l] (U is upper
-    triangular, so only accepted columns before l reach it), and the accepted ones land on delta."""
+    triangular, so only accepted columns before l reach it), and the accepted ones land on delta.
+    Returns sum(err^2), measured as err^T G err per column when the rows are coordinates in a basis
+    with Gram matrix G (safe_delta_lora), as plain squares otherwise."""
     if cols.numel() == 0:
         return 0.0
     Err = torch.linalg.solve_triangular(U[cols][:, cols], D[:, cols] - delta[:, cols], upper=True, left=False)
     D[:, a:] -= Err @ U[cols, a:]
     D[:, cols] = delta[:, cols]                # exact, free of rounding
-    return Err.pow(2).sum().item()
+    return (Err * (Err if G is None else G @ Err)).sum().item()
+
+
+def _take_columns(col_cost, c, c_task, eps: float, exclude_frac: float):
+    """The block's columns in rank order (least sensitive first; with task data, least safety cost per
+    unit of task utility), the most sensitive exclude_frac cut off; their cumulative cost; and how many
+    of them (a prefix: costs are >= 0) fit within eps."""
+    rank = c if c_task is None else c / c_task
+    order = torch.argsort(rank, stable=True)
+    order = order[:len(order) - math.floor(exclude_frac * len(order) + 1e-9)]   # never the top 15 %
+    cum = col_cost[order].cumsum(0)
+    return order, cum, int((cum <= eps).sum()) if eps > 0 else 0
 
 
 def _obs_sweep(D, delta, U, mask, a, b, chunk=128) -> float:
@@ -214,12 +229,8 @@ def safe_delta(delta: torch.Tensor, U: torch.Tensor, budget: float | BudgetRule,
             cost = (delta[:, a:b] - D[:, a:b]).pow(2) * c[a:b]      # (W_ft - W)^2 / U_mm^2, W current
             col_cost = cost.sum(0)
             eps = rule(col_cost, c[a:b], d_out)
-            # least sensitive first; with task data, least safety cost per unit of task utility
-            rank = c[a:b] if c_task is None else c[a:b] / c_task[a:b]
-            order = torch.argsort(rank, stable=True)
-            order = order[:(b - a) - math.floor(exclude_frac * (b - a) + 1e-9)]   # never the top 15 %
-            cum = col_cost[order].cumsum(0)                         # costs >= 0: the fit is a prefix
-            n_take = int((cum <= eps).sum()) if eps > 0 else 0
+            order, cum, n_take = _take_columns(col_cost, c[a:b], None if c_task is None else c_task[a:b],
+                                               eps, exclude_frac)
             m = mask[:, a:b]
             m[:, order[:n_take]] = True
             if not whole_columns and 0 < eps and n_take < len(order):   # official: one partial column
@@ -242,6 +253,48 @@ def safe_delta(delta: torch.Tensor, U: torch.Tensor, budget: float | BudgetRule,
     return D, mask, stats
 
 
+@torch.no_grad()
+def safe_delta_lora(A: torch.Tensor, B: torch.Tensor, scaling: float, U: torch.Tensor, budget: float | BudgetRule,
+                    block_size: int = 2048, exclude_frac: float = 0.15, compensate: bool = True,
+                    task_sensitivity: torch.Tensor | None = None):
+    """safe_delta (whole columns) of delta = scaling B A, in the adapter's own coordinates: every D the
+    sweep visits is scaling B M (see refactor_lora), so it runs on M [r, d_in] instead of D
+    [d_out, d_in], with G = scaling^2 B^T B measuring squares (||scaling B m||^2 = m^T G m). Returns
+    (A', kept [d_in], stats): W_final - W0 = scaling B A' by construction, and the same selection and
+    stats as safe_delta on the full delta, at r/d_out of its cost."""
+    rule = budget if callable(budget) else (lambda col_cost, c, d_out: float(budget))
+    with _exact_fp32():
+        A, B = A.detach().to(torch.float32), B.detach().to(torch.float32)
+        U = U.to(A.device, torch.float32)
+        d_in = A.shape[1]
+        G = scaling ** 2 * (B.T @ B)
+        M = torch.zeros_like(A)
+        kept = torch.zeros(d_in, dtype=torch.bool, device=A.device)
+        c = 1 / U.diagonal().pow(2)
+        c_task = None if task_sensitivity is None else task_sensitivity.to(A.device, torch.float32)
+        energy = ((G @ A) * A).sum(0)                              # ||delta_m||^2 per column
+        cost_before = (energy * c).sum().item()
+        cost_selected = cost_after = 0.0
+        for a in range(0, d_in, block_size):
+            b = min(a + block_size, d_in)
+            R = A[:, a:b] - M[:, a:b]
+            col_cost = ((G @ R) * R).sum(0) * c[a:b]                # sum_r (W_ft - W)_rm^2 / U_mm^2
+            order, _, n_take = _take_columns(col_cost, c[a:b], None if c_task is None else c_task[a:b],
+                                             rule(col_cost, c[a:b], B.shape[0]), exclude_frac)
+            cols = a + order[:n_take].sort().values
+            kept[cols] = True
+            cost_selected += col_cost[order[:n_take]].sum().item()
+            if compensate:
+                cost_after += _obs_columns(M, A, U, cols, a, G)
+            else:
+                M[:, cols] = A[:, cols]
+        kept_frac = kept.float().mean().item()
+        stats = dict(d_out=B.shape[0], d_in=d_in, kept_columns_frac=kept_frac, kept_elements_frac=kept_frac,
+                     kept_energy_frac=(energy[kept].sum() / energy.sum().clamp_min(1e-30)).item(),
+                     cost_before=cost_before, cost_selected=cost_selected, cost_after=cost_after)
+    return M, kept, stats
+
+
 def safe_delta_layer(W0, W_ft, U, budget, block_size=2048, exclude_frac=0.15, whole_columns=True):
     """Safe Delta on one weight matrix: returns (W_final, mask, stats); W_final[mask] == W_ft[mask]."""
     W0, W_ft = W0.to(torch.float32), W_ft.to(torch.float32)
@@ -252,6 +305,7 @@ def safe_delta_layer(W0, W_ft, U, budget, block_size=2048, exclude_frac=0.15, wh
 # With whole columns the result stays in span(B): if W - W0 = B M, an accepted column j is set to
 # s B A_j, so err_j = B (M_j - s A_j) / U_jj is in span(B); every update adds err_j U_jk to a column,
 # so W - W0 = B M' at every step, by induction. A partial column sets only some rows: not in span(B).
+# safe_delta_lora runs the sweep on M itself; refactor_lora recovers A' from a full-size result.
 def refactor_lora(B: torch.Tensor, W_diff: torch.Tensor, scaling: float) -> torch.Tensor:
     """A' with scaling * B @ A' = W_diff (exact when W_diff lies in the column space of B)."""
     return (torch.linalg.pinv(B.double()) @ W_diff.double() / scaling).to(torch.float32)
@@ -428,18 +482,16 @@ def apply_to_adapter(model, adapter_name: str, hessians: dict, settings: SafeDel
         A = layer.lora_A[adapter_name].weight.float()
         B = layer.lora_B[adapter_name].weight.float()
         scaling = float(layer.scaling[adapter_name])
-        delta = scaling * B @ A                                  # W_ft - W0 of this layer
-        H = hessians[name].to(A.device, torch.float32)
         U = factor(hessians[name], A.device)
         c_task = None if task_sensitivity is None else task_sensitivity[name]
-        D, _, stats = safe_delta(delta, U, rule, settings.block_size, settings.exclude_frac,
-                                 compensate=settings.compensate, task_sensitivity=c_task)
-        A_new = refactor_lora(B, D, scaling)
-        with _exact_fp32():
-            full = (delta @ H * delta).sum().item()                # ||delta X||^2 on calibration data
-            kept = (D @ H * D).sum().item()
-        stats.update(name=name, lora_residual=lora_residual(B, A_new, D, scaling),
-                     output_change_ratio=kept / full if full > 0 else 0.0)
+        A_new, _, stats = safe_delta_lora(A, B, scaling, U, rule, settings.block_size, settings.exclude_frac,
+                                          settings.compensate, c_task)
+        H = hessians[name].to(A.device, torch.float32)
+        with _exact_fp32():                        # ||D X||^2 on calibration data = tr(G M H M^T)
+            G = B.T @ B
+            full = ((A @ H @ A.T) * G).sum().item()
+            kept = ((A_new @ H @ A_new.T) * G).sum().item()
+        stats.update(name=name, output_change_ratio=kept / full if full > 0 else 0.0)
         new_state[name] = (A_new, B)
         all_stats.append(stats)
     return new_state, all_stats
