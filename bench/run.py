@@ -519,7 +519,8 @@ def clear_defence_cache() -> None:
     cache = BENCH_HOME / "cache"
     for path in cache.glob("calibration-*.json"):
         path.unlink()
-    shutil.rmtree(cache / "hessians", ignore_errors=True)
+    for folder in ("hessians", "task-sensitivity", "safety-check"):
+        shutil.rmtree(cache / folder, ignore_errors=True)
 
 
 def synthetic_safe_delta(sizes: list[int], n_tokens: int = 2048) -> list[dict]:
@@ -586,8 +587,9 @@ def safedelta_section(state: State) -> dict:
     table(["stage"] + [f"cold #{i + 1} s" for i in range(len(cold))] + [f"warm #{i + 1} s" for i in range(len(warm))],
           [[name] + [r["stages"].get(name) for r in cold + warm] for name in stage_names])
     say(f"warm = a fresh process (includes the first import of the model classes); the same defence again in "
-        f"a process that already ran one (as in the app): {warm_again:.1f} s. Cold = no cached calibration answers "
-        f"and no cached Hessians; both are computed once per base model and calibration set, not per fine-tune.")
+        f"a process that already ran one (as in the app): {warm_again:.1f} s. Cold = no cached calibration answers, "
+        f"Hessians, task sensitivities or aligned-model check loss; all but the task sensitivities are computed "
+        f"once per base model and calibration set, not per fine-tune.")
     say("For scale: the Safe Delta paper reports ~62 s per request + 210 s one-time preparation on an A100 "
         "for a 7B model.")
     say()

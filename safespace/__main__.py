@@ -151,7 +151,7 @@ def _cmd_safedelta(args) -> int:
     if auto:
         rung = auto["rungs"][auto["chosen"]]
         chosen = ("kept whole" if rung["keep"] is None else
-                  f"keep {rung['keep']:g}, exclude {100 * rung['exclude_frac']:g} % of columns")
+                  f"keep {rung['keep']:g}, exclude {100 * rung['exclude_frac']:.3g} % of columns")
         print(f"automatic budget: {chosen}; held-in safety loss {rung['rise']:+.3f} nats/token "
               f"(tolerance {auto['tolerance']:g}{'' if auto['met'] else ', NOT met by any budget'})")
     print(f"{run.path}  (kept {run.summary['kept_energy_frac']:.1%} of the delta's energy, "

@@ -45,11 +45,12 @@ def _chunks(items: list, size: int):
 def generate(model, tokenizer, examples: list, *, max_new_tokens: int = 64, batch_size: int = 16,
              adapter: str | None = None, sample: bool = False, temperature: float = 0.7, seed: int = 0,
              on_progress: Callable[[int, int], None] | None = None,
-             should_stop: Callable[[], bool] | None = None) -> list[str]:
+             should_stop: Callable[[], bool] | None = None, threads: int | None = None) -> list[str]:
     """Answer each example's chat-templated prompt. adapter=None on a PEFT model = adapters off.
 
     Prompts are sorted by length so each batch pads little; answers come back in input order.
     `should_stop` is asked before each batch; once it says yes the remaining answers stay "".
+    threads: CPU threads for this call (default CPU_GENERATION_THREADS).
     """
     if not examples:
         return []
@@ -60,7 +61,8 @@ def generate(model, tokenizer, examples: list, *, max_new_tokens: int = 64, batc
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     try:
-        with _adapter_context(model, adapter), cpu_threads(CPU_GENERATION_THREADS, device), models.autocast(device):
+        with _adapter_context(model, adapter), cpu_threads(threads or CPU_GENERATION_THREADS, device), \
+                models.autocast(device):
             for start, index in _chunks(order, batch_size):
                 if should_stop is not None and should_stop():
                     break

@@ -248,6 +248,25 @@ def decoder_body(model):
     return body if isinstance(body, torch.nn.Module) and body is not base else base
 
 
+def shared_prefix(ids: torch.Tensor, attention: torch.Tensor, wanted: torch.Tensor) -> int:
+    """How many leading tokens are the same real tokens in every row (a chat template and its system
+    prompt), up to the first position whose output is wanted in any row (wanted: [B, >= T-1] bool)."""
+    if ids.shape[0] < 2:
+        return 0
+    same = (ids == ids[:1]).all(0) & attention.bool().all(0)
+    first_wanted = wanted.any(0).nonzero()
+    limit = int(first_wanted[0]) if len(first_wanted) else 0
+    return min(int(same.long().cumprod(0).sum()), limit)
+
+
+def prefix_cache(body, ids: torch.Tensor, shared: int):
+    """The key/value cache of the first `shared` tokens, run once and repeated for every row: the body
+    then takes ids[:, shared:] with the full attention mask and past_key_values=this cache."""
+    cache = body(input_ids=ids[:1, :shared], use_cache=True).past_key_values
+    cache.batch_repeat_interleave(ids.shape[0])
+    return cache
+
+
 def load_tokenizer(name: str = EMBEDDED_KEY):
     from transformers import AutoTokenizer
 

@@ -89,16 +89,18 @@ def train_variant(settings: TrainSettings, prepared: Prepared, out, *, on_event=
 
 def _calibration(loaded: models.Loaded, peft_model, n: int, max_new_tokens: int = 32) -> list:
     """Safety calibration rows: harmful prompts from the alignment split with the ALIGNED model's own
-    answers (adapter disabled), generated once per base and cached."""
+    answers (adapter disabled), generated once per base and cached. One batch on every thread: a
+    defence job has the machine to itself (128 answers of the embedded model: 10 s, against 18 s in
+    batches of 32 on one thread)."""
     prompts = data_mod.bundled("alignment")[:n]
     key = hashlib.sha256(json.dumps([models.fingerprint(loaded), [p.prompt for p in prompts],
-                                     max_new_tokens]).encode()).hexdigest()[:16]
+                                     max_new_tokens, f"batch {len(prompts)}"]).encode()).hexdigest()[:16]
     cache = home() / "cache" / f"calibration-{key}.json"
     if cache.exists():
         answers = json.loads(cache.read_text())
     else:
         answers = evaluate.generate(peft_model, loaded.tokenizer, prompts, max_new_tokens=max_new_tokens,
-                                    batch_size=32, adapter=None)
+                                    batch_size=len(prompts), adapter=None, threads=torch.get_num_threads())
         runs.atomic_write_json(cache, answers)
     return [data_mod.Example(prompt=p.prompt, response=a) for p, a in zip(prompts, answers)]
 
@@ -216,16 +218,20 @@ def defend(run_path, out, *, keep: float | None = None, scale: float | None = No
     auto = None
     if settings.budget == "auto":
         say("budget from the measured safety loss: whole delta first, then stronger defences", 0.7)
-        checks = _check_batches(rows[:settings.check_rows], loaded.tokenizer, loaded.device, settings.check_tokens)
+        check_rows = rows[:settings.check_rows]
+        checks = _check_batches(check_rows, loaded.tokenizer, loaded.device, settings.check_tokens)
+        key = safedelta.hessian_cache_key(f"{model_id}|check|{settings.check_tokens}", texts(check_rows), settings)
+        base, _ = _layer_tensors(home() / "cache" / "safety-check" / f"{key}.safetensors",
+                                 lambda: safedelta.answer_start_loss(peft_model, checks, None))
 
         def tell(rung: dict) -> None:
             keep = "the whole delta" if rung["keep"] is None else f"keep {rung['keep']:g}"
             verdict = "accepted" if rung["rise"] <= settings.tolerance else "too unsafe"
-            say(f"{keep}, exclude {100 * rung['exclude_frac']:g} % of columns: held-in safety loss {rung['rise']:+.3f} "
+            say(f"{keep}, exclude {100 * rung['exclude_frac']:.3g} % of columns: held-in safety loss {rung['rise']:+.3f} "
                 f"nats/token ({verdict})", 0.8)
 
         new_state, stats, auto = safedelta.apply_auto(peft_model, "ft", hessians, settings, task_sensitivity,
-                                                      checks, on_rung=tell)
+                                                      checks, on_rung=tell, base=base)
     else:
         say("selecting and compensating the delta, layer by layer", 0.7)
         new_state, stats = safedelta.apply_to_adapter(peft_model, "ft", hessians, settings, task_sensitivity)

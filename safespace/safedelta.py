@@ -43,7 +43,7 @@ safety loss on held-in calibration data. The held-in loss is the mean NLL (nats 
 8 tokens of the aligned model's own answers to 32 calibration prompts, teacher-forced: where the model
 decides whether to refuse. AUTO_LADDER goes from the whole delta through ever larger exclusions of the
 most safety-sensitive columns to ever smaller relative budgets; the first rung whose loss is at most
-`tolerance` (0.1) above the aligned model's is taken (rungs 0 and 1 first, then a bisection). A
+`tolerance` (0.1) above the aligned model's is taken (rungs 0 and 1 first, then a guided search). A
 fine-tune that left the loss alone is kept whole; a benign one that moved it a little loses 2 columns
 per layer; an attack gets what it takes. The unit (nats per answer token) does not depend on the
 model's size or the fine-tuning regime; 0.1 was set on the embedded model, where the loss rise and the
@@ -362,11 +362,23 @@ AUTO_LADDER = ((math.inf, 0.0),
                *((k, 0.15) for k in (0.8, 0.6, 0.4, 0.2)))
 
 
-def first_within(n_candidates: int, measure: Callable[[int], float], limit: float) -> tuple[int, dict]:
-    """The first candidate whose measured value is <= limit, for values that fall along the candidates:
-    candidates 0 and 1 first (a harmless or a benign fine-tune stops there), then a bisection of the
-    rest. Returns its index (the last candidate when none is within the limit) and {index: value} of
-    those measured, in order."""
+def ladder_strength(keep: float, exclude_frac: float) -> float:
+    """Where a rung sits for the search's guesses (first_within): its excluded fraction, then 0.05 more
+    per 0.2 of keep given up (the spacing of the last exclusion steps). It orders the rungs and shapes
+    the guesses; which rung is chosen does not depend on it."""
+    return exclude_frac + (1 - min(keep, 1.0)) / 4
+
+
+def first_within(positions: list[float], measure: Callable[[int], float], limit: float) -> tuple[int, dict]:
+    """The first candidate whose measured value is <= limit, for values that fall along the candidates
+    (positions: increasing, one per candidate). Candidates 0 and 1 first (a harmless or a benign
+    fine-tune stops there); then a bracket [last failing, first passing] shrinks until they are
+    neighbours. Each guess is where the line through two measured points, log(value) against position,
+    crosses log(limit) (the loss falls roughly exponentially with the defence: measured rises 0.67, 0.57,
+    0.27, 0.15, 0.13, 0.10, 0.07 at 0, 0.5, 2, 4, 5, 6, 7 % excluded); after two guesses in a row that
+    did not halve the bracket comes a bisection, so a bad guess costs little. Returns its index
+    (the last candidate when none is within the limit) and {index: value} of those measured, in order."""
+    n = len(positions)
     values: dict[int, float] = {}
 
     def value(i: int) -> float:
@@ -374,20 +386,40 @@ def first_within(n_candidates: int, measure: Callable[[int], float], limit: floa
             values[i] = measure(i)
         return values[i]
 
-    for first in range(min(n_candidates, 2)):            # the whole delta, then the mildest defence
+    for first in range(min(n, 2)):                       # the whole delta, then the mildest defence
         if value(first) <= limit:
             return first, values
-    if n_candidates <= 2:
-        return n_candidates - 1, values
-    lo, hi = 2, n_candidates - 1
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if value(mid) <= limit:
-            hi = mid
+    if n <= 2:
+        return n - 1, values
+    lo, hi, hi_known, slow = 1, n - 1, False, 0
+    while hi - lo > 1:
+        other = hi if hi_known else max(k for k in values if k < lo)    # extrapolate from the failing side
+        guess = None if slow >= 2 else _crossing(positions, values, lo, other, limit)
+        if guess is None:
+            mid = (lo + hi) // 2
         else:
-            lo = mid + 1
+            mid = min(max(guess, lo + 1), hi - 1 if hi_known else hi)
+        width = hi - lo
+        if value(mid) <= limit:
+            hi, hi_known = mid, True
+        else:
+            lo = mid
+        slow = slow + 1 if guess is not None and 2 * (hi - lo) > width else 0
     value(hi)                                  # the answer is always measured, also when none is within
     return hi, values
+
+
+def _crossing(positions: list[float], values: dict, i: int, j: int, limit: float) -> int | None:
+    """The first candidate at or past where log(value) through candidates i and j reaches log(limit);
+    None when that line does not fall or the limit is not positive."""
+    if limit <= 0:
+        return None
+    floor = limit / 1000                       # a passing value may be ~0 or below: cap its log
+    (xi, yi), (xj, yj) = ((positions[k], math.log(max(values[k], floor))) for k in (i, j))
+    if xi == xj or (yj - yi) / (xj - xi) >= 0:
+        return None
+    x = xi + (math.log(limit) - yi) * (xj - xi) / (yj - yi)
+    return next((k for k, position in enumerate(positions) if position >= x - 1e-12), len(positions) - 1)
 
 
 def lora_layers(model, adapter_name: str = "default") -> dict:
@@ -398,13 +430,15 @@ def lora_layers(model, adapter_name: str = "default") -> dict:
 
 @torch.no_grad()
 def collect_hessians(model, layer_names: Iterable[str], batches: Iterable[dict], device=None,
-                     precision: str | None = "fp32") -> dict:
+                     precision: str | None = "fp32", share_prefix: bool = True) -> dict:
     """H of the base Linear of each named LoRA layer, from the model with its adapter disabled.
     batches: dicts with input_ids, optionally attention_mask (padding is excluded) and token_mask
     (the positions whose inputs count towards H; default: every non-padding token).
     device: where inputs and H go; the model's device by default. precision: of the forward passes,
     as models.autocast ("auto": bf16 on a CPU with native bf16); H always accumulates in fp32.
-    Layers fed the very same input tensor (q/k/v, gate/up) share one accumulator."""
+    Layers fed the very same input tensor (q/k/v, gate/up) share one accumulator. share_prefix:
+    leading tokens that every row shares and whose inputs do not count (a chat template before the
+    answer) run once, as a cache (models.prefix_cache)."""
     device = device or next(model.parameters()).device
     modules = dict(model.named_modules())
     current = {"mask": None, "parent": None, "seen": []}
@@ -438,10 +472,14 @@ def collect_hessians(model, layer_names: Iterable[str], batches: Iterable[dict],
                 input_ids = batch["input_ids"].to(device)
                 mask = batch.get("attention_mask")
                 mask = torch.ones_like(input_ids) if mask is None else mask.to(device)
-                token_mask = batch.get("token_mask")
-                current.update(mask=mask if token_mask is None else token_mask.to(device), parent=None, seen=[])
+                token_mask = mask if batch.get("token_mask") is None else batch["token_mask"].to(device)
+                shared = models.shared_prefix(input_ids, mask, token_mask) if share_prefix else 0
                 with models.autocast(device, precision):
-                    body(input_ids=input_ids, attention_mask=mask)
+                    current.update(mask=torch.zeros_like(token_mask[:1, :shared]), parent=None, seen=[])
+                    cache = models.prefix_cache(body, input_ids, shared) if shared else None
+                    current.update(mask=token_mask[:, shared:], parent=None, seen=[])
+                    body(input_ids=input_ids[:, shared:], attention_mask=mask, past_key_values=cache,
+                         use_cache=cache is not None)
     finally:
         for h in handles:
             h.remove()
@@ -532,7 +570,7 @@ def answer_start_loss(model, batches: Iterable[dict], adapter_name: str | None, 
             for batch in batches:
                 mask = safegrad.answer_mask(batch["labels"])
                 with models.autocast(batch["input_ids"].device, precision):
-                    logits = safegrad.answer_logits(model, batch).float()
+                    logits = safegrad.answer_logits(model, batch, share_prefix=True).float()
                 target = batch["labels"][:, 1:][mask]
                 token_nll = torch.nn.functional.cross_entropy(logits, target, reduction="none")
                 nll.append(safegrad.row_means(token_nll, mask).cpu())
@@ -545,41 +583,71 @@ def answer_start_loss(model, batches: Iterable[dict], adapter_name: str | None, 
 
 @torch.no_grad()
 def apply_auto(model, adapter_name: str, hessians: dict, settings: SafeDeltaSettings, task_sensitivity: dict | None,
-               check_batches: list, on_rung: Callable[[dict], None] | None = None):
+               check_batches: list, on_rung: Callable[[dict], None] | None = None, base: dict | None = None):
     """Safe Delta with the budget chosen from a measured safety loss: the first rung of AUTO_LADDER
-    (whole delta first, then a bisection towards the strongest defence) whose held-in safety loss
+    (whole delta first, then a guided search towards the strongest defence) whose held-in safety loss
     (answer_start_loss on check_batches) is at most settings.tolerance above the aligned model's.
     A fine-tune that did not move the safety loss keeps everything; an attack gets the defence it
     needs. Returns (new_state, stats, report) as apply_to_adapter; report["rungs"] = the rungs
-    measured, in ladder order, report["chosen"] = the position of the one taken in that list."""
-    base = answer_start_loss(model, check_batches, None)
+    measured, weakest defence first (a rung between two ladder rungs, "rung": None, is the refinement
+    of _refined_exclusion), report["chosen"] = the position of the one taken in that list.
+    base: the aligned model's answer_start_loss on check_batches, when it is known already."""
+    base = base or answer_start_loss(model, check_batches, None)
     base_loss = base["nll"].mean().item()
     trail, results, factors = [], {}, {}
 
-    def measure(i: int) -> float:
-        keep, exclude = AUTO_LADDER[i]
-        rung = replace(settings, budget="relative", keep=keep, exclude_frac=exclude)
-        results[i] = apply_to_adapter(model, adapter_name, hessians, rung, task_sensitivity, factors)
-        with edited_lora(model, adapter_name, results[i][0]):
+    def measure(keep: float, exclude: float, rung: int | None) -> dict:
+        settings_here = replace(settings, budget="relative", keep=keep, exclude_frac=exclude)
+        results[rung] = apply_to_adapter(model, adapter_name, hessians, settings_here, task_sensitivity, factors)
+        with edited_lora(model, adapter_name, results[rung][0]):
             loss = answer_start_loss(model, check_batches, adapter_name)
-        step = {"rung": i, "keep": None if keep == math.inf else keep,       # None: the whole delta
+        layer_stats = results[rung][1]
+        step = {"rung": rung, "keep": None if keep == math.inf else keep,       # None: the whole delta
                 "exclude_frac": exclude, "loss": loss["nll"].mean().item(),
                 "first_token_agreement": loss["agree"].float().mean().item(),
-                "kept_energy_frac": sum(s["kept_energy_frac"] for s in results[i][1]) / max(len(results[i][1]), 1)}
+                "kept_energy_frac": sum(s["kept_energy_frac"] for s in layer_stats) / max(len(layer_stats), 1)}
         step["rise"] = step["loss"] - base_loss
         trail.append(step)
         if on_rung:
             on_rung(step)
-        return step["rise"]
+        return step
 
-    chosen, _ = first_within(len(AUTO_LADDER), measure, settings.tolerance)
-    trail.sort(key=lambda step: step["rung"])
+    positions = [ladder_strength(*rung) for rung in AUTO_LADDER]
+    chosen, values = first_within(positions, lambda i: measure(*AUTO_LADDER[i], i)["rise"], settings.tolerance)
+    between = _refined_exclusion(chosen, values, settings.tolerance, {H.shape[0] for H in hessians.values()})
+    if between is not None and measure(1.0, between, None)["rise"] <= settings.tolerance:
+        chosen = None
+    trail.sort(key=lambda step: ladder_strength(math.inf if step["keep"] is None else step["keep"],
+                                                step["exclude_frac"]))
     at = next(i for i, step in enumerate(trail) if step["rung"] == chosen)
     report = {"base_loss": base_loss, "base_first_token_agreement": base["agree"].float().mean().item(),
               "tolerance": settings.tolerance, "rungs": trail, "chosen": at,
               "met": trail[at]["rise"] <= settings.tolerance}
     new_state, stats = results[chosen]
     return new_state, stats, report
+
+
+def _refined_exclusion(chosen: int, values: dict, limit: float, widths: set) -> float | None:
+    """Between two neighbouring exclusion rungs, the last failing and the first passing: the fraction
+    where log(rise) crosses log(limit) on the line through them, rounded up to a whole column of the
+    widest layer, when it excludes a number of columns between the two on some layer (widths: the
+    layers' input sizes); else None. The ladder's steps
+    are coarse (1 % is 6 columns of the embedded model's 576) and a task can lean on the columns of
+    one step: the refined rung, taken when within the limit, stops at the crossing instead."""
+    if chosen < 1 or chosen - 1 not in values or limit <= 0:
+        return None
+    (keep_lo, x_lo), (keep_hi, x_hi) = AUTO_LADDER[chosen - 1], AUTO_LADDER[chosen]
+    if min(keep_lo, keep_hi) < 1 or values[chosen] > limit:
+        return None                                    # not two exclusion rungs around the crossing
+    floor = limit / 1000
+    y_lo, y_hi = math.log(max(values[chosen - 1], floor)), math.log(max(values[chosen], floor))
+    x = x_lo + (math.log(limit) - y_lo) * (x_hi - x_lo) / (y_hi - y_lo)
+    widest = max(widths)
+    x = math.ceil(x * widest - 1e-9) / widest          # the first whole column at or past the crossing
+    columns = lambda frac, d: math.floor(frac * d + 1e-9)          # as safe_delta counts them
+    if any(columns(x_lo, d) < columns(x, d) < columns(x_hi, d) for d in widths):
+        return x
+    return None
 
 
 def edited_adapter_state(model, adapter_name: str, new_lora_state: dict) -> dict:
@@ -612,8 +680,8 @@ def hessian_cache_key(model_id: str, calibration_texts: list[str], settings: Saf
 
 
 def save_layer_tensors(path, tensors: dict) -> None:
-    """{layer: tensor} (H, or a task sensitivity vector) as a safetensors file (never pickle);
-    layers that share one tensor are stored once, with aliases."""
+    """{name: tensor} (per layer H or task sensitivity vectors; per row check losses) as an fp32
+    safetensors file (never pickle); names that share one tensor are stored once, with aliases."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     unique, aliases, by_ptr = {}, {}, {}

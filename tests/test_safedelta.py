@@ -6,6 +6,7 @@ import torch
 
 from safespace.safedelta import (HessianAccumulator, SafeDeltaSettings, apply_to_adapter, collect_hessians,
                                  AUTO_LADDER, answer_start_loss, apply_auto, column_sensitivity, edited_lora, first_within,
+                                 ladder_strength,
                                  task_sensitivities,
                                  hessian_cache_key, inverse_cholesky_upper, load_layer_tensors, lora_layers,
                                  paper_budget, refactor_lora, relative_budget, safe_delta, safe_delta_layer, safe_delta_lora,
@@ -324,7 +325,7 @@ def test_token_mask_restricts_H_to_the_answer_writing_inputs(tokenizer):
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from safespace import data, pipeline
+    from safespace import data, models, pipeline
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -341,6 +342,9 @@ def test_token_mask_restricts_H_to_the_answer_writing_inputs(tokenizer):
     assert torch.equal(batch["token_mask"].bool(), expected_mask)
     name = next(n for n in lora_layers(model) if n.endswith("layers.0.self_attn.q_proj"))
     H = collect_hessians(model, [name], [batch])[name]
+    # the shared chat template ran once, as a cache: the same H as full rows
+    assert models.shared_prefix(batch["input_ids"], batch["attention_mask"], batch["token_mask"]) > 3
+    assert torch.allclose(H, collect_hessians(model, [name], [batch], share_prefix=False)[name], atol=1e-6)
     seen = {}
     layer = dict(model.named_modules())[name].base_layer
     handle = layer.register_forward_pre_hook(lambda mod, args: seen.setdefault("x", args[0].detach()))
@@ -445,22 +449,46 @@ def test_bf16_forward_passes_give_H_close_to_fp32():
 
 
 # ----------------------------------------------------------------------------- automatic budget
-def test_first_within_checks_the_first_then_bisects_the_rest():
-    values = [0.9, 0.8, 0.6, 0.5, 0.3, 0.2, 0.1, 0.05, 0.04]      # falling along the candidates
-    for limit in (1.0, 0.85, 0.55, 0.25, 0.1, 0.04, 0.01):
-        calls = []
+def _search(values, limit, positions=None):
+    calls = []
 
-        def measure(i):
-            calls.append(i)
-            return values[i]
+    def measure(i):
+        calls.append(i)
+        return values[i]
 
-        chosen, measured = first_within(len(values), measure, limit)
-        first = next((i for i, v in enumerate(values) if v <= limit), len(values) - 1)
-        assert chosen == first and measured == {i: values[i] for i in calls}
-        assert calls[:2] == [0, 1][:len(calls)] and len(calls) == len(set(calls)) and chosen in calls
-        assert len(calls) <= 3 + math.ceil(math.log2(len(values) - 2))
-    assert first_within(1, lambda i: 5.0, 0.0) == (0, {0: 5.0})
-    assert first_within(2, lambda i: 5.0 - i, 0.0) == (1, {0: 5.0, 1: 4.0})
+    chosen, measured = first_within(positions or list(range(len(values))), measure, limit)
+    return chosen, measured, calls
+
+
+def test_first_within_finds_the_first_passing_candidate_of_any_falling_sequence():
+    rng = torch.Generator().manual_seed(0)
+    bound = lambda n: 3 + 3 * math.ceil(math.log2(max(n - 2, 1)))     # 0 and 1, then a halving per 3 steps
+    for trial in range(300):
+        n = int(torch.randint(1, 18, (), generator=rng))
+        steps = torch.rand(n, generator=rng) ** 3 * (torch.rand(n, generator=rng) < 0.8)   # flat stretches too
+        values = (1.0 - steps.cumsum(0) / max(steps.sum().item(), 1e-9) * 1.2).tolist()  # down to -0.2
+        positions = sorted(torch.rand(n, generator=rng).tolist())
+        for limit in (1.5, values[0], 0.5, 0.1, 0.0, -0.1, -1.0):
+            chosen, measured, calls = _search(values, limit, positions)
+            first = next((i for i, v in enumerate(values) if v <= limit), n - 1)
+            assert chosen == first, (trial, values, limit)
+            assert measured == {i: values[i] for i in calls} and len(calls) == len(set(calls))
+            assert calls[:2] == [0, 1][:len(calls)] and chosen in calls and len(calls) <= bound(n)
+            if chosen > 1:                                            # the candidate before it was seen to fail
+                assert chosen - 1 in measured and measured[chosen - 1] > limit
+    assert first_within([0.0], lambda i: 5.0, 0.0) == (0, {0: 5.0})
+    assert first_within([0.0, 1.0], lambda i: 5.0 - i, 0.0) == (1, {0: 5.0, 1: 4.0})
+
+
+def test_first_within_needs_few_measurements_where_the_value_falls_exponentially():
+    positions = [ladder_strength(*rung) for rung in AUTO_LADDER]
+    assert positions == sorted(positions) and len(set(positions)) == len(positions)
+    for rate in (10, 30, 60):
+        values = [0.7 * math.exp(-rate * x) for x in positions]
+        for limit in (0.3, 0.1, 0.05):
+            chosen, _, calls = _search(values, limit, positions)
+            assert chosen == next((i for i, v in enumerate(values) if v <= limit), len(values) - 1)
+            assert len(calls) <= 4, (rate, limit, calls)          # bisection: 2 + 4 on this ladder
 
 
 def check_batches():
@@ -504,8 +532,10 @@ def test_automatic_budget_climbs_the_ladder_until_the_measured_loss_is_within_to
     for rung in mid["rungs"]:                                # each measured rise is that rung's own
         assert rung["rise"] == pytest.approx(rises[rung["rung"]], abs=1e-3)
     assert chosen["rise"] <= limit
-    below = [r for r in mid["rungs"] if r["rung"] == chosen["rung"] - 1]       # bisection: the rung before failed
-    assert chosen["rung"] <= 2 or (below and below[0]["rise"] > limit)
+    before = mid["rungs"][mid["chosen"] - 1] if mid["chosen"] else None      # weaker defences come first
+    assert chosen["rung"] == 0 or before["rise"] > limit                     # the one before it failed
+    if chosen["rung"] is not None:                                           # a ladder rung: its neighbour
+        assert chosen["rung"] <= 1 or before["rung"] == chosen["rung"] - 1
     for name, layer in lora_layers(model).items():            # the trained adapter is left as it was
         assert torch.equal(layer.lora_A["default"].weight, A_before[name])
 
@@ -527,3 +557,21 @@ def test_sweep_in_lora_coordinates_equals_the_full_size_sweep(budget, compensate
         assert torch.equal(A_new[:, kept], A[:, kept])            # accepted columns are the trained A
         for key, value in full_stats.items():
             assert stats[key] == pytest.approx(value, rel=1e-4, abs=1e-9), key
+
+
+def test_refinement_excludes_the_first_whole_column_past_the_interpolated_crossing():
+    from safespace.safedelta import _refined_exclusion
+    at = lambda x: next(i for i, (keep, exclude) in enumerate(AUTO_LADDER) if keep == 1.0 and exclude == x)
+    six, seven = at(0.06), at(0.07)
+    # log-linear from 0.101 at 6 % (34 of 576 columns) to 0.074 at 7 % (40): 0.1 at 6.03 % -> 35 columns
+    x = _refined_exclusion(seven, {six: 0.101, seven: 0.074}, 0.1, {576})
+    assert math.floor(x * 576 + 1e-9) == 35
+    assert 0.06 < x < 0.07
+    # the crossing right at the passing rung: no whole column in between -> nothing to refine
+    assert _refined_exclusion(seven, {six: 0.2, seven: 0.0999}, 0.1, {576}) is None
+    assert _refined_exclusion(seven, {six: 0.101, seven: 0.074}, 0.1, {32}) is None     # 1 column apart
+    assert _refined_exclusion(seven, {seven: 0.074}, 0.1, {576}) is None                # below not measured
+    assert _refined_exclusion(0, {0: 0.05}, 0.1, {576}) is None                         # the whole delta passed
+    assert _refined_exclusion(seven, {six: 0.3, seven: 0.2}, 0.1, {576}) is None        # none passed
+    last = len(AUTO_LADDER) - 1                                 # keep rungs are not refined
+    assert _refined_exclusion(last, {last - 1: 0.2, last: 0.05}, 0.1, {576}) is None

@@ -149,6 +149,37 @@ def test_answer_logits_and_sft_loss_equal_the_full_forward(tiny_model, tokenizer
     assert safegrad.sft_loss(model, batch).item() == pytest.approx(full.loss.item(), rel=1e-5)
 
 
+def test_shared_prefix_runs_once_and_gives_the_full_forward_logits(tiny_model, tokenizer):
+    """Rows that open with the same tokens (a chat template): the prefix runs once as a cache, and the
+    answer logits are those of the full forward, with right padding and uneven answer starts."""
+    torch.manual_seed(4)
+    model = _lora_model(tiny_model, init_b=True)
+    ids = torch.randint(5, len(tokenizer), (3, 14))
+    ids[:, :5] = ids[0, :5]                                     # 5 shared tokens, then the rows differ
+    ids[1, 5] = ids[0, 5] + 1
+    attention = torch.ones_like(ids)
+    attention[2, 11:] = 0                                       # a shorter, right-padded row
+    labels = ids.masked_fill(attention == 0, -100)
+    labels[:, :8] = -100
+    labels[0, 8:10] = -100                                      # answers start at different places
+    batch = {"input_ids": ids, "attention_mask": attention, "labels": labels}
+    mask = safegrad.answer_mask(labels)
+    assert models.shared_prefix(ids, attention, mask) == 5
+    lengths = []
+    body = models.decoder_body(model)
+    handle = body.register_forward_pre_hook(lambda mod, args, kwargs: lengths.append(kwargs["input_ids"].shape),
+                                            with_kwargs=True)
+    with torch.no_grad():
+        full = model(input_ids=ids, attention_mask=attention).logits[:, :-1][mask]
+        shared = safegrad.answer_logits(model, batch, share_prefix=True)
+    handle.remove()
+    assert lengths[-2:] == [(1, 5), (3, 9)]                    # the prefix once, then the rest of each row
+    torch.testing.assert_close(shared, full, rtol=1e-4, atol=1e-5)
+    labels[:, :4] = ids[:, :4]                                  # an answer inside the shared part: share less
+    assert models.shared_prefix(ids, attention, safegrad.answer_mask(labels)) == 0
+    assert models.shared_prefix(ids[:1], attention[:1], mask[:1]) == 0                 # one row: nothing to share
+
+
 def test_autocast_is_bf16_only_where_asked_or_native(monkeypatch):
     monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: False)
     with models.autocast("cpu", "auto"):

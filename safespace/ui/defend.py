@@ -74,7 +74,7 @@ def summary_html(summary: dict | None) -> str:
         if rung.get("keep") is None:
             kpis.append(("kept whole", "the update did not measurably raise the safety loss"))
         else:
-            kpis.append((f"keep {rung.get('keep', 0):g}", f"excluding {100 * rung.get('exclude_frac', 0):g} % of "
+            kpis.append((f"keep {rung.get('keep', 0):g}", f"excluding {100 * rung.get('exclude_frac', 0):.3g} % of "
                          f"columns, the first budget within tolerance ({len(auto['rungs'])} tried)"))
         if isinstance(rung.get("rise"), (int, float)):
             kpis.append((f"{rung['rise']:+.3f}", "nats/token of held-in safety loss left"))
