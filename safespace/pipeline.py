@@ -4,6 +4,7 @@ The CLI and the UI's background jobs both call these, so the orchestration exist
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -87,20 +88,27 @@ def train_variant(settings: TrainSettings, prepared: Prepared, out, *, on_event=
                        extra_config={"data": prepared.describe()})
 
 
-def _calibration(loaded: models.Loaded, peft_model, n: int, max_new_tokens: int = 32) -> list:
+def _calibration(loaded: models.Loaded, n: int, max_new_tokens: int = 32) -> list:
     """Safety calibration rows: harmful prompts from the alignment split with the ALIGNED model's own
-    answers (adapter disabled), generated once per base and cached. One batch on every thread: a
-    defence job has the machine to itself (128 answers of the embedded model: 10 s, against 18 s in
-    batches of 32 on one thread)."""
+    answers (the base before any adapter is loaded onto it), generated once per base and cached. One
+    batch on every thread (a defence job has the machine to itself), and on a CPU with native bf16 from
+    a bf16 copy of the model, which saves autocast re-casting every weight at every decoding step: 128
+    answers of the embedded model took 5.8 s, against 10.6 s under autocast and 18 s in batches of 32
+    on one thread. (A bf16 copy of the model with a disabled LoRA adapter took 18.7 s and 9 GB.)"""
     prompts = data_mod.bundled("alignment")[:n]
-    key = hashlib.sha256(json.dumps([models.fingerprint(loaded), [p.prompt for p in prompts],
-                                     max_new_tokens, f"batch {len(prompts)}"]).encode()).hexdigest()[:16]
+    bf16_copy = models.cpu_bf16(loaded.device)
+    key = hashlib.sha256(json.dumps([models.fingerprint(loaded), [p.prompt for p in prompts], max_new_tokens,
+                                     f"batch {len(prompts)}", bf16_copy]).encode()).hexdigest()[:16]
     cache = home() / "cache" / f"calibration-{key}.json"
     if cache.exists():
         answers = json.loads(cache.read_text())
     else:
-        answers = evaluate.generate(peft_model, loaded.tokenizer, prompts, max_new_tokens=max_new_tokens,
-                                    batch_size=len(prompts), adapter=None, threads=torch.get_num_threads())
+        if hasattr(loaded.model, "peft_config"):
+            raise ValueError("calibration answers come from the base alone: generate them before loading adapters")
+        model = copy.deepcopy(loaded.model).to(torch.bfloat16) if bf16_copy else loaded.model
+        answers = evaluate.generate(model, loaded.tokenizer, prompts, max_new_tokens=max_new_tokens,
+                                    batch_size=len(prompts), threads=torch.get_num_threads())
+        del model
         runs.atomic_write_json(cache, answers)
     return [data_mod.Example(prompt=p.prompt, response=a) for p, a in zip(prompts, answers)]
 
@@ -185,33 +193,36 @@ def defend(run_path, out, *, keep: float | None = None, scale: float | None = No
         settings.n_calibration = n_calibration
     say("loading the base and the fine-tuned adapter", 0.05)
     loaded = models.load(source.model, source.config.get("quantization", "auto"))
+    say("safety calibration: the aligned model's own answers to harmful prompts", 0.15)
+    rows = _calibration(loaded, settings.n_calibration)
     peft_model = models.load_adapters(loaded.model, {"ft": source.adapter})
     layer_names = list(safedelta.lora_layers(peft_model, "ft"))
-    # what H depends on besides its rows: the base weights and their quantisation, the layers, the arithmetic
-    model_id = (f"{models.fingerprint(loaded)}|{sorted(layer_names)}"
-                f"|{'bf16' if models.cpu_bf16(loaded.device) else 'fp32'}")
+    # what H depends on besides its rows: the base weights and their quantisation, the layers
+    model_id = f"{models.fingerprint(loaded)}|{sorted(layer_names)}"
 
-    def hessians_of(rows: list) -> dict:
+    def hessians_of(rows: list, tokens: str) -> dict:
+        # fp32 forward passes: the column ranking reads the diagonal of H^-1, which bf16 activations
+        # scramble although H itself moves by < 2 % (on the embedded model, half of the 7 % most
+        # safety-per-task columns changed between bf16 and fp32 passes)
         return safedelta.collect_hessians(peft_model, layer_names, _calibration_batches(
-            rows, loaded.tokenizer, loaded.device, settings.tokens), precision="auto")
+            rows, loaded.tokenizer, loaded.device, tokens), precision="fp32")
 
     def texts(rows: list) -> list[str]:
         return [data_mod.prompt_text(r, loaded.tokenizer) + r.response for r in rows]
 
-    say("safety calibration: the aligned model's own answers to harmful prompts", 0.15)
-    rows = _calibration(loaded, peft_model, settings.n_calibration)
     key = safedelta.hessian_cache_key(model_id, texts(rows), settings)
     say("safety Hessians (forward passes with the adapter disabled)", 0.35)
     hessians, cached = _layer_tensors(home() / "cache" / "hessians" / f"{key}.safetensors",
-                                      lambda: hessians_of(rows))
+                                      lambda: hessians_of(rows, settings.tokens))
     task_sensitivity, task_cached = None, False
     task_rows = _task_rows(source, settings.n_task) if settings.ranking == "task" else []
     if task_rows:
         say(f"task sensitivity from {len(task_rows)} rows of the fine-tuning data", 0.6)
-        key = safedelta.hessian_cache_key(f"{model_id}|task|{settings.percdamp}", texts(task_rows), settings)
-        task_sensitivity, task_cached = _layer_tensors(
+        key = safedelta.hessian_cache_key(f"{model_id}|task|all tokens|{settings.percdamp}", texts(task_rows),
+                                          settings)
+        task_sensitivity, task_cached = _layer_tensors(    # every token: see safedelta's "Column order"
             home() / "cache" / "task-sensitivity" / f"{key}.safetensors",
-            lambda: safedelta.task_sensitivities(hessians_of(task_rows), settings.percdamp))
+            lambda: safedelta.task_sensitivities(hessians_of(task_rows, "all"), settings.percdamp))
     elif settings.ranking == "task":
         say("the run's fine-tuning data is unknown: ranking columns by safety cost alone", 0.6)
         settings.ranking = "paper"
@@ -220,7 +231,9 @@ def defend(run_path, out, *, keep: float | None = None, scale: float | None = No
         say("budget from the measured safety loss: whole delta first, then stronger defences", 0.7)
         check_rows = rows[:settings.check_rows]
         checks = _check_batches(check_rows, loaded.tokenizer, loaded.device, settings.check_tokens)
-        key = safedelta.hessian_cache_key(f"{model_id}|check|{settings.check_tokens}", texts(check_rows), settings)
+        arithmetic = "bf16" if models.cpu_bf16(loaded.device) else "fp32"        # of the check, as models.autocast
+        key = safedelta.hessian_cache_key(f"{model_id}|check|{settings.check_tokens}|{arithmetic}",
+                                          texts(check_rows), settings)
         base, _ = _layer_tensors(home() / "cache" / "safety-check" / f"{key}.safetensors",
                                  lambda: safedelta.answer_start_loss(peft_model, checks, None))
 
