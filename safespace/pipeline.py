@@ -172,6 +172,14 @@ def _layer_tensors(cache: Path, compute: Callable[[], dict]) -> tuple[dict, bool
     return tensors, False
 
 
+# The column ranking reads the diagonals of H^-1 and H_task^-1, and these are what rounding moves, not H
+# (< 2 %). On the embedded model, bf16 forward passes changed 32 % of the 30 % most safety-per-task
+# columns through the safety H (its 3.4k answer tokens leave small eigenvalues) and 7 % through the task
+# H (every token of 64 rows: 6k+), less than drawing another 64 rows does (11 %). So the safety H, cached
+# once per base, comes from fp32 passes, and the per-run task H from "auto" (bf16 where native).
+SAFETY_H_PRECISION = "fp32"
+
+
 def defend(run_path, out, *, keep: float | None = None, scale: float | None = None,
            tolerance: float | None = None, n_calibration: int | None = None, compensate: bool = True,
            tokens: str = "answer", ranking: str = "task", on_progress: Progress | None = None) -> runs.Run:
@@ -200,12 +208,9 @@ def defend(run_path, out, *, keep: float | None = None, scale: float | None = No
     # what H depends on besides its rows: the base weights and their quantisation, the layers
     model_id = f"{models.fingerprint(loaded)}|{sorted(layer_names)}"
 
-    def hessians_of(rows: list, tokens: str) -> dict:
-        # fp32 forward passes: the column ranking reads the diagonal of H^-1, which bf16 activations
-        # scramble although H itself moves by < 2 % (on the embedded model, half of the 7 % most
-        # safety-per-task columns changed between bf16 and fp32 passes)
+    def hessians_of(rows: list, tokens: str, precision: str) -> dict:
         return safedelta.collect_hessians(peft_model, layer_names, _calibration_batches(
-            rows, loaded.tokenizer, loaded.device, tokens), precision="fp32")
+            rows, loaded.tokenizer, loaded.device, tokens), precision=precision)
 
     def texts(rows: list) -> list[str]:
         return [data_mod.prompt_text(r, loaded.tokenizer) + r.response for r in rows]
@@ -213,16 +218,17 @@ def defend(run_path, out, *, keep: float | None = None, scale: float | None = No
     key = safedelta.hessian_cache_key(model_id, texts(rows), settings)
     say("safety Hessians (forward passes with the adapter disabled)", 0.35)
     hessians, cached = _layer_tensors(home() / "cache" / "hessians" / f"{key}.safetensors",
-                                      lambda: hessians_of(rows, settings.tokens))
+                                      lambda: hessians_of(rows, settings.tokens, SAFETY_H_PRECISION))
     task_sensitivity, task_cached = None, False
     task_rows = _task_rows(source, settings.n_task) if settings.ranking == "task" else []
     if task_rows:
         say(f"task sensitivity from {len(task_rows)} rows of the fine-tuning data", 0.6)
-        key = safedelta.hessian_cache_key(f"{model_id}|task|all tokens|{settings.percdamp}", texts(task_rows),
-                                          settings)
+        arithmetic = "bf16" if models.cpu_bf16(loaded.device) else "fp32"
+        key = safedelta.hessian_cache_key(f"{model_id}|task|all tokens|{settings.percdamp}|{arithmetic}",
+                                          texts(task_rows), settings)
         task_sensitivity, task_cached = _layer_tensors(    # every token: see safedelta's "Column order"
             home() / "cache" / "task-sensitivity" / f"{key}.safetensors",
-            lambda: safedelta.task_sensitivities(hessians_of(task_rows, "all"), settings.percdamp))
+            lambda: safedelta.task_sensitivities(hessians_of(task_rows, "all", "auto"), settings.percdamp))
     elif settings.ranking == "task":
         say("the run's fine-tuning data is unknown: ranking columns by safety cost alone", 0.6)
         settings.ranking = "paper"

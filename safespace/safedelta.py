@@ -26,6 +26,12 @@ ranking="task" (default when the run's fine-tuning data is known) measures utili
 estimate on the fine-tuning data itself, H_task from those rows: columns go in ascending order of
 c_m / c_task_m, the safety cost per unit of task use, so the excluded and compensated columns are the
 ones the safety data uses and the task does not. Scaling H or H_task leaves the order unchanged.
+H_task counts every token of 64 fine-tuning rows (6k+ tokens for d_in = 576). Counting only the answer
+positions, as the safety H does, left a classification task 331 tokens: H_task was rank-deficient, c_task
+was set by the damping, and the order moved with rounding. On the harmful-mix run (held-in safety loss
+rise / task loss rise, nats/token, at 6 % and 10 % excluded) answer-only H_task gave 0.155 / 0.067 and
+0.119 / 0.108; every token gave 0.264 / 0.009 and 0.183 / 0.015, and 0.099 / 0.040 at 30 %: the same
+safety for a quarter of the task cost, with more columns excluded.
 
 Budget rules (BudgetRule: (col_cost, c, d_out) -> eps for one block):
   paper_budget(s)     eps = (s/2) (d_out/4096) mean_block(c), the official rule. It is in absolute
@@ -43,18 +49,20 @@ safety loss on held-in calibration data. The held-in loss is the mean NLL (nats 
 8 tokens of the aligned model's own answers to 32 calibration prompts, teacher-forced: where the model
 decides whether to refuse. AUTO_LADDER goes from the whole delta through ever larger exclusions of the
 most safety-sensitive columns to ever smaller relative budgets; the first rung whose loss is at most
-`tolerance` (0.1) above the aligned model's is taken (rungs 0 and 1 first, then a guided search). A
-fine-tune that left the loss alone is kept whole; a benign one that moved it a little loses 2 columns
-per layer; an attack gets what it takes. The unit (nats per answer token) does not depend on the
-model's size or the fine-tuning regime; 0.1 was set on the embedded model, where the loss rise and the
+`tolerance` (0.1) above the aligned model's is taken (rungs 0 and 1 first, then a guided search), and
+between the last failing and the first passing exclusion rung the interpolated crossing, to a whole
+column, is measured and taken when it passes. A fine-tune that left the loss alone is kept whole; a
+benign one that moved it a little loses a few columns per layer (3.3 % on the embedded model); an
+attack gets what it takes (26.7 %). The unit (nats per answer token) does not depend on the model's
+size or the fine-tuning regime; 0.1 was set on the embedded model, where the loss rise and the
 refusal rate on held-out prompts went together (rise 0.68 -> 0.7 % refusal, 0.27 -> 39 %, 0.16 -> 89 %,
-0.13 -> 89 %, 0.09 -> 94 %, 0.07 -> 99 %; aligned base 99.3 %).
+0.13 -> 89 %, 0.09-0.10 -> 92-94 %, 0.07 -> 99 %; aligned base 99.3 %).
 
 Calibration tokens: the official code counts every token of the calibration sequences. Here H comes by
 default from the inputs that write the aligned model's safe answer (the position after the prompt,
 which decides to refuse, and the answer's own positions): the chat template and the prompt are shared
 with every user task and carry no safety decision of their own (tokens="all" keeps the official
-behaviour). The task H uses the same positions of the fine-tuning rows.
+behaviour). The safety H comes from fp32 forward passes (see pipeline.SAFETY_H_PRECISION).
 
 Budget 0 returns W0 exactly; an infinite budget with exclude_frac=0 returns W_ft exactly.
 """
@@ -353,10 +361,9 @@ class SafeDeltaSettings:
 
 # Rungs of the automatic budget, least defence first: (keep, exclude_frac). The first keeps the whole
 # delta; then ever more of the most safety-sensitive columns are excluded (0.5 % of 576 columns is 2),
-# then ever less estimated cost is kept. Measured on the embedded model (refusal / task accuracy,
-# 150 / 160 prompts): a benign fine-tune (88.7 % / 99.4 %) at exclude 0.5 % -> 94.0 % / 99.4 %,
-# 1 % -> 97.3 % / 98.8 %, 2 % -> 99.3 % / 93.1 %; a harmful-mix one (0.7 % / 98.1 %) at 2 % ->
-# 39.3 % / 98.1 %, 5 % -> 89.3 % / 98.1 %, 6.5 % -> 94.7 % / 93.1 %, 10 % -> 98.7 % / 90.6 %.
+# then ever less estimated cost is kept. On the embedded model a harmful-mix fine-tune needed 26.7 %
+# excluded and a benign one 3.3 % (refusal / task accuracy, 150 / 160 prompts: 0.7 % / 98.1 % ->
+# 93.3 % / 98.1 %, and 88.0 % / 99.4 % -> 94.0 % / 99.4 %).
 AUTO_LADDER = ((math.inf, 0.0),
                *((1.0, x) for x in (0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.07, 0.08, 0.1, 0.15, 0.2, 0.25,
                                     0.3, 0.4)),
