@@ -199,10 +199,11 @@ def defend(run_path, out, *, keep: float | None = None, scale: float | None = No
     n_calibration = n_calibration or int(os.environ.get("SAFESPACE_CALIBRATION_ROWS", "0") or 0)
     if n_calibration:
         settings.n_calibration = n_calibration
-    say("loading the base and the fine-tuned adapter", 0.05)
+    say("loading the base", 0.05)
     loaded = models.load(source.model, source.config.get("quantization", "auto"))
     say("safety calibration: the aligned model's own answers to harmful prompts", 0.15)
     rows = _calibration(loaded, settings.n_calibration)
+    say("loading the fine-tuned adapter", 0.3)
     peft_model = models.load_adapters(loaded.model, {"ft": source.adapter})
     layer_names = list(safedelta.lora_layers(peft_model, "ft"))
     # what H depends on besides its rows: the base weights and their quantisation, the layers
