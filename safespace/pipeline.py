@@ -208,6 +208,7 @@ def defend(run_path, out, *, keep: float | None = None, scale: float | None = No
     layer_names = list(safedelta.lora_layers(peft_model, "ft"))
     # what H depends on besides its rows: the base weights and their quantisation, the layers
     model_id = f"{models.fingerprint(loaded)}|{sorted(layer_names)}"
+    arithmetic = "bf16" if models.cpu_bf16(loaded.device) else "fp32"     # of "auto" passes (models.autocast)
 
     def hessians_of(rows: list, tokens: str, precision: str) -> dict:
         return safedelta.collect_hessians(peft_model, layer_names, _calibration_batches(
@@ -224,7 +225,6 @@ def defend(run_path, out, *, keep: float | None = None, scale: float | None = No
     task_rows = _task_rows(source, settings.n_task) if settings.ranking == "task" else []
     if task_rows:
         say(f"task sensitivity from {len(task_rows)} rows of the fine-tuning data", 0.6)
-        arithmetic = "bf16" if models.cpu_bf16(loaded.device) else "fp32"
         key = safedelta.hessian_cache_key(f"{model_id}|task|all tokens|{settings.percdamp}|{arithmetic}",
                                           texts(task_rows), settings)
         task_sensitivity, task_cached = _layer_tensors(    # every token: see safedelta's "Column order"
@@ -238,7 +238,6 @@ def defend(run_path, out, *, keep: float | None = None, scale: float | None = No
         say("budget from the measured safety loss: whole delta first, then stronger defences", 0.7)
         check_rows = rows[:settings.check_rows]
         checks = _check_batches(check_rows, loaded.tokenizer, loaded.device, settings.check_tokens)
-        arithmetic = "bf16" if models.cpu_bf16(loaded.device) else "fp32"        # of the check, as models.autocast
         key = safedelta.hessian_cache_key(f"{model_id}|check|{settings.check_tokens}|{arithmetic}",
                                           texts(check_rows), settings)
         base, _ = _layer_tensors(home() / "cache" / "safety-check" / f"{key}.safetensors",

@@ -371,9 +371,9 @@ AUTO_LADDER = ((math.inf, 0.0),
 
 
 def ladder_strength(keep: float, exclude_frac: float) -> float:
-    """Where a rung sits for the search's guesses (first_within): its excluded fraction, then 0.05 more
-    per 0.2 of keep given up (the spacing of the last exclusion steps). It orders the rungs and shapes
-    the guesses; which rung is chosen does not depend on it."""
+    """Where a rung sits for the search's guesses (first_within): its excluded fraction, plus a quarter
+    of the keep given up. It orders the rungs and shapes the guesses; which rung is chosen does not
+    depend on it."""
     return exclude_frac + (1 - min(keep, 1.0)) / 4
 
 
@@ -382,9 +382,10 @@ def first_within(positions: list[float], measure: Callable[[int], float], limit:
     (positions: increasing, one per candidate). Candidates 0 and 1 first (a harmless or a benign
     fine-tune stops there); then a bracket [last failing, first passing] shrinks until they are
     neighbours. Each guess is where the line through two measured points, log(value) against position,
-    crosses log(limit) (the loss falls roughly exponentially with the defence: measured rises 0.67, 0.57,
-    0.27, 0.15, 0.13, 0.10, 0.07 at 0, 0.5, 2, 4, 5, 6, 7 % excluded); after two guesses in a row that
-    did not halve the bracket comes a bisection, so a bad guess costs little. Returns its index
+    crosses log(limit). The loss falls steeply, then slowly (the embedded model's harmful-mix run: rise
+    0.69, 0.63, 0.13, 0.12, 0.10, 0.095 at 0, 0.5, 15, 20, 25, 30 % excluded), so guesses from the steep
+    part fall short; after two guesses in a row that did not halve the bracket comes a bisection, so a
+    bad guess costs little. Returns its index
     (the last candidate when none is within the limit) and {index: value} of those measured, in order."""
     n = len(positions)
     values: dict[int, float] = {}
@@ -639,9 +640,9 @@ def _refined_exclusion(chosen: int, values: dict, limit: float, widths: set) -> 
     """Between two neighbouring exclusion rungs, the last failing and the first passing: the fraction
     where log(rise) crosses log(limit) on the line through them, rounded up to a whole column of the
     widest layer, when it excludes a number of columns between the two on some layer (widths: the
-    layers' input sizes); else None. The ladder's steps
-    are coarse (1 % is 6 columns of the embedded model's 576) and a task can lean on the columns of
-    one step: the refined rung, taken when within the limit, stops at the crossing instead."""
+    layers' input sizes); else None. The ladder's steps are coarse (5 % is 29 columns of the embedded
+    model's 576) and a task can lean on the columns of one step: the refined rung, taken when within
+    the limit, stops at the crossing instead."""
     if chosen < 1 or chosen - 1 not in values or limit <= 0:
         return None
     (keep_lo, x_lo), (keep_hi, x_hi) = AUTO_LADDER[chosen - 1], AUTO_LADDER[chosen]
