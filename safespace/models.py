@@ -233,6 +233,25 @@ def autocast(device, precision: str | None = None):
     return torch.autocast("cpu", dtype=torch.bfloat16) if cpu_bf16(device, precision) else contextlib.nullcontext()
 
 
+@contextlib.contextmanager
+def bf16_linear_weights(module: torch.nn.Module, enabled: bool = True):
+    """Within the block, the fp32 weights of the plain Linear layers under `module` (LoRA's own excluded)
+    are bf16 copies: what autocast would cast them to at every forward pass, made once. Results under
+    autocast are the same; the fp32 weights come back afterwards, also on error."""
+    saved = {}
+    try:
+        if enabled:
+            for name, layer in module.named_modules():
+                if (type(layer) is torch.nn.Linear and "lora_" not in name
+                        and layer.weight.dtype == torch.float32):
+                    saved[layer] = layer.weight
+                    layer.weight = torch.nn.Parameter(layer.weight.detach().to(torch.bfloat16), requires_grad=False)
+        yield module
+    finally:
+        for layer, weight in saved.items():
+            layer.weight = weight
+
+
 def cpu_bf16(device, precision: str | None = None) -> bool:
     """Whether autocast(device, precision) runs the matmuls in bf16 on the CPU."""
     if precision in (None, "auto"):

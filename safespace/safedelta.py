@@ -49,7 +49,7 @@ safety loss on held-in calibration data. The held-in loss is the mean NLL (nats 
 8 tokens of the aligned model's own answers to 32 calibration prompts, teacher-forced: where the model
 decides whether to refuse. AUTO_LADDER goes from the whole delta through ever larger exclusions of the
 most safety-sensitive columns to ever smaller relative budgets; the first rung whose loss is at most
-`tolerance` (0.1) above the aligned model's is taken (rungs 0 and 1 first, then a guided search), and
+`tolerance` (0.1) above the aligned model's is taken (the whole delta, then 4 %, then a guided search), and
 between the last failing and the first passing exclusion rung the interpolated crossing, to a whole
 column, is measured and taken when it passes. A fine-tune that left the loss alone is kept whole; a
 benign one that moved it a little loses a few columns per layer (3.3 % on the embedded model); an
@@ -370,6 +370,11 @@ AUTO_LADDER = ((math.inf, 0.0),
                *((k, 0.4) for k in (0.8, 0.6, 0.4, 0.2)))
 
 
+# The first probe after the whole delta: 4 %, near the geometric middle of the exclusion rungs
+# (sqrt(0.5 % x 40 %) = 4.5 %). A benign fine-tune of the embedded model needed 3.3 %, a harmful-mix one 26.7 %.
+AUTO_START = AUTO_LADDER.index((1.0, 0.04))
+
+
 def ladder_strength(keep: float, exclude_frac: float) -> float:
     """Where a rung sits for the search's guesses (first_within): its excluded fraction, plus a quarter
     of the keep given up. It orders the rungs and shapes the guesses; which rung is chosen does not
@@ -377,16 +382,18 @@ def ladder_strength(keep: float, exclude_frac: float) -> float:
     return exclude_frac + (1 - min(keep, 1.0)) / 4
 
 
-def first_within(positions: list[float], measure: Callable[[int], float], limit: float) -> tuple[int, dict]:
+def first_within(positions: list[float], measure: Callable[[int], float], limit: float,
+                 start: int = 1) -> tuple[int, dict]:
     """The first candidate whose measured value is <= limit, for values that fall along the candidates
-    (positions: increasing, one per candidate). Candidates 0 and 1 first (a harmless or a benign
-    fine-tune stops there); then a bracket [last failing, first passing] shrinks until they are
-    neighbours. Each guess is where the line through two measured points, log(value) against position,
-    crosses log(limit). The loss falls steeply, then slowly (the embedded model's harmful-mix run: rise
-    0.69, 0.63, 0.13, 0.12, 0.10, 0.095 at 0, 0.5, 15, 20, 25, 30 % excluded), so guesses from the steep
-    part fall short; after two guesses in a row that did not halve the bracket comes a bisection, so a
-    bad guess costs little. Returns its index
-    (the last candidate when none is within the limit) and {index: value} of those measured, in order."""
+    (positions: increasing, >= 0, one per candidate). Candidate 0 first (a harmless fine-tune stops
+    there), then `start` (the caller's best first probe); then a bracket [last failing, first passing]
+    shrinks until they are neighbours. Each guess is where the line through two measured points
+    crosses log(limit), with log(value) against log(position) where both positions are > 0 (a power
+    law) and against position otherwise. The loss falls steeply, then slowly (the embedded model's
+    harmful-mix run: rise 0.69, 0.63, 0.13, 0.12, 0.10, 0.095 at 0, 0.5, 15, 20, 25, 30 % excluded), which
+    a power law follows and an exponential undershoots. After three guesses in a row that did not halve
+    the bracket comes a bisection, so bad guesses cost little. Returns its index (the last candidate
+    when none is within the limit) and {index: value} of those measured, in order."""
     n = len(positions)
     values: dict[int, float] = {}
 
@@ -395,15 +402,17 @@ def first_within(positions: list[float], measure: Callable[[int], float], limit:
             values[i] = measure(i)
         return values[i]
 
-    for first in range(min(n, 2)):                       # the whole delta, then the mildest defence
-        if value(first) <= limit:
-            return first, values
-    if n <= 2:
-        return n - 1, values
-    lo, hi, hi_known, slow = 1, n - 1, False, 0
+    if value(0) <= limit or n == 1:                      # the whole delta
+        return 0, values
+    lo, hi, hi_known, slow = 0, n - 1, False, 0
+    first = min(max(start, 1), n - 1)
+    if value(first) <= limit:
+        hi, hi_known = first, True
+    else:
+        lo = first
     while hi - lo > 1:
         other = hi if hi_known else max(k for k in values if k < lo)    # extrapolate from the failing side
-        guess = None if slow >= 2 else _crossing(positions, values, lo, other, limit)
+        guess = None if slow >= 3 else _crossing(positions, values, lo, other, limit)
         if guess is None:
             mid = (lo + hi) // 2
         else:
@@ -419,16 +428,20 @@ def first_within(positions: list[float], measure: Callable[[int], float], limit:
 
 
 def _crossing(positions: list[float], values: dict, i: int, j: int, limit: float) -> int | None:
-    """The first candidate at or past where log(value) through candidates i and j reaches log(limit);
-    None when that line does not fall or the limit is not positive."""
+    """The first candidate at or past where the line through candidates i and j (log value against
+    log position, or against position when one of them is 0) reaches log(limit); None when that line
+    does not fall or the limit is not positive."""
     if limit <= 0:
         return None
+    power = min(positions[i], positions[j]) > 0
     floor = limit / 1000                       # a passing value may be ~0 or below: cap its log
-    (xi, yi), (xj, yj) = ((positions[k], math.log(max(values[k], floor))) for k in (i, j))
+    (xi, yi), (xj, yj) = ((math.log(positions[k]) if power else positions[k], math.log(max(values[k], floor)))
+                          for k in (i, j))
     if xi == xj or (yj - yi) / (xj - xi) >= 0:
         return None
     x = xi + (math.log(limit) - yi) * (xj - xi) / (yj - yi)
-    return next((k for k, position in enumerate(positions) if position >= x - 1e-12), len(positions) - 1)
+    x = math.exp(min(x, math.log(positions[-1]) + 1)) if power else x      # past the last: the last
+    return next((k for k, position in enumerate(positions) if position >= x * (1 - 1e-9)), len(positions) - 1)
 
 
 def lora_layers(model, adapter_name: str = "default") -> dict:
@@ -622,10 +635,13 @@ def apply_auto(model, adapter_name: str, hessians: dict, settings: SafeDeltaSett
         return step
 
     positions = [ladder_strength(*rung) for rung in AUTO_LADDER]
-    chosen, values = first_within(positions, lambda i: measure(*AUTO_LADDER[i], i)["rise"], settings.tolerance)
-    between = _refined_exclusion(chosen, values, settings.tolerance, {H.shape[0] for H in hessians.values()})
-    if between is not None and measure(1.0, between, None)["rise"] <= settings.tolerance:
-        chosen = None
+    device = next(model.parameters()).device
+    with models.bf16_linear_weights(models.decoder_body(model), models.cpu_bf16(device)):   # cast once
+        chosen, values = first_within(positions, lambda i: measure(*AUTO_LADDER[i], i)["rise"],
+                                      settings.tolerance, start=AUTO_START)
+        between = _refined_exclusion(chosen, values, settings.tolerance, {H.shape[0] for H in hessians.values()})
+        if between is not None and measure(1.0, between, None)["rise"] <= settings.tolerance:
+            chosen = None
     trail.sort(key=lambda step: ladder_strength(math.inf if step["keep"] is None else step["keep"],
                                                 step["exclude_frac"]))
     at = next(i for i, step in enumerate(trail) if step["rung"] == chosen)

@@ -1,12 +1,13 @@
 """Property tests for Safe Delta on toy layers (random calibration inputs) and a tiny Llama."""
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from safespace.safedelta import (HessianAccumulator, SafeDeltaSettings, apply_to_adapter, collect_hessians,
                                  AUTO_LADDER, answer_start_loss, apply_auto, column_sensitivity, edited_lora, first_within,
-                                 ladder_strength,
+                                 AUTO_START, ladder_strength,
                                  task_sensitivities,
                                  hessian_cache_key, inverse_cholesky_upper, load_layer_tensors, lora_layers,
                                  paper_budget, refactor_lora, relative_budget, safe_delta, safe_delta_layer, safe_delta_lora,
@@ -449,46 +450,54 @@ def test_bf16_forward_passes_give_H_close_to_fp32():
 
 
 # ----------------------------------------------------------------------------- automatic budget
-def _search(values, limit, positions=None):
+def _search(values, limit, positions=None, start=1):
     calls = []
 
     def measure(i):
         calls.append(i)
         return values[i]
 
-    chosen, measured = first_within(positions or list(range(len(values))), measure, limit)
+    chosen, measured = first_within(positions or list(range(len(values))), measure, limit, start)
     return chosen, measured, calls
 
 
 def test_first_within_finds_the_first_passing_candidate_of_any_falling_sequence():
     rng = torch.Generator().manual_seed(0)
-    bound = lambda n: 3 + 3 * math.ceil(math.log2(max(n - 2, 1)))     # 0 and 1, then a halving per 3 steps
+    bound = lambda n: 3 + 4 * math.ceil(math.log2(max(n - 1, 1)))     # 0 and start, then a halving per 4 steps
     for trial in range(300):
         n = int(torch.randint(1, 18, (), generator=rng))
         steps = torch.rand(n, generator=rng) ** 3 * (torch.rand(n, generator=rng) < 0.8)   # flat stretches too
         values = (1.0 - steps.cumsum(0) / max(steps.sum().item(), 1e-9) * 1.2).tolist()  # down to -0.2
-        positions = sorted(torch.rand(n, generator=rng).tolist())
+        positions = [0.0] + sorted(torch.rand(n - 1, generator=rng).tolist())
+        start = int(torch.randint(1, max(n, 2), (), generator=rng))
         for limit in (1.5, values[0], 0.5, 0.1, 0.0, -0.1, -1.0):
-            chosen, measured, calls = _search(values, limit, positions)
+            chosen, measured, calls = _search(values, limit, positions, start)
             first = next((i for i, v in enumerate(values) if v <= limit), n - 1)
             assert chosen == first, (trial, values, limit)
             assert measured == {i: values[i] for i in calls} and len(calls) == len(set(calls))
-            assert calls[:2] == [0, 1][:len(calls)] and chosen in calls and len(calls) <= bound(n)
-            if chosen > 1:                                            # the candidate before it was seen to fail
+            assert calls[:2] == [0, min(start, n - 1)][:len(calls)] and chosen in calls and len(calls) <= bound(n)
+            if 0 < chosen and values[chosen] <= limit:                # the candidate before it was seen to fail
                 assert chosen - 1 in measured and measured[chosen - 1] > limit
     assert first_within([0.0], lambda i: 5.0, 0.0) == (0, {0: 5.0})
     assert first_within([0.0, 1.0], lambda i: 5.0 - i, 0.0) == (1, {0: 5.0, 1: 4.0})
 
 
-def test_first_within_needs_few_measurements_where_the_value_falls_exponentially():
+def test_first_within_needs_few_measurements_on_long_tailed_losses():
+    """Loss rises measured on the embedded model (held-in rise against the fraction excluded; between
+    the measured points, log-linear): the search from the whole delta and the 4 % rung finds the first
+    passing rung in few checks, where a plain bisection of the ladder takes 6."""
     positions = [ladder_strength(*rung) for rung in AUTO_LADDER]
     assert positions == sorted(positions) and len(set(positions)) == len(positions)
-    for rate in (10, 30, 60):
-        values = [0.7 * math.exp(-rate * x) for x in positions]
-        for limit in (0.3, 0.1, 0.05):
-            chosen, _, calls = _search(values, limit, positions)
-            assert chosen == next((i for i, v in enumerate(values) if v <= limit), len(values) - 1)
-            assert len(calls) <= 4, (rate, limit, calls)          # bisection: 2 + 4 on this ladder
+    assert AUTO_LADDER[AUTO_START] == (1.0, 0.04)
+    measured = {"harmful mix": {0: .692, .005: .634, .1: .168, .15: .133, .2: .121, .25: .102, .3: .095, .4: .078,
+                                .45: .06, .6: .01},
+                "benign": {0: .171, .005: .167, .03: .104, .04: .089, .07: .068, .15: .049, .4: .03, .6: .01}}
+    for name, curve in measured.items():
+        xs = sorted(curve)
+        values = [math.exp(float(np.interp(p, xs, [math.log(curve[x]) for x in xs]))) for p in positions]
+        chosen, _, calls = _search(values, 0.1, positions, start=AUTO_START)
+        assert chosen == next(i for i, v in enumerate(values) if v <= 0.1), name
+        assert len(calls) <= 5, (name, calls)
 
 
 def check_batches():
@@ -581,3 +590,22 @@ def test_refinement_excludes_the_first_whole_column_past_the_interpolated_crossi
     assert _refined_exclusion(seven, {six: 0.3, seven: 0.2}, 0.1, {576}) is None        # none passed
     last = len(AUTO_LADDER) - 1                                 # keep rungs are not refined
     assert _refined_exclusion(last, {last - 1: 0.2, last: 0.05}, 0.1, {576}) is None
+
+
+@torch.no_grad()
+def test_bf16_weights_made_once_give_the_autocast_results_and_come_back():
+    from safespace import models
+    model = tiny_lora_model()
+    checks = check_batches()
+    body = models.decoder_body(model)
+    before = {n: p for n, p in model.named_parameters()}
+    values = {n: p.detach().clone() for n, p in before.items()}
+    expected = answer_start_loss(model, checks, "default", precision="bf16")
+    with models.bf16_linear_weights(body):
+        dtypes = {n: p.dtype for n, p in model.named_parameters()}
+        got = answer_start_loss(model, checks, "default", precision="bf16")
+    assert {n for n, d in dtypes.items() if d == torch.bfloat16} == {
+        n for n in before if n.endswith(("proj.weight", "proj.base_layer.weight")) and "lora_" not in n}
+    assert torch.equal(got["nll"], expected["nll"]) and torch.equal(got["agree"], expected["agree"])
+    after = dict(model.named_parameters())
+    assert all(after[n] is before[n] and torch.equal(after[n], values[n]) for n in before)
