@@ -434,14 +434,22 @@ def _crossing(positions: list[float], values: dict, i: int, j: int, limit: float
     if limit <= 0:
         return None
     power = min(positions[i], positions[j]) > 0
-    floor = limit / 1000                       # a passing value may be ~0 or below: cap its log
-    (xi, yi), (xj, yj) = ((math.log(positions[k]) if power else positions[k], math.log(max(values[k], floor)))
-                          for k in (i, j))
-    if xi == xj or (yj - yi) / (xj - xi) >= 0:
+    at = (lambda k: math.log(positions[k])) if power else (lambda k: positions[k])
+    x = _log_crossing(at(i), values[i], at(j), values[j], limit)
+    if x is None:
         return None
-    x = xi + (math.log(limit) - yi) * (xj - xi) / (yj - yi)
     x = math.exp(min(x, math.log(positions[-1]) + 1)) if power else x      # past the last: the last
     return next((k for k, position in enumerate(positions) if position >= x * (1 - 1e-9)), len(positions) - 1)
+
+
+def _log_crossing(x_i: float, value_i: float, x_j: float, value_j: float, limit: float) -> float | None:
+    """Where the line through (x_i, log value_i) and (x_j, log value_j) reaches log(limit) (limit > 0);
+    None when it does not fall. A passing value may be ~0 or below: its log is capped at limit / 1000."""
+    floor = limit / 1000
+    y_i, y_j = math.log(max(value_i, floor)), math.log(max(value_j, floor))
+    if x_i == x_j or (y_j - y_i) / (x_j - x_i) >= 0:
+        return None
+    return x_i + (math.log(limit) - y_i) * (x_j - x_i) / (y_j - y_i)
 
 
 def lora_layers(model, adapter_name: str = "default") -> dict:
@@ -664,9 +672,7 @@ def _refined_exclusion(chosen: int, values: dict, limit: float, widths: set) -> 
     (keep_lo, x_lo), (keep_hi, x_hi) = AUTO_LADDER[chosen - 1], AUTO_LADDER[chosen]
     if min(keep_lo, keep_hi) < 1 or values[chosen] > limit:
         return None                                    # not two exclusion rungs around the crossing
-    floor = limit / 1000
-    y_lo, y_hi = math.log(max(values[chosen - 1], floor)), math.log(max(values[chosen], floor))
-    x = x_lo + (math.log(limit) - y_lo) * (x_hi - x_lo) / (y_hi - y_lo)
+    x = _log_crossing(x_lo, values[chosen - 1], x_hi, values[chosen], limit)   # falls: failing, then passing
     widest = max(widths)
     x = math.ceil(x * widest - 1e-9) / widest          # the first whole column at or past the crossing
     columns = lambda frac, d: math.floor(frac * d + 1e-9)          # as safe_delta counts them
