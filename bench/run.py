@@ -513,28 +513,24 @@ print(json.dumps({"seconds": time.time() - t_process}))
 """
 
 
+def child_json(what: str, code: str, *args) -> dict:
+    """Run `code` in a fresh Python process; its last stdout line (JSON), plus process_wall_s."""
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", code, *map(str, args)], cwd=REPO, env=child_env(),
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{what} subprocess failed:\n{proc.stderr[-3000:]}")
+    return {**json.loads(proc.stdout.strip().splitlines()[-1]), "process_wall_s": time.perf_counter() - t0}
+
+
 def process_floor(source: Path) -> dict:
     """What every fresh process pays before Safe Delta starts: imports (torch, transformers' model code,
     peft with bitsandbytes), the base and the adapter; the same loads pipeline.defend() does first."""
-    t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", FLOOR_CODE, str(source)], cwd=REPO, env=child_env(),
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"floor subprocess failed:\n{proc.stderr[-3000:]}")
-    return {"seconds": json.loads(proc.stdout.strip().splitlines()[-1])["seconds"],
-            "process_wall_s": time.perf_counter() - t0}
+    return child_json("floor", FLOOR_CODE, source)
 
 
 def defend_subprocess(source: Path, out: Path, again: Path | None = None) -> dict:
-    t0 = time.perf_counter()
-    extra = [str(again)] if again else []
-    proc = subprocess.run([sys.executable, "-c", DEFEND_CODE, str(source), str(out), *extra], cwd=REPO, env=child_env(),
-                          capture_output=True, text=True)
-    wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        raise RuntimeError(f"defend subprocess failed:\n{proc.stderr[-3000:]}")
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    result["process_wall_s"] = wall
+    result = child_json("defend", DEFEND_CODE, source, out, *([again] if again else []))
     marks = result.pop("marks")
     stages = {}
     for (t, message), (t_next, _) in zip(marks, marks[1:]):
