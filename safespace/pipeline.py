@@ -571,7 +571,10 @@ def figures_for(results: dict, variants: dict, sweep: list | None = None) -> dic
     if "safegrad" in curves:
         figs["SafeGrad conflicts"] = plots.conflict_plot(curves["safegrad"])
     if variants.get("safedelta") is not None:
-        figs["Safe Delta: kept per layer"] = plots.kept_fraction_plot(runs.load_run(variants["safedelta"]).summary["layers"])
+        summary = runs.load_run(variants["safedelta"]).summary
+        if summary.get("auto"):
+            figs["Safe Delta: how the budget was chosen"] = plots.budget_search_plot(summary["auto"])
+        figs["Safe Delta: kept per layer"] = plots.kept_fraction_plot(summary["layers"])
     if sweep:
         figs["Harmful-ratio sweep"] = plots.sweep_plot(sweep)
     return figs

@@ -36,6 +36,7 @@ __all__ = [
     "training_curves",
     "conflict_plot",
     "kept_fraction_plot",
+    "budget_search_plot",
     "sweep_plot",
     "empty_figure",
     "variant_order",
@@ -405,6 +406,69 @@ def kept_fraction_plot(layer_stats: Sequence[Mapping[str, Any]]) -> go.Figure:
     fig.update_xaxes(title_text="Layer", tickangle=-45 if len(names) > 8 else 0,
                      type="category")
     fig.update_yaxes(title_text="Kept (%)", range=[0, 105])
+    return fig
+
+
+def _rung_label(rung: Mapping[str, Any]) -> str:
+    keep = _num(rung.get("keep"))
+    if rung.get("keep") is None:
+        return "whole update"
+    excluded = f"{100 * (_num(rung.get('exclude_frac')) or 0):.3g} % excluded"
+    return excluded if keep is not None and keep >= 1 else f"{excluded}, keep {keep:g}"
+
+
+def budget_search_plot(auto: Mapping[str, Any] | None) -> go.Figure:
+    """How Safe Delta's automatic budget was chosen: the held-in safety-loss rise (nats per answer
+    token above the aligned model) of every budget the search measured, against the share of the
+    most safety-sensitive input columns it excluded; the tolerance as a dashed line, budgets within
+    it filled, the chosen one a star. ``auto`` is a Safe Delta summary's ``"auto"`` entry:
+    ``{"tolerance", "chosen", "rungs": [{"keep", "exclude_frac", "rise", ...}]}``, weakest first."""
+    title = "Safe Delta: how the budget was chosen"
+    auto = auto if isinstance(auto, Mapping) else {}
+    rungs = [(i, r) for i, r in enumerate(auto.get("rungs") or []) if isinstance(r, Mapping)
+             and _num(r.get("rise")) is not None and _num(r.get("exclude_frac")) is not None]
+    if not rungs:
+        return empty_figure(title, "No automatic budget: a fixed budget measures no safety loss")
+    tolerance = _num(auto.get("tolerance"))
+    chosen = auto.get("chosen")
+    color = variant_color("safedelta")
+    xs = [100 * _num(r["exclude_frac"]) for _, r in rungs]
+    ys = [_num(r["rise"]) for _, r in rungs]
+    within = [tolerance is None or y <= tolerance for y in ys]
+    hovers = []
+    for (i, r), ok in zip(rungs, within):
+        parts = [f"<b>{_rung_label(r)}</b>", f"safety loss rise {_num(r['rise']):+.3f} nats/token"]
+        agree = _num(r.get("first_token_agreement"))
+        if agree is not None:
+            parts.append(f"first answer token as the aligned model's: {100 * agree:.0f} %")
+        energy = _num(r.get("kept_energy_frac"))
+        if energy is not None:
+            parts.append(f"update energy kept: {100 * energy:.1f} %")
+        parts.append("chosen" if i == chosen else "within tolerance" if ok else "too unsafe")
+        hovers.append("<br>".join(parts))
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(
+        x=xs, y=ys, mode="lines+markers+text", name="measured (filled: within tolerance)",
+        line=dict(color=NEUTRAL, width=1, dash="dot"),
+        marker=dict(size=11, color=[color if ok else "white" for ok in within],
+                    line=dict(color=color, width=2)),
+        text=[f"keep {_num(r['keep']):g}" if _num(r.get("keep")) is not None and _num(r["keep"]) < 1 else ""
+              for _, r in rungs],                      # past the last exclusion rung x stays put: say so
+        textposition="middle right", textfont=dict(size=11), hovertext=hovers, hoverinfo="text"))
+    picked = [k for k, (i, _) in enumerate(rungs) if i == chosen]
+    if picked:
+        k = picked[0]
+        fig.add_trace(go.Scatter(
+            x=[xs[k]], y=[ys[k]], mode="markers", name=f"chosen: {_rung_label(rungs[k][1])}, {ys[k]:+.3f}",
+            marker=dict(symbol="star", size=20, color=color, line=dict(color=NEUTRAL, width=1)),
+            hovertext=[hovers[k]], hoverinfo="text"))
+    if tolerance is not None:
+        fig.add_hline(y=tolerance, line=dict(color=NEUTRAL, dash="dash"),
+                      annotation_text=f"tolerance {tolerance:g}", annotation_position="top left")
+    _layout(fig, title, height=440, legend=dict(orientation="h", y=-0.22))
+    fig.update_xaxes(title_text="Most safety-sensitive input columns excluded (%)",
+                     range=[-0.04 * max(max(xs), 1), 1.08 * max(max(xs), 1)])
+    fig.update_yaxes(title_text="Held-in safety loss rise (nats/token)", zeroline=True)
     return fig
 
 

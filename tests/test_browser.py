@@ -121,6 +121,8 @@ def test_click_through_the_whole_story(page):
     assert wait_status(page, "ss-defend-status", ("finished", "failed")) == "finished", \
         page.locator("#ss-defend-status").inner_text()
     page.wait_for_selector("#ss-kept .js-plotly-plot")
+    page.wait_for_selector("#ss-budget .js-plotly-plot")          # the automatic budget's search, plotted
+    assert "tolerance" in page.locator("#ss-budget").inner_text()
     shot(page, "4-defend")
 
     # 4 - compare every variant, then ask them all one free prompt

@@ -32,6 +32,8 @@ def test_run_writes_every_variant_results_and_report(smoke_run):
         assert name in html
     assert runs.load_run(out / "safegrad").metrics()[0]["align_loss"] is not None
     assert runs.load_run(out / "safedelta").summary["layers"]
+    assert runs.load_run(out / "safedelta").summary["auto"]["rungs"]      # the default: a measured budget
+    assert "Safe Delta: how the budget was chosen" in html
 
 
 def test_safedelta_run_is_a_standard_peft_adapter(smoke_run):

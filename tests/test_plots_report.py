@@ -9,6 +9,7 @@ import pytest
 from safespace import plots
 from safespace.plots import (
     VARIANT_COLORS,
+    budget_search_plot,
     conflict_plot,
     kept_fraction_plot,
     safety_utility_bars,
@@ -151,6 +152,27 @@ def test_kept_fraction_plot():
     assert fig.data[0].marker.color == variant_color("safedelta")
 
 
+def test_budget_search_plot_marks_the_tolerance_and_the_chosen_budget():
+    rungs = [{"keep": None, "exclude_frac": 0.0, "rise": 0.69, "first_token_agreement": 0.5},
+             {"keep": 1.0, "exclude_frac": 0.25, "rise": 0.102},
+             {"keep": 1.0, "exclude_frac": 0.267, "rise": 0.098, "kept_energy_frac": 0.736},
+             {"keep": 1.0, "exclude_frac": 0.3, "rise": 0.095},
+             {"keep": 0.8, "exclude_frac": 0.4, "rise": 0.05}]
+    fig = budget_search_plot({"rungs": rungs, "chosen": 2, "tolerance": 0.1})
+    measured, chosen = fig.data
+    assert list(measured.x) == pytest.approx([0.0, 25.0, 26.7, 30.0, 40.0])
+    assert list(measured.y) == [0.69, 0.102, 0.098, 0.095, 0.05]
+    colour = variant_color("safedelta")          # filled within the tolerance, hollow above it
+    assert list(measured.marker.color) == ["white", "white", colour, colour, colour]
+    assert list(measured.text) == ["", "", "", "", "keep 0.8"]       # the x of a keep rung needs a word
+    assert list(chosen.x) == pytest.approx([26.7]) and "26.7 % excluded" in chosen.name and "+0.098" in chosen.name
+    assert "whole update" in measured.hovertext[0] and "50 %" in measured.hovertext[0]
+    assert "73.6 %" in measured.hovertext[2] and "chosen" in measured.hovertext[2]
+    assert [s.y0 for s in fig.layout.shapes] == [0.1]                # the tolerance line
+    none_chosen = budget_search_plot({"rungs": rungs[:2], "chosen": 7, "tolerance": 0.1})
+    assert len(none_chosen.data) == 1                                # no star for a chosen rung it lacks
+
+
 def test_sweep_plot_shapes():
     fig = sweep_plot(SWEEP)
     refusal = [tr for tr in fig.data if tr.xaxis == "x"]
@@ -166,7 +188,8 @@ def test_sweep_plot_shapes():
     (safety_utility_bars, {}), (safety_utility_bars, {"variants": {"x": {}}}),
     (tradeoff_scatter, {"variants": {"x": {"refusal": R(0.5)}}}), (training_curves, {}),
     (conflict_plot, []), (conflict_plot, [{"step": 1, "loss": 1.0}]), (kept_fraction_plot, []),
-    (sweep_plot, []), (sweep_plot, None), (safety_utility_bars, None),
+    (sweep_plot, []), (sweep_plot, None), (safety_utility_bars, None), (budget_search_plot, None),
+    (budget_search_plot, {"rungs": [{"keep": 1.0}]}),
 ])
 def test_missing_data_gives_an_empty_figure(fn, arg):
     fig = fn(arg)

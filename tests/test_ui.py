@@ -252,8 +252,9 @@ def test_safe_delta_poll_draws_the_kept_fraction(manager, monkeypatch):
     card, timer = defend.start(False, 0.2, A, REQ)
     assert timer.active
     wait_idle(manager, A)
-    _, (card, figure, summary), active = defend.poll(A, None)
+    _, (card, figure, search, summary), active = defend.poll(A, None)
     assert 'data-status="finished"' in card and not active
+    assert not search.data                      # a fixed budget measured no safety loss: nothing to plot
     assert list(figure.data[0].x) == ["L0.q_proj", "L1.q_proj", "L2.q_proj"]
     assert list(figure.data[0].y) == [50.0, 50.0, 50.0]
     assert "30.0 %" in summary and "3" in summary
@@ -264,16 +265,22 @@ def test_safe_delta_automatic_budget_passes_no_keep_and_shows_the_chosen_rung(ma
     fake_run(ws.run_path("sft"))
     seen = []
 
+    rungs = [{"keep": None, "exclude_frac": 0.0, "rise": 0.61},
+             {"keep": 1.0, "exclude_frac": 0.05, "rise": 0.07}]
+
     def fake_defend(ctx, keep):
         seen.append(keep)
+        fake_run(ctx.workspace.run_path("safedelta"), kind="safedelta", summary={
+            "status": "finished", "layers": [], "auto": {"rungs": rungs, "chosen": 1, "tolerance": 0.1}})
         return {}
 
     monkeypatch.setattr(jobs, "defend_job", fake_defend)
     defend.start(True, 0.2, A, REQ)                     # the slider's value is ignored
     wait_idle(manager, A)
     assert seen == [None]
-    rungs = [{"keep": None, "exclude_frac": 0.0, "rise": 0.61},
-             {"keep": 1.0, "exclude_frac": 0.05, "rise": 0.07}]
+    _, (_, _, search, _), _ = defend.poll(A, None)
+    assert list(search.data[0].x) == [0.0, 5.0] and list(search.data[0].y) == [0.61, 0.07]
+    assert list(search.data[1].x) == [5.0]              # the chosen rung, starred
     html = defend.summary_html({"auto": {"rungs": rungs, "chosen": 1}, "seconds": 3.0})
     assert "keep 1" in html and "5 %" in html and "+0.070" in html and "2 tried" in html
     whole = defend.summary_html({"auto": {"rungs": [dict(rungs[0], rise=0.01)], "chosen": 0}})

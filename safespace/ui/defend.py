@@ -7,7 +7,7 @@ from .. import jobs, plots
 from ..safedelta import SafeDeltaSettings
 from . import common
 
-N_POLL = 3
+N_POLL = 4
 # per-layer statistics may use the stage's own names; the figure reads the names on the left
 ALIASES = {"layer": ("name",), "kept_columns_frac": ("kept_columns",), "kept_energy_frac": ("kept_delta_energy",),
            "cost_before": ("cost_full",), "cost_after": ("cost_final",)}
@@ -96,7 +96,7 @@ def idle_text(ws: jobs.Workspace) -> str:
 
 
 def poll(visitor: str, last) -> tuple:
-    """(key, [card, kept-fraction plot, summary], active)."""
+    """(key, [card, kept-fraction plot, budget-search plot, summary], active)."""
     manager = common.manager()
     ws = manager.workspace(visitor)
     info = manager.latest(visitor, "defend")
@@ -110,8 +110,9 @@ def poll(visitor: str, last) -> tuple:
     run = ws.run("safedelta")
     summary = run.summary if run is not None and not active else None
     figure = plots.kept_fraction_plot(layer_rows((summary or {}).get("layers")))
+    search = plots.budget_search_plot((summary or {}).get("auto"))
     card = common.job_card(info, idle_text(ws))
-    return key, [card, figure, summary_html(summary)], active
+    return key, [card, figure, search, summary_html(summary)], active
 
 
 def build(shared: common.Shared) -> dict:
@@ -133,10 +134,11 @@ def build(shared: common.Shared) -> dict:
                            elem_id="ss-defend-status")
             summary = gr.HTML("")
         with gr.Column(scale=2):
+            search = gr.Plot(plots.budget_search_plot(None), label="How the budget was chosen", elem_id="ss-budget")
             figure = gr.Plot(plots.kept_fraction_plot([]), label="Kept per layer", elem_id="ss-kept")
     next_btn = gr.Button("Next: compare →", variant="primary", elem_id="ss-next-compare")
     auto.change(lambda on: gr.Slider(interactive=not on), auto, keep, api_visibility="private")
     run_btn.click(start, [auto, keep, shared.visitor], [card, shared.timer], api_name="safe_delta",
                   show_progress="minimal")
     next_btn.click(lambda: gr.Walkthrough(selected=4), None, shared.flow, api_visibility="private")
-    return {"poll": [card, figure, summary]}
+    return {"poll": [card, figure, search, summary]}

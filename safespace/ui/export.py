@@ -80,6 +80,8 @@ def build_report(visitor, request: gr.Request = None) -> str:
     if "safedelta" in found and found["safedelta"].summary.get("layers"):
         figures["Safe Delta: kept per layer"] = plots.kept_fraction_plot(
             defend.layer_rows(found["safedelta"].summary["layers"]))
+    if "safedelta" in found and found["safedelta"].summary.get("auto"):
+        figures["Safe Delta: how the budget was chosen"] = plots.budget_search_plot(found["safedelta"].summary["auto"])
     settings = dict(results.get("settings") or {})
     for name, run in found.items():
         settings[f"run {name}"] = {"model": run.model, **(run.config.get("settings") or {}),
