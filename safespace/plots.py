@@ -365,9 +365,11 @@ def short_layer_name(name: str) -> str:
 
 def kept_fraction_plot(layer_stats: Sequence[Mapping[str, Any]]) -> go.Figure:
     """Share of each layer's fine-tuning delta that Safe Delta kept: columns (bars) and
-    squared-norm energy (markers), per layer."""
+    squared-norm energy (markers), per layer. layer_stats: a Safe Delta summary's "layers" rows
+    (the layer in "name"; "layer" is read too)."""
     title = "Safe Delta: how much of each layer's update was kept"
-    rows = [r for r in (layer_stats or []) if isinstance(r, Mapping) and r.get("layer") is not None]
+    rows = [{"layer": r.get("name"), **r} for r in (layer_stats or []) if isinstance(r, Mapping)]
+    rows = [r for r in rows if r["layer"] is not None]      # "layer", or "name" as a summary's stats say
     names = [short_layer_name(r["layer"]) for r in rows]
     cols = [_num(r.get("kept_columns_frac")) for r in rows]
     energy = [_num(r.get("kept_energy_frac")) for r in rows]
