@@ -344,7 +344,7 @@ def conflict_plot(metrics: Sequence[Mapping[str, Any]], window: int = 20,
     fig.update_xaxes(title_text="Optimizer step")
     fig.update_yaxes(title_text="Cosine similarity", range=[-1.05, 1.05], secondary_y=False)
     fig.update_yaxes(title_text="Steps in conflict (%)", range=[0, 105], secondary_y=True,
-                     showgrid=False)
+                     showgrid=False, tickvals=[0, 25, 50, 75, 100])
     return fig
 
 
@@ -363,19 +363,26 @@ def short_layer_name(name: str) -> str:
     return f"L{m.group(1)}.{m.group(2)}" if m else name
 
 
+def _layer_and_module(name: str) -> tuple[str, str]:
+    """``model.layers.3.self_attn.q_proj`` -> (``L3``, ``q_proj``); a name without a layer index
+    -> (the name, "")."""
+    short = short_layer_name(name)
+    m = re.fullmatch(r"(L\d+)\.(\w+)", short)
+    return (m.group(1), m.group(2)) if m else (short, "")
+
+
 def kept_fraction_plot(layer_stats: Sequence[Mapping[str, Any]]) -> go.Figure:
     """Share of each layer's fine-tuning delta that Safe Delta kept: columns (bars) and
-    squared-norm energy (markers), per layer. layer_stats: a Safe Delta summary's "layers" rows
-    (the layer in "name"; "layer" is read too)."""
+    squared-norm energy (markers), per transformer layer, one bar per adapted module (q_proj,
+    v_proj, ...) side by side. layer_stats: a Safe Delta summary's "layers" rows (the layer in
+    "name"; "layer" is read too)."""
     title = "Safe Delta: how much of each layer's update was kept"
     rows = [{"layer": r.get("name"), **r} for r in (layer_stats or []) if isinstance(r, Mapping)]
     rows = [r for r in rows if r["layer"] is not None]      # "layer", or "name" as a summary's stats say
-    names = [short_layer_name(r["layer"]) for r in rows]
     cols = [_num(r.get("kept_columns_frac")) for r in rows]
     energy = [_num(r.get("kept_energy_frac")) for r in rows]
     if not rows or all(c is None for c in cols) and all(e is None for e in energy):
         return empty_figure(title, "No Safe Delta statistics yet")
-    color = variant_color("safedelta")
     fig = go.Figure()
 
     def hover(r: Mapping[str, Any]) -> str:
@@ -390,23 +397,28 @@ def kept_fraction_plot(layer_stats: Sequence[Mapping[str, Any]]) -> go.Figure:
                 parts.append(f"{label}: {v:.3g}")
         return "<br>".join(parts)
 
-    hovers = [hover(r) for r in rows]
-    if any(c is not None for c in cols):
-        fig.add_trace(go.Bar(
-            x=names, y=[100 * c if c is not None else None for c in cols],
-            name="columns kept", marker=dict(color=color), hovertext=hovers,
-            hoverinfo="text",
-        ))
-    if any(e is not None for e in energy):
-        fig.add_trace(go.Scatter(
-            x=names, y=[100 * e if e is not None else None for e in energy],
-            name="update energy kept", mode="markers",
-            marker=dict(color=NEUTRAL, symbol="diamond", size=8), hovertext=hovers,
-            hoverinfo="text",
-        ))
-    _layout(fig, title, height=440)
-    fig.update_xaxes(title_text="Layer", tickangle=-45 if len(names) > 8 else 0,
-                     type="category")
+    by_module: dict[str, list[int]] = {}
+    for i, r in enumerate(rows):
+        by_module.setdefault(_layer_and_module(r["layer"])[1], []).append(i)
+    shades = [variant_color("safedelta"), "#E8B9D5", *FALLBACK_COLORS]
+    for k, ((module, idx), color) in enumerate(zip(by_module.items(), shades)):
+        xs = [_layer_and_module(rows[i]["layer"])[0] for i in idx]
+        label = f"{module}: " if module else ""
+        hovers = [hover(rows[i]) for i in idx]
+        if any(cols[i] is not None for i in idx):
+            fig.add_trace(go.Bar(
+                x=xs, y=[100 * cols[i] if cols[i] is not None else None for i in idx],
+                name=f"{label}columns kept", marker=dict(color=color), offsetgroup=module or "all", legendrank=k,
+                hovertext=hovers, hoverinfo="text"))
+        if any(energy[i] is not None for i in idx):
+            fig.add_trace(go.Scatter(
+                x=xs, y=[100 * energy[i] if energy[i] is not None else None for i in idx],
+                name="update energy kept", legendgroup="energy", showlegend=k == 0, legendrank=1000,
+                mode="markers", offsetgroup=module or "all",
+                marker=dict(color=NEUTRAL, symbol="diamond", size=7), hovertext=hovers, hoverinfo="text"))
+    n_x = len({_layer_and_module(r["layer"])[0] for r in rows})
+    _layout(fig, title, height=440, barmode="group", scattermode="group", bargap=0.25)
+    fig.update_xaxes(title_text="Layer", tickangle=-45 if n_x > 16 else 0, type="category")
     fig.update_yaxes(title_text="Kept (%)", range=[0, 105])
     return fig
 

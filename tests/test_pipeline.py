@@ -35,8 +35,9 @@ def test_run_writes_every_variant_results_and_report(smoke_run):
     assert runs.load_run(out / "safedelta").summary["auto"]["rungs"]      # the default: a measured budget
     assert "Safe Delta: how the budget was chosen" in html
     figures = pipeline.figures_for(results, {n: out / n for n in ["base", "sft", "safegrad", "safedelta"]})
-    kept = figures["Safe Delta: kept per layer"].data               # the summary's own per-layer rows
-    assert len(kept[0].x) == len(runs.load_run(out / "safedelta").summary["layers"]) and kept[0].x[0] == "L0.q_proj"
+    bars = [t for t in figures["Safe Delta: kept per layer"].data if t.type == "bar"]   # the summary's own rows
+    assert sum(len(t.x) for t in bars) == len(runs.load_run(out / "safedelta").summary["layers"])
+    assert [t.name for t in bars] == ["q_proj: columns kept", "v_proj: columns kept"] and bars[0].x[0] == "L0"
 
 
 def test_safedelta_run_is_a_standard_peft_adapter(smoke_run):

@@ -143,13 +143,21 @@ def test_short_layer_name():
     assert short_layer_name("lm_head") == "lm_head"
 
 
-def test_kept_fraction_plot():
-    stats = [{"layer": f"model.layers.{i}.self_attn.q_proj", "kept_columns_frac": 0.5 + i / 10,
-              "kept_energy_frac": 0.4, "cost_before": 1.0, "cost_after": 0.1} for i in range(3)]
+def test_kept_fraction_plot_groups_each_layers_modules():
+    stats = [{"name": f"base_model.model.model.layers.{i}.self_attn.{m}", "kept_columns_frac": 0.5 + i / 10,
+              "kept_energy_frac": 0.4, "cost_before": 1.0, "cost_after": 0.1}
+             for i in range(3) for m in ("q_proj", "v_proj")]       # as a Safe Delta summary lists them
     fig = kept_fraction_plot(stats)
-    assert list(fig.data[0].x) == ["L0.q_proj", "L1.q_proj", "L2.q_proj"]
-    assert fig.data[0].y[1] == pytest.approx(60.0)
-    assert fig.data[0].marker.color == variant_color("safedelta")
+    q_bars, q_energy, v_bars, v_energy = fig.data
+    assert q_bars.name == "q_proj: columns kept" and v_bars.name == "v_proj: columns kept"
+    assert list(q_bars.x) == list(v_bars.x) == ["L0", "L1", "L2"]     # one slot per layer, modules side by side
+    assert list(q_bars.y) == pytest.approx([50.0, 60.0, 70.0]) and list(q_energy.y) == pytest.approx([40.0] * 3)
+    assert q_bars.marker.color == variant_color("safedelta") != v_bars.marker.color
+    assert q_energy.offsetgroup == q_bars.offsetgroup != v_energy.offsetgroup   # a marker sits on its bar
+    assert [t.showlegend for t in (q_energy, v_energy)] == [True, False]
+    assert "L1.v_proj" in v_bars.hovertext[1] and "60.0 %" in v_bars.hovertext[1]
+    plain = kept_fraction_plot([{"layer": "lm_head", "kept_columns_frac": 1.0}])    # no layer index
+    assert list(plain.data[0].x) == ["lm_head"] and plain.data[0].name == "columns kept"
 
 
 def test_budget_search_plot_marks_the_tolerance_and_the_chosen_budget():

@@ -255,7 +255,7 @@ def test_safe_delta_poll_draws_the_kept_fraction(manager, monkeypatch):
     _, (card, figure, search, summary), active = defend.poll(A, None)
     assert 'data-status="finished"' in card and not active
     assert not search.data                      # a fixed budget measured no safety loss: nothing to plot
-    assert list(figure.data[0].x) == ["L0.q_proj", "L1.q_proj", "L2.q_proj"]
+    assert figure.data[0].name == "q_proj: columns kept" and list(figure.data[0].x) == ["L0", "L1", "L2"]
     assert list(figure.data[0].y) == [50.0, 50.0, 50.0]
     assert "30.0 %" in summary and "3" in summary
 
