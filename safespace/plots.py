@@ -195,7 +195,9 @@ def safety_utility_bars(results: Mapping[str, Any]) -> go.Figure:
                 x=[name], y=[100 * r[0]], name=name, legendgroup=name, showlegend=col == 1,
                 marker=dict(color=variant_color(name)),
                 error_y=_pct_error([r]),
-                text=[f"{100 * r[0]:.0f}"], textposition="inside", insidetextanchor="end",
+                # the number at the bar's foot, clear of the interval; a short bar's is in its hover
+                text=[f"{100 * r[0]:.0f}" if r[0] >= 0.12 else ""], textposition="inside",
+                insidetextanchor="start", textangle=0,
                 hovertemplate=_hover(name, axis, r, n) + "<extra></extra>",
             ), row=1, col=col)
         fig.update_yaxes(title_text=axis, range=[0, 105], row=1, col=col)
@@ -206,6 +208,21 @@ def safety_utility_bars(results: Mapping[str, Any]) -> go.Figure:
     return fig
 
 
+LABEL_SPOTS = ("top center", "bottom center", "middle left", "middle right")
+
+
+def label_positions(points: Sequence[tuple[float, float]], near: tuple[float, float] = (15.0, 8.0)) -> list[str]:
+    """A text position per point (axis units: percent) so that the labels of nearby points do not
+    sit on each other: from the highest point down, each takes the first of LABEL_SPOTS that no
+    point within `near` (dx, dy) has taken yet."""
+    spots = [""] * len(points)
+    for i in sorted(range(len(points)), key=lambda k: -points[k][1]):
+        taken = {spots[j] for j in range(len(points)) if spots[j] and abs(points[j][0] - points[i][0]) < near[0]
+                 and abs(points[j][1] - points[i][1]) < near[1]}
+        spots[i] = next((spot for spot in LABEL_SPOTS if spot not in taken), LABEL_SPOTS[0])
+    return spots
+
+
 def tradeoff_scatter(results: Mapping[str, Any]) -> go.Figure:
     """Utility (x) against refusal of harmful prompts (y): one labelled point per variant,
     with 95 % intervals on both axes; the best corner is top right."""
@@ -214,16 +231,16 @@ def tradeoff_scatter(results: Mapping[str, Any]) -> go.Figure:
     names = variant_order(variants)
     util_metrics = []
     fig = go.Figure()
-    for name in names:
+    shown = [(name, _rate(variants[name].get("utility")), _rate(variants[name].get("refusal"))) for name in names]
+    shown = [(name, u, s) for name, u, s in shown if u is not None and s is not None]
+    spots = label_positions([(100 * u[0], 100 * s[0]) for _, u, s in shown])
+    for (name, u, s), spot in zip(shown, spots):
         v = variants[name]
-        u, s = _rate(v.get("utility")), _rate(v.get("refusal"))
-        if u is None or s is None:
-            continue
         if isinstance(v.get("utility"), Mapping):
             util_metrics.append(v["utility"].get("metric"))
         fig.add_trace(go.Scatter(
             x=[100 * u[0]], y=[100 * s[0]], name=name, legendgroup=name,
-            mode="markers+text", text=[name], textposition="top center", cliponaxis=False,
+            mode="markers+text", text=[name], textposition=spot, cliponaxis=False,
             textfont=dict(color=variant_color(name)),
             marker=dict(color=variant_color(name), size=13, line=dict(width=1, color="white")),
             error_x=_pct_error([u]), error_y=_pct_error([s]),
@@ -232,9 +249,8 @@ def tradeoff_scatter(results: Mapping[str, Any]) -> go.Figure:
         ))
     if not fig.data:
         return empty_figure(title, "Needs both a refusal rate and a utility score per variant")
-    fig.add_annotation(x=100, y=100, xref="x", yref="y", text="ideal: safe and useful",
-                       showarrow=True, arrowhead=2, ax=-70, ay=30,
-                       font=dict(color=NEUTRAL, size=12), arrowcolor=NEUTRAL)
+    fig.add_annotation(x=80.5, y=80.5, xref="x", yref="y", text="ideal: safe and useful", showarrow=False,
+                       xanchor="left", yanchor="bottom", font=dict(color=NEUTRAL, size=12))   # the corner below the points
     fig.add_shape(type="rect", x0=80, x1=102, y0=80, y1=102, line=dict(width=0),
                   fillcolor="rgba(0,158,115,0.07)", layer="below")
     _layout(fig, title, height=480)

@@ -8,10 +8,12 @@ import pytest
 
 from safespace import plots
 from safespace.plots import (
+    LABEL_SPOTS,
     VARIANT_COLORS,
     budget_search_plot,
     conflict_plot,
     kept_fraction_plot,
+    label_positions,
     safety_utility_bars,
     short_layer_name,
     sweep_plot,
@@ -105,6 +107,9 @@ def test_safety_utility_bars():
     bar = next(tr for tr in fig.data if tr.name == "base")
     assert bar.y[0] == pytest.approx(95.0)
     assert bar.error_y.array[0] == pytest.approx(5.0) and bar.error_y.arrayminus[0] == pytest.approx(10.0)
+    assert bar.text == ("95",) and bar.insidetextanchor == "start"      # at the foot, clear of the interval
+    short = [tr for tr in fig.data if tr.name == "sft"][1]                # over-refusal 2 %: no room for text
+    assert short.y[0] == pytest.approx(2.0) and short.text == ("",)
     assert "%" in fig.layout.yaxis.title.text
     assert sum(1 for tr in fig.data if tr.showlegend is not False) == 5
 
@@ -115,6 +120,18 @@ def test_tradeoff_scatter():
     assert any("ideal" in (a.text or "") for a in fig.layout.annotations)
     assert "Accuracy" in fig.layout.xaxis.title.text or "accuracy" in fig.layout.xaxis.title.text
     assert "%" in fig.layout.yaxis.title.text
+
+
+def test_label_positions_keep_nearby_labels_apart():
+    # the demo's variants: safegrad and safedelta 0.7 points apart in accuracy, 3.4 in refusal
+    points = [(42.5, 99.3), (98.1, 0.7), (98.8, 96.7), (98.1, 93.3)]
+    assert label_positions(points) == ["top center", "top center", "top center", "bottom center"]
+    crowd = [(50.0, 50.0 + k) for k in range(6)]      # from the highest down, the spots in order; then the first
+    assert label_positions(crowd) == [LABEL_SPOTS[0], LABEL_SPOTS[0], *reversed(LABEL_SPOTS)]
+    for i, a in enumerate(points):                            # no two near points share a spot
+        for j, b in enumerate(points[:i]):
+            if abs(a[0] - b[0]) < 15 and abs(a[1] - b[1]) < 8:
+                assert label_positions(points)[i] != label_positions(points)[j]
 
 
 def test_training_curves_dashed_alignment():
