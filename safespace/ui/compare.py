@@ -207,9 +207,9 @@ def build(shared: common.Shared) -> dict:
     card = gr.HTML(common.job_card(None, "Ready when you have trained at least one variant."),
                    elem_id="ss-compare-status")
     kpis = gr.HTML("", elem_id="ss-kpis")
-    with gr.Row():
-        bars = gr.Plot(plots.safety_utility_bars({}), label="Safety and utility", elem_id="ss-bars")
-        scatter = gr.Plot(plots.tradeoff_scatter({}), label="Trade-off", elem_id="ss-scatter")
+    # one above the other: the bars' three panels need the page's width for their titles and names
+    bars = gr.Plot(plots.safety_utility_bars({}), label="Safety and utility", elem_id="ss-bars")
+    scatter = gr.Plot(plots.tradeoff_scatter({}), label="Trade-off", elem_id="ss-scatter")
     which = gr.Radio(FILTERS, value="all", label="Show", elem_id="ss-filter")
     table = gr.HTML(answers_html([]), elem_id="ss-answers")
     with gr.Group():
