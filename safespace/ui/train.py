@@ -87,7 +87,7 @@ def train(visitor, ratio, model, quantization, rank, alpha, targets, steps, lr, 
 
 def train_both(visitor, ratio, model, quantization, rank, alpha, targets, steps, lr, batch, seed, mode, lam,
                align_batch, request: gr.Request = None):
-    """Queue a plain fine-tune and then the same with SafeGrad (sft when SafeGrad is set to off)."""
+    """Queue a plain fine-tune and then the same with SafeGrad (DEFAULT_LOSS when SafeGrad is set to off)."""
     return _start(True, visitor, request, ratio, model, quantization, rank, alpha, targets, steps, lr, batch, seed,
                   mode, lam, align_batch)
 
@@ -237,7 +237,7 @@ def build(shared: common.Shared) -> dict:
                                            info="which linear layers get an adapter")
         with gr.Column(scale=1, min_width=320):
             mode = gr.Radio(SAFEGRAD_CHOICES, value="off", label="SafeGrad (for Train)",
-                            info="Train both always trains one without and one with SafeGrad (sft when this is off)",
+                            info=f"Train both always trains one without and one with SafeGrad ({DEFAULT_LOSS} when this is off)",
                             elem_id="ss-safegrad")
             with gr.Row():
                 lam = gr.Slider(0, 5, value=1.0, step=0.1, label="Lambda",
