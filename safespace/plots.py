@@ -276,34 +276,55 @@ def _series(rows: Iterable[Mapping[str, Any]], key: str) -> tuple[list[float], l
     return xs, ys
 
 
+SMOOTH_FROM = 20      # steps: a shorter curve is drawn as it is
+SMOOTH_WEIGHT = 0.8
+
+
+def ema_smooth(values: Sequence[float], weight: float = SMOOTH_WEIGHT) -> list[float]:
+    """Exponential moving average with the start-up bias removed (as TensorBoard's smoothing):
+    a constant series stays constant, weight 0 returns the values."""
+    out, acc = [], 0.0
+    for i, v in enumerate(values):
+        acc = weight * acc + (1 - weight) * v
+        out.append(acc / (1 - weight ** (i + 1)))
+    return out
+
+
 def training_curves(metrics_by_variant: Mapping[str, Sequence[Mapping[str, Any]]]) -> go.Figure:
-    """Task loss (solid) and alignment loss (dashed, when logged) against step, per variant.
+    """Task loss (solid) and alignment loss (dashed, when logged) against step, per variant. From
+    SMOOTH_FROM logged steps on, each curve is drawn smoothed (ema_smooth) over its raw values, faint.
 
     Metric rows are dicts with ``step``, ``loss`` and optionally ``align_loss``, ``cos``,
     ``conflict``, ``lr``, ``seconds``.
     """
     title = "Training loss"
     fig = go.Figure()
+    smoothed_any = False
     for name in variant_order((metrics_by_variant or {}).keys()):
         rows = metrics_by_variant[name] or []
         color = variant_color(name)
-        xs, ys = _series(rows, "loss")
-        if xs:
+        for key, what, dash in (("loss", "task loss", None), ("align_loss", "alignment loss", "dash")):
+            xs, ys = _series(rows, key)
+            if not xs:
+                continue
+            hover = f"{name}<br>step %{{x}}<br>{what} %{{y:.3f}}"
+            smooth = len(xs) >= SMOOTH_FROM
+            if smooth:
+                smoothed_any = True
+                fig.add_trace(go.Scatter(
+                    x=xs, y=ys, name=f"{name}: {what}, raw", legendgroup=name, showlegend=False, mode="lines",
+                    line=dict(color=color, width=1, dash=dash), opacity=0.3,
+                    hovertemplate=hover + " (raw)<extra></extra>"))
+                ys = ema_smooth(ys)
+                hover += " (smoothed)"
             fig.add_trace(go.Scatter(
-                x=xs, y=ys, name=f"{name}: task loss", legendgroup=name, mode="lines",
-                line=dict(color=color, width=2),
-                hovertemplate=f"{name}<br>step %{{x}}<br>task loss %{{y:.3f}}<extra></extra>",
-            ))
-        xs, ys = _series(rows, "align_loss")
-        if xs:
-            fig.add_trace(go.Scatter(
-                x=xs, y=ys, name=f"{name}: alignment loss", legendgroup=name, mode="lines",
-                line=dict(color=color, width=2, dash="dash"),
-                hovertemplate=f"{name}<br>step %{{x}}<br>alignment loss %{{y:.3f}}<extra></extra>",
-            ))
+                x=xs, y=ys, name=f"{name}: {what}", legendgroup=name, mode="lines",
+                line=dict(color=color, width=2.5 if smooth else 2, dash=dash),
+                hovertemplate=hover + "<extra></extra>"))
     if not fig.data:
         return empty_figure(title, "No training metrics yet")
-    _layout(fig, title + " (solid: task, dashed: alignment)")
+    note = "solid: task, dashed: alignment" + ("; smoothed, raw faint" if smoothed_any else "")
+    _layout(fig, f"{title} ({note})")
     fig.update_xaxes(title_text="Optimizer step")
     fig.update_yaxes(title_text="Loss (cross-entropy, nats per token)", rangemode="tozero")
     return fig

@@ -12,6 +12,7 @@ from safespace.plots import (
     VARIANT_COLORS,
     budget_search_plot,
     conflict_plot,
+    ema_smooth,
     kept_fraction_plot,
     label_positions,
     safety_utility_bars,
@@ -132,6 +133,27 @@ def test_label_positions_keep_nearby_labels_apart():
         for j, b in enumerate(points[:i]):
             if abs(a[0] - b[0]) < 15 and abs(a[1] - b[1]) < 8:
                 assert label_positions(points)[i] != label_positions(points)[j]
+
+
+def test_ema_smooth_is_a_debiased_moving_average():
+    assert ema_smooth([3.0] * 5) == pytest.approx([3.0] * 5)          # no start-up bias towards 0
+    assert ema_smooth([1.0, 5.0, 2.0], weight=0.0) == [1.0, 5.0, 2.0]
+    assert ema_smooth([0.0, 1.0], weight=0.5) == pytest.approx([0.0, 0.5 / 0.75])   # (0.5*0*0.5 + 0.5*1) / (1-0.25)
+    noisy = [1.0 + (-1) ** i * 0.5 for i in range(40)]
+    smooth = ema_smooth(noisy)
+    assert max(smooth[10:]) - min(smooth[10:]) < 0.25 * (max(noisy) - min(noisy))
+
+
+def test_training_curves_smooth_long_runs_over_their_raw_values():
+    rows = [{"step": i, "loss": 1.0 + (-1) ** i * 0.3, "align_loss": 0.5} for i in range(1, 41)]
+    fig = training_curves({"safegrad": rows})
+    raw = [t for t in fig.data if t.showlegend is False]
+    shown = [t for t in fig.data if t.showlegend is not False]
+    assert [t.name for t in shown] == ["safegrad: task loss", "safegrad: alignment loss"]
+    assert [t.name for t in raw] == ["safegrad: task loss, raw", "safegrad: alignment loss, raw"]
+    assert list(raw[0].y) == [r["loss"] for r in rows] and raw[0].opacity == 0.3
+    assert list(shown[0].y) == pytest.approx(ema_smooth([r["loss"] for r in rows]))
+    assert "smoothed" in fig.layout.title.text
 
 
 def test_training_curves_dashed_alignment():
