@@ -29,7 +29,7 @@ test: install browser
 	HF_HUB_OFFLINE=1 GRADIO_ANALYTICS_ENABLED=False $(PY) -m pytest -q
 
 demo: install
-	$(PY) -m safespace run examples/configs/demo.yaml --out runs/demo
+	$(PY) -m safespace run examples/configs/demo.yaml --out runs/demo --overwrite
 
 bench: install
 	$(PY) -m pip install -q -r bench/requirements.txt

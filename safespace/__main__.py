@@ -4,11 +4,13 @@
     python -m safespace check-data FILE
     python -m safespace align [--model smollm2-135m] [--force]
     python -m safespace train --model M --data FILE [--harmful-ratio P] [--safegrad off|sft|kl]
-                              [--steps N] [--seed S] --out RUN
-    python -m safespace safedelta --run RUN --out RUN2 [--scale S | --keep K | --tolerance T]
+                              [--steps N] [--seed S] --out RUN [--overwrite]
+    python -m safespace safedelta --run RUN --out RUN2 [--scale S | --keep K | --tolerance T] [--overwrite]
     python -m safespace generate (--run RUN | --model M) --prompts FILE --out OUT.jsonl
     python -m safespace evaluate --runs RUN... --out results.json
-    python -m safespace run CONFIG.yaml --out DIR
+    python -m safespace run CONFIG.yaml --out DIR [--overwrite]
+
+An --out folder that already holds something is refused unless --overwrite is given.
 
 Known problems (bad data, bad settings, missing models or runs) print one line and exit 2.
 """
@@ -46,6 +48,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantization", choices=["auto", "4bit", "none"], default="auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="run folder to write")
+    p.add_argument("--overwrite", action="store_true", help="replace what --out already holds")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("safedelta", help="apply Safe Delta to a fine-tuned run")
     p.add_argument("--run", required=True)
     p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true", help="replace what --out already holds")
     p.add_argument("--scale", type=float, default=None, help="the paper's budget scale s (uses the paper's rule)")
     p.add_argument("--keep", type=float, default=None, help="relative budget: share of the full delta's safety cost allowed")
     p.add_argument("--tolerance", type=float, default=None,
@@ -88,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="the whole demo: align -> train -> defend -> evaluate -> report")
     p.add_argument("config")
     p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true", help="replace what --out already holds")
     return parser
 
 
@@ -120,7 +125,7 @@ def _cmd_align(args) -> int:
 
 
 def _cmd_train(args) -> int:
-    from . import pipeline
+    from . import pipeline, runs
     from .config import LoraSettings, SafeGradSettings, TrainSettings
     from .progress import console_progress
 
@@ -132,6 +137,7 @@ def _cmd_train(args) -> int:
                           targets=tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())),
         safegrad=SafeGradSettings(mode=args.safegrad, lam=args.safegrad_lambda, align_size=args.align_size,
                                   align_batch=args.align_batch, every=args.align_every))
+    runs.check_out(args.out, args.overwrite)
     prepared = pipeline.prepare_data(args.data, settings.harmful_ratio, settings.seed, settings.val_fraction)
     run = pipeline.train_variant(settings, prepared, args.out, on_event=console_progress("train"),
                                  align_progress=console_progress("aligning"))
@@ -140,11 +146,12 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_safedelta(args) -> int:
-    from . import pipeline
+    from . import pipeline, runs
     from .config import ConfigError
 
     if sum(x is not None for x in (args.scale, args.keep, args.tolerance)) > 1:
         raise ConfigError("give one budget: --scale (paper), --keep (relative) or --tolerance (automatic)")
+    runs.check_out(args.out, args.overwrite, reads=[args.run])
     run = pipeline.defend(args.run, args.out, scale=args.scale, keep=args.keep, tolerance=args.tolerance,
                           compensate=not args.no_compensation, tokens=args.tokens, ranking=args.ranking)
     auto = run.summary.get("auto")
@@ -181,8 +188,10 @@ def _cmd_evaluate(args) -> int:
 
 
 def _cmd_run(args) -> int:
-    from . import pipeline
+    from . import pipeline, runs
 
+    pipeline.load_config(args.config)               # a bad config fails before anything is checked or built
+    runs.check_out(args.out, args.overwrite)
     pipeline.run_config(args.config, args.out)
     return 0
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import os
 import random
 import time
@@ -191,6 +192,12 @@ def defend(run_path, out, *, keep: float | None = None, scale: float | None = No
     source = runs.load_run(run_path)
     if source.kind != "train":
         raise runs.RunError(f"{source.path}: Safe Delta needs a fine-tuned run, not a {source.kind} run")
+    if keep is not None and not 0 < keep <= 1:
+        raise ConfigError(f"keep must be in (0, 1] (the share of the full update's estimated safety cost kept), got {keep}")
+    if tolerance is not None and not 0 <= tolerance < math.inf:
+        raise ConfigError(f"tolerance must be >= 0 (nats per answer token the held-in safety loss may rise), got {tolerance}")
+    if scale is not None and not 0 < scale < math.inf:
+        raise ConfigError(f"scale must be > 0 (the paper's budget scale s), got {scale}")
     budget = (dict(budget="paper", scale=scale) if scale is not None else
               dict(budget="relative", keep=keep) if keep is not None else
               dict(budget="auto", tolerance=tolerance) if tolerance is not None else {})

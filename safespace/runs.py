@@ -162,6 +162,25 @@ def _read_json(file: Path) -> dict:
     return data
 
 
+def check_out(out: str | Path, overwrite: bool = False, reads: list | tuple = ()) -> None:
+    """Refuse an output folder that would lose work: one of the runs being read (`reads`), a file,
+    or a folder that already holds something, unless `overwrite`. Raises RunError saying why."""
+    out = Path(out)
+    for source in reads:
+        if Path(source).resolve() == out.resolve():
+            raise RunError(f"--out {out} is the run being read; write the result to another folder")
+    if out.is_file():
+        raise RunError(f"--out {out} is a file; give a folder to write the run into")
+    if overwrite or not out.is_dir() or not any(out.iterdir()):
+        return
+    try:
+        run = load_run(out)
+        what = f"a {run.kind} run ({run.summary.get('status', 'unknown status')})"
+    except RunError:
+        what = "files"
+    raise RunError(f"--out {out} already holds {what}; pass --overwrite to replace it, or choose another folder")
+
+
 def load_run(path: str | Path) -> Run:
     """Open a run folder, checking that every file it needs is there and readable."""
     path = Path(path)

@@ -125,6 +125,42 @@ def test_cli_train_records_its_data_so_evaluate_scores_utility(tiny_model_dir, t
     assert rows[-1]["reference"] in ("positive", "negative") and rows[0]["reference"] is None
 
 
+def test_cli_never_writes_over_a_run_unless_told(tiny_model_dir, tmp_path, capsys):
+    from safespace.__main__ import main
+
+    train = ["train", "--model", tiny_model_dir, "--data", "bundled:sentiment_train", "--steps", "1",
+             "--batch-size", "2", "--max-length", "64", "--warmup", "0", "--lora-r", "2", "--lora-alpha", "4"]
+    sft = tmp_path / "sft"
+    assert main(train + ["--out", str(sft)]) == 0
+    adapter = (sft / "adapter" / "adapter_model.safetensors").read_bytes()
+    capsys.readouterr()
+    assert main(train + ["--seed", "1", "--out", str(sft)]) == 2           # refused before any training
+    err = capsys.readouterr().err
+    assert "already holds a train run (finished)" in err and "--overwrite" in err and "Traceback" not in err
+    # Safe Delta written over its own source, or over another run: refused, the runs untouched
+    assert main(["safedelta", "--run", str(sft), "--out", str(sft) + "/"]) == 2
+    assert "is the run being read" in capsys.readouterr().err
+    other = tmp_path / "other"
+    assert main(train + ["--out", str(other)]) == 0
+    assert main(["safedelta", "--run", str(sft), "--out", str(other)]) == 2
+    assert runs.load_run(other).kind == "train"
+    assert (sft / "adapter" / "adapter_model.safetensors").read_bytes() == adapter
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("mine")
+    assert main(["run", str(SMOKE), "--out", str(tmp_path / "notes")]) == 2
+    assert "already holds files" in capsys.readouterr().err
+    assert main(["safedelta", "--run", str(sft), "--out", str(tmp_path / "notes" / "todo.txt")]) == 2
+    assert "is a file" in capsys.readouterr().err
+    # a bad budget is refused with the reason, before any work
+    for flag, value, words in (("--keep", "2", "keep must be in (0, 1]"), ("--tolerance", "-1", "tolerance must be >= 0"),
+                               ("--scale", "0", "scale must be > 0"), ("--keep", "nan", "keep must be in (0, 1]")):
+        assert main(["safedelta", "--run", str(sft), "--out", str(tmp_path / "sd"), flag, value]) == 2
+        assert words in capsys.readouterr().err
+    assert not (tmp_path / "sd").exists()
+    assert main(train + ["--seed", "1", "--out", str(sft), "--overwrite"]) == 0     # told: replaced
+    assert (sft / "adapter" / "adapter_model.safetensors").read_bytes() != adapter
+
+
 def test_summary_line_marks_unmeasured_metrics_instead_of_nan():
     line = pipeline.summary_line({"utility": {"metric": "accuracy", "value": 0.994},
                                   "over_refusal": {"value": float("nan")}})
