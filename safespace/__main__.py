@@ -169,6 +169,7 @@ def _cmd_safedelta(args) -> int:
 def _cmd_generate(args) -> int:
     from . import data, pipeline, runs
 
+    runs.check_file_out(args.out)
     prompts = data.load_prompts(args.prompts)
     answers = pipeline.answer(prompts, run=args.run, model=args.model, max_new_tokens=args.max_new_tokens,
                               batch_size=args.batch_size)
@@ -179,8 +180,9 @@ def _cmd_generate(args) -> int:
 
 
 def _cmd_evaluate(args) -> int:
-    from . import pipeline
+    from . import pipeline, runs
 
+    runs.check_file_out(args.out)
     results = pipeline.evaluate_runs(args.runs, args.out, max_new_tokens=args.max_new_tokens)
     for name, v in results["variants"].items():
         print(f"{name:<14} {pipeline.summary_line(v)}")

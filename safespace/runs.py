@@ -181,6 +181,12 @@ def check_out(out: str | Path, overwrite: bool = False, reads: list | tuple = ()
     raise RunError(f"--out {out} already holds {what}; pass --overwrite to replace it, or choose another folder")
 
 
+def check_file_out(out: str | Path) -> None:
+    """Refuse a file output (results, answers) that names a folder, before any work is done."""
+    if Path(out).is_dir():
+        raise RunError(f"--out {out} is a folder; give a file name, e.g. {Path(out) / 'results.json'}")
+
+
 def load_run(path: str | Path) -> Run:
     """Open a run folder, checking that every file it needs is there and readable."""
     path = Path(path)

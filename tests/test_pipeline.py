@@ -151,6 +151,10 @@ def test_cli_never_writes_over_a_run_unless_told(tiny_model_dir, tmp_path, capsy
     assert "already holds files" in capsys.readouterr().err
     assert main(["safedelta", "--run", str(sft), "--out", str(tmp_path / "notes" / "todo.txt")]) == 2
     assert "is a file" in capsys.readouterr().err
+    assert main(["evaluate", "--runs", str(sft), "--out", str(other)]) == 2       # a file output naming a folder
+    assert "is a folder; give a file name" in capsys.readouterr().err
+    assert main(["generate", "--run", str(sft), "--prompts", str(tmp_path / "notes" / "todo.txt"), "--out", str(other)]) == 2
+    assert "is a folder" in capsys.readouterr().err and runs.load_run(other).kind == "train"
     # a bad budget is refused with the reason, before any work
     for flag, value, words in (("--keep", "2", "keep must be in (0, 1]"), ("--tolerance", "-1", "tolerance must be >= 0"),
                                ("--scale", "0", "scale must be > 0"), ("--keep", "nan", "keep must be in (0, 1]")):
