@@ -97,7 +97,7 @@ def _calibration(loaded: models.Loaded, n: int, max_new_tokens: int = 32) -> lis
     answers of the embedded model took 5.8 s, against 10.6 s under autocast and 18 s in batches of 32
     on one thread. (A bf16 copy of the model with a disabled LoRA adapter took 18.7 s and 9 GB.)"""
     prompts = data_mod.bundled("alignment")[:n]
-    bf16_copy = models.cpu_bf16(loaded.device)
+    bf16_copy = models.cpu_bf16(loaded.device) and loaded.quantization == "none"   # a 4-bit model cannot be cast
     key = hashlib.sha256(json.dumps([models.fingerprint(loaded), [p.prompt for p in prompts], max_new_tokens,
                                      f"batch {len(prompts)}", bf16_copy]).encode()).hexdigest()[:16]
     cache = home() / "cache" / f"calibration-{key}.json"

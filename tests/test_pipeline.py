@@ -2,6 +2,7 @@
 import json
 
 import pytest
+import torch
 
 from safespace import config as config_mod, pipeline, runs
 from safespace.config import ConfigError
@@ -195,3 +196,32 @@ def test_uploaded_rows_run_keeps_its_rows_for_the_task_ranking(tiny_model_dir, t
     assert defended.summary["task_rows"] == len(prepared.train)
     again = pipeline.defend(run.path, tmp_path / "sd2", n_calibration=4, keep=0.5)
     assert again.summary["hessian_cached"] and again.summary["task_cached"]
+
+
+def test_safe_delta_on_a_4bit_base_on_cpu(tiny_model_dir, tmp_path, monkeypatch):
+    """LoRA in, LoRA out on a 4-bit (nf4) base: W0 is the dequantised weight, B stays, A is replaced.
+    bf16 forced, as on a CPU with native bf16: the calibration answers' bf16 copy of the base must not
+    try to cast a 4-bit model (it raised 'You cannot cast a bitsandbytes model')."""
+    from safetensors.torch import load_file
+
+    from safespace import train
+    from safespace.config import LoraSettings, TrainSettings
+
+    monkeypatch.setenv("SAFESPACE_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("SAFESPACE_PRECISION", "bf16")
+    prepared = pipeline.prepare_data("bundled:sentiment_train", harmful_ratio=0.2, seed=0)
+    settings = TrainSettings(model=tiny_model_dir, quantization="4bit", steps=2, batch_size=2, max_length=64,
+                             warmup=0, lr=1e-2, lora=LoraSettings(r=2, alpha=4))
+    run = train.train(settings, prepared.train[:16], tmp_path / "sft", extra_config={"data": prepared.describe()})
+    assert run.config["quantization"] == "4bit"
+    for kwargs in ({}, {"keep": 0.5}):                          # the measured budget, then a fixed one
+        out = tmp_path / f"sd{len(kwargs)}"
+        defended = pipeline.defend(run.path, out, n_calibration=4, **kwargs)
+        assert defended.kind == "safedelta" and defended.summary["layers"]
+        source = load_file(str(run.path / "adapter" / "adapter_model.safetensors"))
+        result = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+        assert source.keys() == result.keys()
+        assert all(torch.equal(source[k], result[k]) for k in source if "lora_B" in k)      # B kept
+    assert "auto" in pipeline.runs.load_run(tmp_path / "sd0").summary
+    kept = [layer["kept_columns_frac"] for layer in defended.summary["layers"]]
+    assert max(kept) <= 0.85 + 1e-9                              # keep 0.5 never takes the excluded 15 %
