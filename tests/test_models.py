@@ -34,6 +34,18 @@ def test_folder_without_config_is_refused(tmp_path):
         models.resolve(str(tmp_path))
 
 
+def test_auto_quantization_is_4bit_on_a_gpu_except_for_the_embedded_models():
+    resolve = models.resolve_quantization
+    assert resolve("auto", "cuda", "qwen2.5-0.5b") == "4bit" and resolve("auto", "cuda:0", "org/any-model") == "4bit"
+    assert resolve("auto", "cuda", None) == "4bit"
+    for name in (models.ALIGNED_KEY, models.EMBEDDED_KEY):      # nf4 erased much of the aligned base's safety
+        assert resolve("auto", "cuda", name) == "none"
+        assert resolve("4bit", "cuda", name) == "4bit"           # asked for: given
+    assert resolve("auto", "cpu", "qwen2.5-0.5b") == "none" and resolve("4bit", "cpu") == "4bit"
+    with pytest.raises(models.ConfigError, match="auto, 4bit or none"):
+        resolve("8bit", "cuda")
+
+
 def test_load_local_folder_unquantized(tiny_model_dir):
     loaded = models.load(tiny_model_dir, quantization="auto", device="cpu")
     assert loaded.quantization == "none"

@@ -217,7 +217,8 @@ def build(shared: common.Shared) -> dict:
                                      "(built once on first use); smollm2-135m: as shipped, not aligned.",
                                 elem_id="ss-model")
             quantization = gr.Radio(["auto", "4bit", "none"], value="auto", label="Quantization",
-                                    info="auto: 4-bit (nf4) on a GPU, full precision on CPU")
+                                    info="auto: 4-bit (nf4) on a GPU, full precision on CPU and for the 135M embedded models "
+                                         "(4-bit took the aligned base's refusals from 99 % to 74 %, measured)")
             with gr.Row():
                 steps = gr.Slider(1, limits.max_steps, value=min(DEFAULTS.steps, limits.max_steps), step=1,
                                   label="Steps", info=f"optimizer steps (at most {limits.max_steps} on this shared "
