@@ -148,12 +148,14 @@ def _cmd_train(args) -> int:
 def _cmd_safedelta(args) -> int:
     from . import pipeline, runs
     from .config import ConfigError
+    from .progress import console_stages
 
     if sum(x is not None for x in (args.scale, args.keep, args.tolerance)) > 1:
         raise ConfigError("give one budget: --scale (paper), --keep (relative) or --tolerance (automatic)")
     runs.check_out(args.out, args.overwrite, reads=[args.run])
     run = pipeline.defend(args.run, args.out, scale=args.scale, keep=args.keep, tolerance=args.tolerance,
-                          compensate=not args.no_compensation, tokens=args.tokens, ranking=args.ranking)
+                          compensate=not args.no_compensation, tokens=args.tokens, ranking=args.ranking,
+                          on_progress=console_stages())
     auto = run.summary.get("auto")
     if auto:
         rung = auto["rungs"][auto["chosen"]]
@@ -181,9 +183,11 @@ def _cmd_generate(args) -> int:
 
 def _cmd_evaluate(args) -> int:
     from . import pipeline, runs
+    from .progress import console_stages
 
     runs.check_file_out(args.out)
-    results = pipeline.evaluate_runs(args.runs, args.out, max_new_tokens=args.max_new_tokens)
+    results = pipeline.evaluate_runs(args.runs, args.out, max_new_tokens=args.max_new_tokens,
+                                     on_progress=console_stages(every=0.05))
     for name, v in results["variants"].items():
         print(f"{name:<14} {pipeline.summary_line(v)}")
     return 0

@@ -12,17 +12,23 @@ import functools
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 import re
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .config import ConfigError, LoraSettings, home
+
+# bitsandbytes warns on import that the optional `kernels` package (a faster CPU 4-bit matmul) is absent:
+# its own kernel works, so the line is noise in every command's output
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 EMBEDDED_KEY = "smollm2-135m"
 ALIGNED_KEY = "smollm2-135m-safe"
@@ -371,7 +377,17 @@ def add_lora(model: torch.nn.Module, lora: LoraSettings, adapter_name: str = "de
     if missing:
         raise ConfigError(f"LoRA target(s) {', '.join(missing)} not found in this model; "
                           f"try q_proj, k_proj, v_proj, o_proj")
-    return get_peft_model(model, lora_config(lora), adapter_name=adapter_name)
+    with _quiet_peft():
+        return get_peft_model(model, lora_config(lora), adapter_name=adapter_name)
+
+
+@contextlib.contextmanager
+def _quiet_peft():
+    """peft 0.21 calls transformers' deprecated `is_gradient_checkpointing` when it wraps a model: a
+    FutureWarning about the two libraries, not about anything the user did."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
 
 
 def load_adapters(model: torch.nn.Module, adapters: dict[str, str | Path]):
@@ -379,11 +395,12 @@ def load_adapters(model: torch.nn.Module, adapters: dict[str, str | Path]):
     from peft import PeftModel
 
     peft_model = None
-    for name, path in adapters.items():
-        if peft_model is None:
-            peft_model = PeftModel.from_pretrained(model, str(path), adapter_name=name, is_trainable=False)
-        else:
-            peft_model.load_adapter(str(path), adapter_name=name, is_trainable=False)
+    with _quiet_peft():
+        for name, path in adapters.items():
+            if peft_model is None:
+                peft_model = PeftModel.from_pretrained(model, str(path), adapter_name=name, is_trainable=False)
+            else:
+                peft_model.load_adapter(str(path), adapter_name=name, is_trainable=False)
     return peft_model
 
 

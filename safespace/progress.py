@@ -1,4 +1,4 @@
-"""Terminal progress for long work: a tqdm bar fed by training events."""
+"""Terminal progress for long work: a tqdm bar fed by training events, stage lines for the rest."""
 from __future__ import annotations
 
 import sys
@@ -31,3 +31,17 @@ def console_progress(desc: str):
             if event.message:
                 print(f"[safespace] {event.message}", file=sys.stderr)
     return on_event
+
+
+def console_stages(every: float = 0.0):
+    """An `on_progress(message, fraction)` callback that prints each new stage to stderr as
+    "[safespace]  42 % message"; with `every` > 0, at most one line per `every` of progress (and the
+    last), for work that reports every item."""
+    last = {"message": None, "fraction": -1.0}
+
+    def on_progress(message: str, fraction: float) -> None:
+        if message == last["message"] or (every and fraction - last["fraction"] < every and fraction < 1.0):
+            return
+        last.update(message=message, fraction=fraction)
+        print(f"[safespace] {100 * fraction:3.0f} % {message}", file=sys.stderr, flush=True)
+    return on_progress

@@ -225,3 +225,18 @@ def test_safe_delta_on_a_4bit_base_on_cpu(tiny_model_dir, tmp_path, monkeypatch)
     assert "auto" in pipeline.runs.load_run(tmp_path / "sd0").summary
     kept = [layer["kept_columns_frac"] for layer in defended.summary["layers"]]
     assert max(kept) <= 0.85 + 1e-9                              # keep 0.5 never takes the excluded 15 %
+
+
+def test_console_stages_prints_each_new_stage_once_and_throttles(capsys):
+    from safespace.progress import console_stages
+
+    say = console_stages()
+    for message, fraction in (("loading", 0.05), ("loading", 0.05), ("Hessians", 0.35), ("done", 1.0)):
+        say(message, fraction)
+    assert capsys.readouterr().err.splitlines() == ["[safespace]   5 % loading", "[safespace]  35 % Hessians",
+                                                    "[safespace] 100 % done"]
+    every = console_stages(every=0.25)
+    for i in range(11):
+        every(f"answer {i}/10", i / 10)
+    assert [line.split("% ")[1] for line in capsys.readouterr().err.splitlines()] == \
+        ["answer 0/10", "answer 3/10", "answer 6/10", "answer 9/10", "answer 10/10"]
