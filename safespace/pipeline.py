@@ -19,6 +19,7 @@ import torch
 
 from . import align, data as data_mod, evaluate, judge as judge_mod, metrics, models, runs, safedelta, safegrad, train
 from .config import ConfigError, LoraSettings, SafeGradSettings, TrainSettings, from_dict, home
+from .progress import throttled
 
 BUNDLED_TASKS = {"sentiment_train": "sentiment_test"}   # bundled train split -> its held-out split
 Progress = Callable[[str, float], None]                 # (message, fraction 0..1)
@@ -551,19 +552,9 @@ def run_variants(config: DemoConfig, harmful_ratio: float, out: Path, say=_stage
         variants["safedelta"] = out / "safedelta"
     say(f"evaluating {', '.join(variants)}")
     results, rows = evaluate_variants(variants, prepared.val, **config.evaluate,
-                                      on_progress=_throttled(lambda msg, frac: say(f"  {frac:5.1%} {msg}")))
+                                      on_progress=throttled(lambda msg, frac: say(f"  {frac:5.1%} {msg}")))
     results["settings"].update({"harmful_ratio": harmful_ratio, "data": prepared.describe()})
     return results, rows, variants
-
-
-def _throttled(say: Progress, every: float = 0.1) -> Progress:
-    last = [-1.0]
-
-    def inner(message: str, fraction: float) -> None:
-        if fraction - last[0] >= every or fraction >= 1.0:
-            last[0] = fraction
-            say(message, fraction)
-    return inner
 
 
 def figures_for(results: dict, variants: dict, sweep: list | None = None) -> dict:

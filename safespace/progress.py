@@ -33,15 +33,26 @@ def console_progress(desc: str):
     return on_event
 
 
+def throttled(say, every: float = 0.1):
+    """An `on_progress(message, fraction)` callback that passes a report on to `say` only after
+    `every` more progress than the last one it passed, and always the last (fraction 1)."""
+    last = [-1.0]
+
+    def inner(message: str, fraction: float) -> None:
+        if fraction - last[0] >= every or fraction >= 1.0:
+            last[0] = fraction
+            say(message, fraction)
+    return inner
+
+
 def console_stages(every: float = 0.0):
     """An `on_progress(message, fraction)` callback that prints each new stage to stderr as
-    "[safespace]  42 % message"; with `every` > 0, at most one line per `every` of progress (and the
-    last), for work that reports every item."""
-    last = {"message": None, "fraction": -1.0}
+    "[safespace]  42 % message"; with `every` > 0, throttled to one line per `every` of progress (and
+    the last), for work that reports every item."""
+    last = [None]
 
-    def on_progress(message: str, fraction: float) -> None:
-        if message == last["message"] or (every and fraction - last["fraction"] < every and fraction < 1.0):
-            return
-        last.update(message=message, fraction=fraction)
-        print(f"[safespace] {100 * fraction:3.0f} % {message}", file=sys.stderr, flush=True)
-    return on_progress
+    def show(message: str, fraction: float) -> None:
+        if message != last[0]:
+            last[0] = message
+            print(f"[safespace] {100 * fraction:3.0f} % {message}", file=sys.stderr, flush=True)
+    return throttled(show, every) if every else show

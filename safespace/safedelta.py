@@ -176,13 +176,18 @@ def _obs_columns(D, delta, U, cols: torch.Tensor, a: int, G: torch.Tensor | None
     return (Err * (Err if G is None else G @ Err)).sum().item()
 
 
+def excluded_columns(exclude_frac: float, n_columns: int) -> int:
+    """How many of a block's n_columns the exclusion leaves out: whole columns, rounded down."""
+    return math.floor(exclude_frac * n_columns + 1e-9)
+
+
 def _take_columns(col_cost, c, c_task, eps: float, exclude_frac: float):
     """The block's columns in rank order (least sensitive first; with task data, least safety cost per
     unit of task utility), the most sensitive exclude_frac cut off; their cumulative cost; and how many
     of them (a prefix: costs are >= 0) fit within eps."""
     rank = c if c_task is None else c / c_task
     order = torch.argsort(rank, stable=True)
-    order = order[:len(order) - math.floor(exclude_frac * len(order) + 1e-9)]   # never the top 15 %
+    order = order[:len(order) - excluded_columns(exclude_frac, len(order))]     # never the top 15 %
     cum = col_cost[order].cumsum(0)
     return order, cum, int((cum <= eps).sum()) if eps > 0 else 0
 
@@ -675,8 +680,7 @@ def _refined_exclusion(chosen: int, values: dict, limit: float, widths: set) -> 
     x = _log_crossing(x_lo, values[chosen - 1], x_hi, values[chosen], limit)   # falls: failing, then passing
     widest = max(widths)
     x = math.ceil(x * widest - 1e-9) / widest          # the first whole column at or past the crossing
-    columns = lambda frac, d: math.floor(frac * d + 1e-9)          # as safe_delta counts them
-    if any(columns(x_lo, d) < columns(x, d) < columns(x_hi, d) for d in widths):
+    if any(excluded_columns(x_lo, d) < excluded_columns(x, d) < excluded_columns(x_hi, d) for d in widths):
         return x
     return None
 

@@ -8,8 +8,9 @@ from ..safedelta import SafeDeltaSettings
 from . import common
 
 N_POLL = 4
-# per-layer statistics may use the stage's own names; the figure reads the names on the left
-ALIASES = {"layer": ("name",), "kept_columns_frac": ("kept_columns",), "kept_energy_frac": ("kept_delta_energy",),
+# per-layer statistics may use the stage's own names; the figure reads the names on the left (and a
+# summary's "name" for the layer itself)
+ALIASES = {"kept_columns_frac": ("kept_columns",), "kept_energy_frac": ("kept_delta_energy",),
            "cost_before": ("cost_full",), "cost_after": ("cost_final",)}
 
 
