@@ -30,6 +30,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from . import chat
 from .config import DATA_DIR
 
 FORMATS = ("prompt-response", "alpaca", "chat")
@@ -498,13 +499,12 @@ def _as_ids(out) -> list[int]:
 
 
 def prompt_ids(example: Example, tokenizer) -> list[int]:
-    return _as_ids(tokenizer.apply_chat_template(
-        example.messages(), add_generation_prompt=True, tokenize=True, return_dict=False))
+    return _as_ids(chat.apply(tokenizer, example.messages(), tokenize=True, return_dict=False))
 
 
 def prompt_text(example: Example, tokenizer) -> str:
-    """The chat-templated prompt, ready for generation."""
-    return tokenizer.apply_chat_template(example.messages(), add_generation_prompt=True, tokenize=False)
+    """The chat-templated prompt, ready for generation (the family's template kwargs applied)."""
+    return chat.apply(tokenizer, example.messages(), tokenize=False)
 
 
 def _fit(prompt: list[int], response: list[int], max_length: int) -> tuple[list[int], list[int]]:
@@ -514,16 +514,18 @@ def _fit(prompt: list[int], response: list[int], max_length: int) -> tuple[list[
 
 
 def tokenize(examples, tokenizer, max_length: int = 256) -> Tokenized:
-    """Chat-template the prompt side; loss on the response tokens and the final eos only."""
+    """Chat-template the prompt side; loss on the response tokens and the template's end-of-turn
+    tokens only (what it writes after an assistant reply: <|im_end|>, <|eot_id|>, <end_of_turn>...)."""
     if max_length < 2:
         raise ValueError(f"max_length must be at least 2, got {max_length}")
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        raise ValueError("the tokenizer has no eos token")
+    profile = chat.profile(tokenizer)
+    end = list(profile.end_ids)
+    if not end:
+        raise ValueError("the tokenizer has no eos token and its template no end-of-turn marker")
     out = Tokenized([], [], 0, [])
     for example in examples:
         prompt = prompt_ids(example, tokenizer)
-        response = list(tokenizer(example.response, add_special_tokens=False)["input_ids"]) + [eos]
+        response = list(tokenizer(profile.reply(example.response), add_special_tokens=False)["input_ids"]) + end
         if len(prompt) + len(response) > max_length:
             out.n_truncated += 1
             prompt, response = _fit(prompt, response, max_length)

@@ -13,6 +13,7 @@ from typing import Callable
 
 import torch
 
+from . import chat
 from . import data as data_mod
 from . import models
 
@@ -55,6 +56,7 @@ def generate(model, tokenizer, examples: list, *, max_new_tokens: int = 64, batc
     if not examples:
         return []
     texts = [data_mod.prompt_text(ex, tokenizer) for ex in examples]
+    profile = chat.profile(tokenizer, getattr(model, "generation_config", None))
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     answers: list[str] = [""] * len(texts)
     device = next(model.parameters()).device
@@ -68,8 +70,7 @@ def generate(model, tokenizer, examples: list, *, max_new_tokens: int = 64, batc
                     break
                 enc = tokenizer([texts[i] for i in index], return_tensors="pt", padding=True,
                                 add_special_tokens=False).to(device)
-                kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                              eos_token_id=tokenizer.eos_token_id)
+                kwargs = dict(max_new_tokens=max_new_tokens, **_stop_kwargs(tokenizer, profile))
                 if sample:
                     torch.manual_seed(seed + start)
                     kwargs.update(do_sample=True, temperature=temperature, top_p=0.95)
@@ -78,7 +79,7 @@ def generate(model, tokenizer, examples: list, *, max_new_tokens: int = 64, batc
                 out = model.generate(**enc, **kwargs)
                 new = out[:, enc["input_ids"].shape[1]:]
                 for i, ids in zip(index, new):
-                    answers[i] = tokenizer.decode(ids, skip_special_tokens=True).strip()
+                    answers[i] = chat.decode_answer(tokenizer, ids, profile)
                 if on_progress:
                     on_progress(min(start + batch_size, len(texts)), len(texts))
     finally:
@@ -105,6 +106,7 @@ def generate_mixed(model, tokenizer, examples: list, adapters: list[str | None],
                        on_progress=on_progress, should_stop=should_stop)
         return {} if should_stop is not None and should_stop() else {None: got}
     texts = [data_mod.prompt_text(ex, tokenizer) for ex in examples]
+    profile = chat.profile(tokenizer, getattr(model, "generation_config", None))
     jobs = [(i, a) for a in adapters for i in range(len(texts))]
     jobs.sort(key=lambda job: len(texts[job[0]]))
     answers = {a: [""] * len(texts) for a in adapters}
@@ -120,15 +122,22 @@ def generate_mixed(model, tokenizer, examples: list, adapters: list[str | None],
                                 add_special_tokens=False).to(device)
                 out = model.generate(**enc, adapter_names=[a if a is not None else BASE for _, a in chunk],
                                      max_new_tokens=max_new_tokens, do_sample=False, temperature=None,
-                                     top_p=None, top_k=None, pad_token_id=tokenizer.pad_token_id,
-                                     eos_token_id=tokenizer.eos_token_id)
+                                     top_p=None, top_k=None, **_stop_kwargs(tokenizer, profile))
                 for (i, a), ids in zip(chunk, out[:, enc["input_ids"].shape[1]:]):
-                    answers[a][i] = tokenizer.decode(ids, skip_special_tokens=True).strip()
+                    answers[a][i] = chat.decode_answer(tokenizer, ids, profile)
                 if on_progress:
                     on_progress(min(start + batch_size, len(jobs)), len(jobs))
     finally:
         tokenizer.padding_side = side
     return answers
+
+
+def _stop_kwargs(tokenizer, profile: chat.ChatProfile) -> dict:
+    """generate()'s pad and stop ids: every id the family ends a turn with (Gemma's <end_of_turn>,
+    Llama's <|eot_id|>...), not only the tokenizer's eos."""
+    stops = list(profile.stop_ids) or None
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stops or [None])[0]
+    return {"pad_token_id": pad, "eos_token_id": stops}
 
 
 def _adapter_context(model, adapter: str | None):

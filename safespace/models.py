@@ -279,6 +279,18 @@ def decoder_body(model):
     return body if isinstance(body, torch.nn.Module) and body is not base else base
 
 
+def logits_are_head_output(config) -> bool:
+    """Whether a model's logits are its LM head's output unchanged: no soft-capping or scaling after
+    the head (Gemma 2's final_logit_softcapping, Cohere's logit_scale, Granite's logits_scaling), read
+    from any such config field so that an unknown family is caught too."""
+    values = config.to_dict() if hasattr(config, "to_dict") else dict(vars(config))
+    for nested in [v for v in values.values() if isinstance(v, dict)]:   # e.g. a text_config
+        values.update(nested)
+    return not any(isinstance(key, str) and re.search(r"logit.*(cap|scal)", key)
+                   and "attn" not in key    # attention's own soft-capping happens inside the body
+                   and value not in (None, False, 0, 1, 1.0) for key, value in values.items())
+
+
 def shared_prefix(ids: torch.Tensor, attention: torch.Tensor, wanted: torch.Tensor) -> int:
     """How many leading tokens are the same real tokens in every row (a chat template and its system
     prompt), up to the first position whose output is wanted in any row (wanted: [B, >= T-1] bool)."""
@@ -301,9 +313,22 @@ def prefix_cache(body, ids: torch.Tensor, shared: int):
 def load_tokenizer(name: str = EMBEDDED_KEY):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve(name))
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    return ensure_pad(AutoTokenizer.from_pretrained(resolve(name)))
+
+
+_NOT_PAD = ("image", "video", "vision", "audio")   # multimodal placeholders, not padding
+
+
+def ensure_pad(tokenizer):
+    """Give a tokenizer without a pad token (Llama 3) one it already has: a reserved pad token such
+    as <|finetune_right_pad_id|>, else the eos. Padding is told apart by the attention mask and labels
+    by position, never by comparing ids with the pad id, so pad may equal eos or the end of a turn."""
+    if tokenizer.pad_token is not None:
+        return tokenizer
+    added = tokenizer.get_added_vocab() if hasattr(tokenizer, "get_added_vocab") else {}
+    reserved = sorted((i, t) for t, i in added.items()
+                      if "pad" in t.lower() and not any(m in t.lower() for m in _NOT_PAD))
+    tokenizer.pad_token = reserved[0][1] if reserved else tokenizer.eos_token
     return tokenizer
 
 

@@ -708,7 +708,7 @@ def save_adapter(model, adapter_name: str, new_lora_state: dict, out_dir) -> Pat
 
 def hessian_cache_key(model_id: str, calibration_texts: list[str], settings: SafeDeltaSettings) -> str:
     """sha256 of what H depends on; model_id must name the base weights and their quantisation."""
-    payload = {"format": 1, "model": model_id, "texts": list(calibration_texts), "n": settings.n_calibration}
+    payload = {"format": 2, "model": model_id, "texts": list(calibration_texts), "n": settings.n_calibration}
     if settings.tokens != "all":
         payload["tokens"] = settings.tokens
     return hashlib.sha256(json.dumps(payload, ensure_ascii=False, sort_keys=True).encode()).hexdigest()

@@ -98,7 +98,7 @@ def answer_logits(model, batch: dict, share_prefix: bool = False) -> torch.Tenso
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     body, head = models.decoder_body(base), base.get_output_embeddings()
     cfg = base.config
-    if body is base or head is None or getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None):
+    if body is base or head is None or not models.logits_are_head_output(cfg):
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         return logits[:, :-1][mask]
     ids, attention = batch["input_ids"], batch["attention_mask"]
