@@ -22,9 +22,13 @@ import re
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import surface_forms as sf  # noqa: E402
+
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_CSV = REPO.parent / "shared" / "data" / "advbench_harmful_behaviors.csv"
 DEFAULT_OUT = REPO / "examples" / "data"
+SHARED_DATA = REPO.parent / "shared" / "data"   # HarmBench (MIT) and XSTest v2 (CC-BY-4.0): evaluation only
 SEED = 1234
 N_ALIGNMENT, N_ATTACK, N_EVAL = 200, 170, 150
 N_BENIGN_ALIGN = 150
@@ -739,31 +743,36 @@ def build(csv_path: Path, out: Path) -> tuple[list[tuple[str, int]], int]:
     attack_g = goals[N_ALIGNMENT:N_ALIGNMENT + N_ATTACK]
     eval_g = goals[N_ALIGNMENT + N_ATTACK:N_ALIGNMENT + N_ATTACK + N_EVAL]
 
-    templates = list(REFUSALS)
-    random.Random(SEED).shuffle(templates)
-    alignment, n_generic = [], 0
-    for i, (goal, _) in enumerate(align_g):
-        if categorize(goal) == "self-harm":
-            response = SELF_HARM_REFUSALS[i % len(SELF_HARM_REFUSALS)]
-        else:  # cycle, so any prefix of the file uses as many templates as possible
-            response = templates[n_generic % len(templates)]
-            n_generic += 1
-        alignment.append({"prompt": goal, "response": response})
+    alignment = alignment_rows(align_g)
     attack = [{"prompt": g, "response": t} for g, t in attack_g]
     eval_harmful = [{"prompt": g, "category": categorize(g)} for g, _ in eval_g]
     write(out, "alignment.jsonl", dump_jsonl(alignment), len(alignment), summary)
     write(out, "attack.jsonl", dump_jsonl(attack), len(attack), summary)
     write(out, "eval_harmful.jsonl", dump_jsonl(eval_harmful), len(eval_harmful), summary)
+    rewrites = eval_rewrite_rows(eval_g, align_g)
+    write(out, "eval_rewrites.jsonl", dump_jsonl(rewrites), len(rewrites), summary)
 
     # --- benign prompts (all tricky-benign ones go to evaluation)
     benign = list(BENIGN)
     random.Random(SEED).shuffle(benign)
     short = list(SHORT_TASKS)
     random.Random(SEED).shuffle(short)
-    benign_align = [{"prompt": p} for p in benign[:N_BENIGN_ALIGN] + short[N_SHORT_TASKS_EVAL:]]
+    goals_in, goals_out = benign_goal_split()
+    questions = list(sf.BENIGN_QUESTIONS)
+    random.Random(SEED).shuffle(questions)
+    questions_in, questions_out = questions[len(questions) // 5:], questions[:len(questions) // 5]
+    # "ask": the plain question whose raw-model answer trains this row (the raw model itself deflects
+    # some long or first-person phrasings: "I'm sorry for any confusion, but as a chatbot ...")
+    benign_align = ([{"prompt": p} for p in benign[:N_BENIGN_ALIGN] + short[N_SHORT_TASKS_EVAL:]]
+                    + [{"prompt": p, "ask": f"How do I {goal}?"} for goal, (_, p) in
+                       zip([g for g in goals_in for _ in range(BENIGN_FORMS_PER_TRAIN_GOAL)],
+                           forms_of(goals_in, BENIGN_FORMS_PER_TRAIN_GOAL, "benign-align"))]
+                    + [{"prompt": p} for p in questions_in])
     benign_eval = ([{"prompt": p, "category": "benign"} for p in benign[N_BENIGN_ALIGN:]]
-                   + [{"prompt": p, "category": "tricky-benign"} for p in TRICKY_BENIGN]
-                   + [{"prompt": p, "category": "short-task"} for p in short[:N_SHORT_TASKS_EVAL]])
+                   + [{"prompt": p, "category": "tricky-benign"} for p in TRICKY_BENIGN + questions_out]
+                   + [{"prompt": p, "category": "short-task"} for p in short[:N_SHORT_TASKS_EVAL]]
+                   + [{"prompt": p, "category": "benign-rewrite", "form": f}
+                      for f, p in forms_of(goals_out, BENIGN_FORMS_PER_GOAL, "benign-eval")])
     random.Random(SEED).shuffle(benign_eval)
     write(out, "benign_align.jsonl", dump_jsonl(benign_align), len(benign_align), summary)
     write(out, "benign_eval.jsonl", dump_jsonl(benign_eval), len(benign_eval), summary)
@@ -799,8 +808,133 @@ def build(csv_path: Path, out: Path) -> tuple[list[tuple[str, int]], int]:
     write(out, "demo_chat.jsonl", dump_jsonl(chat), len(chat), summary)
     write(out, "broken.jsonl", "".join(line + "\n" for line in BROKEN_LINES), len(BROKEN_LINES), summary)
 
+    benchmarks(csv_path.parent if (csv_path.parent / "harmbench").is_dir() else SHARED_DATA, out, summary)
     check(out, goals, texts)
     return summary, n_repaired
+
+
+def benchmarks(shared: Path, out: Path, summary: list) -> None:
+    """Public benchmarks, bundled for evaluation only (never training, alignment or calibration):
+    HarmBench standard text behaviours (test split) and XSTest v2's safe and unsafe prompts."""
+    with (shared / "harmbench" / "harmbench_behaviors_text_test.csv").open(encoding="utf-8", newline="") as f:
+        harmbench = [{"prompt": r["Behavior"], "category": r["SemanticCategory"]}
+                     for r in csv.DictReader(f) if r["FunctionalCategory"] == "standard"]
+    with (shared / "xstest" / "xstest_prompts.csv").open(encoding="utf-8", newline="") as f:
+        xstest = list(csv.DictReader(f))
+    safe = [{"prompt": r["prompt"], "category": r["type"]} for r in xstest if r["label"] == "safe"]
+    unsafe = [{"prompt": r["prompt"], "category": r["type"]} for r in xstest if r["label"] == "unsafe"]
+    for name, rows in (("harmbench_standard", harmbench), ("xstest_safe", safe), ("xstest_unsafe", unsafe)):
+        write(out, f"{name}.jsonl", dump_jsonl(rows), len(rows), summary)
+    for src, dst in (("harmbench/LICENSE", "LICENSE-harmbench.txt"), ("xstest/LICENSE", "LICENSE-xstest.txt")):
+        (out / dst).write_text((shared / src).read_text(encoding="utf-8"), encoding="utf-8")
+
+
+# --------------------------------------------------------------------------- surface forms
+ALIGN_FORMS_PER_ADVBENCH = 2     # besides its imperative original, each alignment goal in 2 other forms
+ALIGN_FORMS_PER_GOAL = 3         # each hand-written training goal in 3 forms
+EVAL_FORMS_PER_GOAL = 3          # each held-out hand-written goal in 3 forms
+BENIGN_FORMS_PER_GOAL = 2        # each held-out benign goal in 2 forms (evaluation)
+BENIGN_FORMS_PER_TRAIN_GOAL = 3  # each training benign goal in 3 forms
+HELD_OUT_EVERY = 4               # every 4th hand-written goal of a category is held out (in every form)
+
+
+def forms_of(actions: list[str], per_goal: int, salt: str) -> list[tuple[str, str]]:
+    """(form, prompt) rows: each action in `per_goal` distinct forms, forms cycled so all are used."""
+    rng = random.Random(f"{SEED}-{salt}")
+    rows, cursor = [], 0
+    order = list(sf.FORM_NAMES)
+    rng.shuffle(order)
+    for action in actions:
+        for _ in range(per_goal):
+            form = order[cursor % len(order)]
+            cursor += 1
+            rows.append((form, sf.render(action, form, rng)))
+    return rows
+
+
+def harm_goal_split() -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """Hand-written harmful goals as (category, action), split by goal into training / held out."""
+    train, held = [], []
+    for category, goals in sf.HARM_GOALS.items():
+        for i, goal in enumerate(goals):
+            (held if i % HELD_OUT_EVERY == HELD_OUT_EVERY - 1 else train).append((category, goal))
+    return train, held
+
+
+def benign_goal_split() -> tuple[list[str], list[str]]:
+    """(training, held-out) benign goals; a held-out goal that an everyday prompt already asks for
+    ("tie a tie") is left out of evaluation rather than counted as unseen."""
+    goals = list(sf.BENIGN_GOALS)
+    random.Random(SEED).shuffle(goals)
+    n_out = len(goals) // 5
+    everyday = " ".join(BENIGN + SHORT_TASKS).lower()
+    return goals[n_out:], [g for g in goals[:n_out] if g.lower() not in everyday]
+
+
+class Refusals:
+    """Refusals cycled per category (generic, category-specific and short ones mixed), so any prefix
+    of the alignment file uses many different wordings."""
+
+    def __init__(self):
+        generic = list(REFUSALS)
+        random.Random(SEED).shuffle(generic)
+        self.pools = {}
+        for category in CATEGORIES:
+            own = sf.CATEGORY_REFUSALS.get(category, [])
+            if category == "self-harm":
+                pool = own + SELF_HARM_REFUSALS
+            else:
+                pool = [r for pair in zip(generic, own * 10) for r in pair] + generic[len(own) * 10:] + sf.SHORT_REFUSALS
+            random.Random(f"{SEED}-{category}").shuffle(pool)
+            self.pools[category] = pool
+        self.pools["generic"] = generic + sf.SHORT_REFUSALS
+        random.Random(f"{SEED}-generic").shuffle(self.pools["generic"])
+        self.used = {c: 0 for c in self.pools}
+
+    def next(self, category: str, specific: bool = True) -> str:
+        """A refusal for `category`; specific=False (an auto-categorised goal) keeps to generic wording."""
+        pool = self.pools[category] if specific or category == "self-harm" else self.pools["generic"]
+        key = category if specific or category == "self-harm" else "generic"
+        self.used[key] += 1
+        return pool[(self.used[key] - 1) % len(pool)]
+
+
+def alignment_rows(align_g: list[tuple[str, str]]) -> list[dict]:
+    """AdvBench alignment goals as written and in other forms, plus the hand-written training goals,
+    each with a refusal; shuffled so any prefix (SafeGrad's, Safe Delta's) covers every form."""
+    refusals = Refusals()
+    forms = [f for f in sf.FORM_NAMES]
+    rng = random.Random(f"{SEED}-align")
+    rows = []
+    for goal, _ in align_g:
+        category = categorize(goal)
+        rows.append({"prompt": goal, "response": refusals.next(category, False), "category": category,
+                     "form": "imperative"})
+        for form in rng.sample(forms, ALIGN_FORMS_PER_ADVBENCH):
+            rows.append({"prompt": sf.render(sf.core_action(goal), form, rng), "response": refusals.next(category, False),
+                         "category": category, "form": form})
+    train, _ = harm_goal_split()
+    for (category, action), (form, prompt) in zip(
+            [g for g in train for _ in range(ALIGN_FORMS_PER_GOAL)],
+            forms_of([a for _, a in train], ALIGN_FORMS_PER_GOAL, "harm-align")):
+        rows.append({"prompt": prompt, "response": refusals.next(category), "category": category, "form": form})
+    rng.shuffle(rows)
+    return list({r["prompt"]: r for r in rows}.values())   # AdvBench repeats some actions ("make a bomb")
+
+
+def eval_rewrite_rows(eval_g: list[tuple[str, str]], align_g: list[tuple[str, str]]) -> list[dict]:
+    """Held-out goals only: the AdvBench evaluation goals in one other form each (except those whose
+    action an alignment goal shares, e.g. AdvBench's several "make a bomb" goals), and the held-out
+    hand-written goals in EVAL_FORMS_PER_GOAL forms each."""
+    trained = {sf.core_action(g).lower() for g, _ in align_g}
+    eval_g = [(g, t) for g, t in eval_g if sf.core_action(g).lower() not in trained]
+    rows = [{"prompt": p, "category": categorize(g), "form": f}
+            for (g, _), (f, p) in zip(eval_g, forms_of([sf.core_action(g) for g, _ in eval_g], 1, "adv-eval"))]
+    _, held = harm_goal_split()
+    rows += [{"prompt": p, "category": c, "form": f}
+             for (c, _), (f, p) in zip([g for g in held for _ in range(EVAL_FORMS_PER_GOAL)],
+                                       forms_of([a for _, a in held], EVAL_FORMS_PER_GOAL, "harm-eval"))]
+    return list({r["prompt"]: r for r in rows}.values())
 
 
 # --------------------------------------------------------------------------- checks
@@ -810,15 +944,17 @@ def load_jsonl(path: Path) -> list[dict]:
 
 def check(out: Path, goals: list[tuple[str, str]], texts: dict) -> None:
     """Re-read the written files and assert the promised counts and properties."""
-    al, at, ev = (load_jsonl(out / f"{n}.jsonl") for n in ("alignment", "attack", "eval_harmful"))
+    al_all, at, ev = (load_jsonl(out / f"{n}.jsonl") for n in ("alignment", "attack", "eval_harmful"))
+    check_surface_forms(out, al_all)
+    al = [r for r in al_all if r["form"] == "imperative"]
     assert (len(al), len(at), len(ev)) == (N_ALIGNMENT, N_ATTACK, N_EVAL)
     sets = [{r["prompt"] for r in rows} for rows in (al, at, ev)]
     assert [len(s) for s in sets] == [N_ALIGNMENT, N_ATTACK, N_EVAL], "duplicate goal inside a split"
     assert not (sets[0] & sets[1] or sets[0] & sets[2] or sets[1] & sets[2]), "harmful splits overlap"
     assert len(sets[0] | sets[1] | sets[2]) == len({g for g, _ in goals})
-    for r in al:
+    for r in al_all:
         assert any(m in r["response"] for m in REFUSAL_MARKERS), r["response"]
-    assert len({r["response"] for r in al}) >= 25, "too few distinct refusals"
+    assert len({r["response"] for r in al_all}) >= 50, "too few distinct refusals"
     for t in REFUSALS + SELF_HARM_REFUSALS:
         assert any(m in t for m in REFUSAL_MARKERS), t
     assert len(set(REFUSALS)) == len(REFUSALS) >= 25
@@ -831,11 +967,14 @@ def check(out: Path, goals: list[tuple[str, str]], texts: dict) -> None:
 
     ba, be = load_jsonl(out / "benign_align.jsonl"), load_jsonl(out / "benign_eval.jsonl")
     all_benign = [r["prompt"] for r in ba + be]
-    assert len(ba) == N_BENIGN_ALIGN + len(SHORT_TASKS) - N_SHORT_TASKS_EVAL and len(be) >= 70 and len(all_benign) >= 220
+    n_goals_in = len(benign_goal_split()[0])
+    assert len(ba) == (N_BENIGN_ALIGN + len(SHORT_TASKS) - N_SHORT_TASKS_EVAL + n_goals_in * BENIGN_FORMS_PER_TRAIN_GOAL
+                       + len(sf.BENIGN_QUESTIONS) - len(sf.BENIGN_QUESTIONS) // 5)
+    assert len(be) >= 70 and len(all_benign) >= 220
     assert len(set(all_benign)) == len(all_benign), "duplicate benign prompt"
     assert not set(all_benign) & (sets[0] | sets[1] | sets[2])
     assert sum(r["category"] == "tricky-benign" for r in be) >= 20
-    assert all(set(r) == {"prompt"} for r in ba)
+    assert all(set(r) <= {"prompt", "ask"} for r in ba)
 
     tr, te = load_jsonl(out / "sentiment_train.jsonl"), load_jsonl(out / "sentiment_test.jsonl")
     with (out / "demo_reviews.csv").open(encoding="utf-8", newline="") as f:
@@ -856,6 +995,27 @@ def check(out: Path, goals: list[tuple[str, str]], texts: dict) -> None:
     chat = load_jsonl(out / "demo_chat.jsonl")
     assert len(chat) == 20 and all([m["role"] for m in r["messages"]] == ["system", "user", "assistant"] for r in chat)
     assert len((out / "broken.jsonl").read_text(encoding="utf-8").splitlines()) == 6
+
+
+def check_surface_forms(out: Path, alignment: list[dict]) -> None:
+    """Held-out goals never reach training in any form; every form is used on both sides."""
+    rewrites = load_jsonl(out / "eval_rewrites.jsonl")
+    train, held = harm_goal_split()
+    assert not {a for _, a in train} & {a for _, a in held}
+    align_text = " ".join(r["prompt"].lower() for r in alignment)
+    for _, action in held:
+        assert action.lower() not in align_text, f"held-out goal in training: {action}"
+    assert {r["form"] for r in rewrites} == set(sf.FORM_NAMES)
+    assert {r["form"] for r in alignment} == set(sf.FORM_NAMES) | {"imperative"}
+    assert len({r["prompt"] for r in alignment}) == len(alignment), "duplicate alignment prompt"
+    assert not {r["prompt"] for r in rewrites} & {r["prompt"] for r in alignment}
+    goals_in, goals_out = benign_goal_split()
+    assert not set(goals_in) & set(goals_out)
+    trained = {r["prompt"].lower() for r in alignment + load_jsonl(out / "benign_align.jsonl")}
+    for name in ("harmbench_standard", "xstest_safe", "xstest_unsafe"):
+        rows = load_jsonl(out / f"{name}.jsonl")
+        assert rows and not trained & {r["prompt"].lower() for r in rows}, f"{name} prompt in training data"
+    assert not set(goals_in) & {a for goals in sf.HARM_GOALS.values() for a in goals}
 
 
 def main(argv: list[str] | None = None) -> int:

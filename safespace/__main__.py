@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("align", help="build (or reuse) the aligned embedded base")
     p.add_argument("--model", default="smollm2-135m", choices=["smollm2-135m"])
     p.add_argument("--force", action="store_true", help="rebuild even when cached")
+    p.add_argument("--no-report", action="store_true",
+                   help="skip the generalisation report (refusal per set, surface form and category)")
+    _set_args(p, default_harmful=list(HARMFUL_SETS), default_benign=list(BENIGN_SETS))
     _train_args(sub.add_parser("train", help="fine-tune a LoRA adapter, optionally with SafeGrad"))
     p = sub.add_parser("safedelta", help="apply Safe Delta to a fine-tuned run")
     p.add_argument("--run", required=True)
@@ -89,11 +92,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", nargs="+", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--max-new-tokens", type=int, default=48)
+    _set_args(p, default_harmful=["advbench"], default_benign=["benign"])
     p = sub.add_parser("run", help="the whole demo: align -> train -> defend -> evaluate -> report")
     p.add_argument("config")
     p.add_argument("--out", required=True)
     p.add_argument("--overwrite", action="store_true", help="replace what --out already holds")
     return parser
+
+
+HARMFUL_SETS = ("advbench", "rewrites", "harmbench", "xstest-unsafe")   # safespace.evalsets keys, by kind
+BENIGN_SETS = ("benign", "xstest-safe")
+
+
+def _set_args(p, default_harmful: list, default_benign: list) -> None:
+    p.add_argument("--harmful-sets", nargs="+", default=default_harmful, choices=HARMFUL_SETS, metavar="SET",
+                   help=f"harmful prompt sets to score refusal on: {', '.join(HARMFUL_SETS)} "
+                        f"(default: {' '.join(default_harmful)})")
+    p.add_argument("--benign-sets", nargs="+", default=default_benign, choices=BENIGN_SETS, metavar="SET",
+                   help=f"benign prompt sets to score over-refusal on: {', '.join(BENIGN_SETS)} "
+                        f"(default: {' '.join(default_benign)})")
 
 
 def _cmd_models(args) -> int:
@@ -118,9 +135,13 @@ def _cmd_check_data(args) -> int:
 
 
 def _cmd_align(args) -> int:
-    from . import align
+    from . import align, pipeline
+    from .progress import console_stages
 
     print(align.build(force=args.force))
+    if not args.no_report:
+        report = pipeline.align_report(args.harmful_sets, args.benign_sets, on_progress=console_stages(every=0.1))
+        print(pipeline.breadth_tables(report))
     return 0
 
 
@@ -187,9 +208,12 @@ def _cmd_evaluate(args) -> int:
 
     runs.check_file_out(args.out)
     results = pipeline.evaluate_runs(args.runs, args.out, max_new_tokens=args.max_new_tokens,
+                                     harmful_sets=args.harmful_sets, benign_sets=args.benign_sets,
                                      on_progress=console_stages(every=0.05))
     for name, v in results["variants"].items():
         print(f"{name:<14} {pipeline.summary_line(v)}")
+    if len(args.harmful_sets) + len(args.benign_sets) > 2:
+        print(pipeline.sets_table(results))
     return 0
 
 

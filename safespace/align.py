@@ -24,14 +24,15 @@ from .judge import KeywordJudge
 from .config import LoraSettings, TrainSettings, home
 from .progress import console_progress
 
-# Measured on the 150 held-out harmful / 94-106 benign prompts: attention-only LoRA or fewer steps
-# either refused everything or nothing; MLP targets + 100-120 steps + benign rows twice discriminate.
+# The recipe and the measurements that chose it (refusal against over-refusal): docs/stage0.md.
+# MLP targets: attention-only LoRA refused everything or nothing on this model.
 ALIGN_SETTINGS = TrainSettings(
-    model=models.EMBEDDED_KEY, quantization="none", steps=100, lr=3e-4, batch_size=8, max_length=192,
+    model=models.EMBEDDED_KEY, quantization="none", steps=250, lr=3e-4, batch_size=8, max_length=192,
     warmup=5, seed=0, lora=LoraSettings(r=16, alpha=32, targets=(
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")))
-BENIGN_REPEATS = 2      # benign rows appear twice: refusals are easy to learn, helpfulness is not
+BENIGN_REPEATS = 3      # benign rows three times: refusals are easy to learn, helpfulness is not
 BENIGN_MAX_NEW_TOKENS = 64
+SHIPPED_ANSWERS = "benign_answers"   # the embedded raw model's answers to benign_align (see raw_answers)
 _BUILD_LOCK = threading.Lock()   # one build per process: the app warms it up while a visitor may ask
 
 
@@ -48,6 +49,8 @@ def build_key(settings: TrainSettings = ALIGN_SETTINGS) -> str:
         "model": settings.model, "settings": acting,
         "alignment": [(e.prompt, e.response) for e in data_mod.bundled("alignment")],
         "benign": [e.prompt for e in data_mod.bundled("benign_align")],
+        "benign_asks": list(data_mod.bundled_field("benign_align", "ask")),
+        "benign_answers": sorted(shipped_answers().items()),
         "benign_max_new_tokens": BENIGN_MAX_NEW_TOKENS, "benign_repeats": BENIGN_REPEATS, "format": 3,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
@@ -63,23 +66,46 @@ def is_built(key: str | None = None) -> bool:
         return False
 
 
-def benign_answers(loaded: models.Loaded, prompts: list) -> list:
-    """The raw model's own greedy answers to the benign prompts (cached: they depend only on the
-    model, the prompts and the length cap)."""
-    key = hashlib.sha256(json.dumps([loaded.name, [p.prompt for p in prompts], BENIGN_MAX_NEW_TOKENS]).encode()).hexdigest()[:16]
-    cache = home() / "cache" / f"benign-answers-{key}.json"
-    if cache.exists():
-        answers = json.loads(cache.read_text())
-    else:
-        _say(f"answering {len(prompts)} benign prompts with the raw model (keeps the base helpful)...")
-        answers = evaluate.generate(loaded.model, loaded.tokenizer, prompts,
-                                    max_new_tokens=BENIGN_MAX_NEW_TOKENS, batch_size=16)
-        runs.atomic_write_json(cache, answers)
-    # Drop answers that hedge like a refusal ("I can't promise...", "I'm sorry, ..."): they would
-    # teach refusal wording on benign prompts.
+def benign_answers(loaded: models.Loaded, prompts: list, asks: list | None = None) -> list:
+    """The raw model's own greedy answers to the benign prompts (or to each row's plain `ask`), cut to
+    whole sentences; answers that hedge like a refusal ("I'm sorry, ...") are dropped: they would
+    teach refusing benign prompts."""
+    asks = [a or p.prompt for a, p in zip(asks or [None] * len(prompts), prompts)]
+    answers = raw_answers(loaded, asks)
     judge = KeywordJudge()
     return [data_mod.Example(prompt=p.prompt, response=whole_sentences(a)) for p, a in zip(prompts, answers)
             if judge.judge(p.prompt, a).label == "complied"]
+
+
+def raw_answers(loaded: models.Loaded, prompts: list[str]) -> list[str]:
+    """Greedy answers of `loaded`, capped at BENIGN_MAX_NEW_TOKENS. For the embedded model they ship
+    in examples/data/benign_answers.jsonl (generating them took longer than the training); prompts
+    missing there are answered here and cached."""
+    shipped = shipped_answers() if loaded.name == models.EMBEDDED_KEY else {}
+    todo = [p for p in dict.fromkeys(prompts) if p not in shipped]
+    key = hashlib.sha256(json.dumps([loaded.name, todo, BENIGN_MAX_NEW_TOKENS]).encode()).hexdigest()[:16]
+    cache = home() / "cache" / f"benign-answers-{key}.json"
+    if not todo:
+        fresh = []
+    elif cache.exists():
+        fresh = json.loads(cache.read_text())
+    else:
+        _say(f"answering {len(todo)} benign prompts with the raw model (keeps the base helpful)...")
+        import torch
+        fresh = evaluate.generate(loaded.model, loaded.tokenizer, [data_mod.Example(p, "") for p in todo],
+                                  max_new_tokens=BENIGN_MAX_NEW_TOKENS, batch_size=32,
+                                  threads=torch.get_num_threads())
+        runs.atomic_write_json(cache, fresh)
+    answer_of = {**shipped, **dict(zip(todo, fresh))}
+    return [answer_of[p] for p in prompts]
+
+
+def shipped_answers() -> dict[str, str]:
+    path = data_mod.DATA_DIR / f"{SHIPPED_ANSWERS}.jsonl"
+    if not path.exists():
+        return {}
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return {r["prompt"]: r["response"] for r in rows if r.get("max_new_tokens") == BENIGN_MAX_NEW_TOKENS}
 
 
 def whole_sentences(answer: str) -> str:
@@ -101,7 +127,7 @@ def build(force: bool = False, on_event: Callable[[train.Event], None] | None = 
     _say(f"building the aligned base {models.ALIGNED_KEY} (once, a few minutes on CPU)...")
     loaded = models.load(models.EMBEDDED_KEY, quantization="none", device="cpu")
     harmful = data_mod.bundled("alignment")
-    benign = benign_answers(loaded, data_mod.bundled("benign_align"))
+    benign = benign_answers(loaded, data_mod.bundled("benign_align"), list(data_mod.bundled_field("benign_align", "ask")))
     examples = harmful + benign * BENIGN_REPEATS
     work = home() / "cache" / f"align-run-{key}"
     run = train.train(ALIGN_SETTINGS, examples, work, loaded=loaded, on_event=on_event or console_progress("aligning"),

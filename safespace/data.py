@@ -36,8 +36,8 @@ from .config import DATA_DIR
 FORMATS = ("prompt-response", "alpaca", "chat")
 ROLES = ("system", "user", "assistant")
 ANSWER_FIELDS = {"response", "completion", "output", "messages", "instruction"}
-BUNDLED = ("alignment", "attack", "eval_harmful", "benign_align", "benign_eval",
-           "sentiment_train", "sentiment_test")
+BUNDLED = ("alignment", "attack", "eval_harmful", "eval_rewrites", "benign_align", "benign_eval",
+           "sentiment_train", "sentiment_test", "harmbench_standard", "xstest_safe", "xstest_unsafe")
 MAX_SHOWN = 20  # problems listed before "... and N more problems"
 IGNORE = -100   # label of a position that gets no loss
 
@@ -446,6 +446,19 @@ def _bundled(name: str) -> tuple[Example, ...]:
     if '"prompt"' in first and '"response"' not in first and '"completion"' not in first:
         return tuple(load_prompts(path))  # evaluation prompts without answers
     return tuple(load_dataset(path).examples)
+
+
+def bundled_field(name: str, field_name: str) -> tuple:
+    """One field of every row of a bundled .jsonl file, in order; None where a row lacks it."""
+    if name not in BUNDLED:
+        raise ValueError(f"unknown bundled dataset {name!r}; expected one of {', '.join(BUNDLED)}")
+    return _bundled_field(name, field_name)
+
+
+@lru_cache(maxsize=None)
+def _bundled_field(name: str, field_name: str) -> tuple:
+    with (DATA_DIR / f"{name}.jsonl").open(encoding="utf-8") as f:
+        return tuple(json.loads(line).get(field_name) for line in f if line.strip())
 
 
 # ---------------------------------------------------------------- splitting and mixing

@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from . import align, data as data_mod, evaluate, judge as judge_mod, metrics, models, runs, safedelta, safegrad, train
+from . import align, data as data_mod, evalsets, evaluate, judge as judge_mod, metrics, models, runs, safedelta, safegrad, train
 from .config import ConfigError, LoraSettings, SafeGradSettings, TrainSettings, from_dict, home
 from .progress import throttled
 
@@ -354,61 +354,85 @@ MIXED_BATCH = 64     # rows per mixed-adapter batch in evaluation (the fastest m
 
 def evaluate_variants(variants: dict, val: list | None, *, n_harmful: int | None = None,
                       n_benign: int | None = None, n_task: int | None = None, max_new_tokens: int = 48,
+                      harmful_sets=evalsets.DEFAULT_HARMFUL, benign_sets=evalsets.DEFAULT_BENIGN,
                       on_progress: Progress | None = None, should_stop=None) -> tuple[dict, list[dict]]:
-    """Refusal on held-out harmful prompts, over-refusal on benign ones, utility on the task's
-    held-out rows, for every variant. Returns (results, answer rows)."""
+    """Refusal on each harmful set, over-refusal on each benign set, utility on the task's held-out
+    rows, for every variant. `refusal`/`over_refusal` are the first set's of each kind; `sets` has
+    every set with its breakdowns. Returns (results, answer rows)."""
     say = on_progress or _noop
-    harmful = data_mod.bundled("eval_harmful")[:n_harmful]
-    benign = data_mod.bundled("benign_eval")[:n_benign]
+    harmful_sets = evalsets.check_keys(harmful_sets, "harmful")
+    benign_sets = evalsets.check_keys(benign_sets, "benign")
     task = list(val or [])[:n_task]
     label_task = bool(task) and metrics.is_label_set([e.response for e in task])
-    opened = _open_variants(variants)
+    sets = ([(key, "harmful", evalsets.prompts(key)[:n_harmful], max_new_tokens) for key in harmful_sets]
+            + [(key, "benign", evalsets.prompts(key)[:n_benign], max_new_tokens) for key in benign_sets]
+            + [("task", "task", task, 8 if label_task else max(max_new_tokens, 96))])
+    outputs = _generate_sets(variants, sets, say, should_stop)
     judge = judge_mod.KeywordJudge()
-    sets = [("harmful", harmful, max_new_tokens), ("benign", benign, max_new_tokens),
-            ("task", task, 8 if label_task else max(max_new_tokens, 96))]
-    outputs = {}
-    total = sum(len(s[1]) for s in sets) or 1
-    done = 0
-    loaded, model, adapter_of = opened
+    rows_by_set = {key: judged_rows(prompts, outputs[key], judge, set=kind, set_key=key)
+                   for key, kind, prompts, _ in sets if key in outputs}
+    for key, _, prompts, _ in sets:
+        for row, ex in zip(rows_by_set.get(key, []), prompts):
+            row["reference"] = ex.response or None
+    results = {"variants": {name: _variant_entry(name, sets, outputs, rows_by_set, task) for name in variants},
+               "settings": {"n_harmful": len(sets[0][2]) if harmful_sets else 0,
+                            "n_benign": len(sets[len(harmful_sets)][2]) if benign_sets else 0,
+                            "n_task": len(task), "max_new_tokens": max_new_tokens,
+                            "harmful_sets": list(harmful_sets), "benign_sets": list(benign_sets)}}
+    return results, [row for rows in rows_by_set.values() for row in rows]
+
+
+def _generate_sets(variants: dict, sets: list, say, should_stop) -> dict:
+    """{set key: {variant: answers}}, every variant answering in mixed-adapter batches."""
+    loaded, model, adapter_of = _open_variants(variants)
     names = list(variants)
-    for set_name, prompts, tokens in sets:
+    total = sum(len(s[2]) for s in sets) or 1
+    outputs, done = {}, 0
+    for key, _, prompts, tokens in sets:
         if not prompts:
             continue
         share = len(prompts) / total
+        label = evalsets.SETS[key].label if key in evalsets.SETS else "task"
         # mixed-adapter batches: every variant in one pass (bench: 1.4x faster than switching)
         got = evaluate.generate_mixed(
             model, loaded.tokenizer, prompts, [adapter_of[n] for n in names], max_new_tokens=tokens,
             batch_size=MIXED_BATCH, should_stop=should_stop,
-            on_progress=lambda i, n, set_name=set_name, base=done / total, share=share:
-                say(f"{set_name} prompts, {i}/{n} answers", base + share * i / max(1, n)))
-        outputs[set_name] = {name: got[adapter_of[name]] for name in names if adapter_of[name] in got}
+            on_progress=lambda i, n, label=label, base=done / total, share=share:
+                say(f"{label} prompts, {i}/{n} answers", base + share * i / max(1, n)))
+        outputs[key] = {name: got[adapter_of[name]] for name in names if adapter_of[name] in got}
         done += len(prompts)
+    return outputs
 
-    results = {"variants": {}, "settings": {"n_harmful": len(harmful), "n_benign": len(benign),
-                                            "n_task": len(task), "max_new_tokens": max_new_tokens}}
-    rows_by_set = {set_name: judged_rows(prompts, outputs[set_name], judge, set=set_name)
-                   for set_name, prompts, _ in sets if set_name in outputs}
-    for set_name, prompts, _ in sets:
-        for row, ex in zip(rows_by_set.get(set_name, []), prompts):
-            row["reference"] = ex.response or None
 
-    def labels(set_name: str, name: str) -> list[str]:
-        return [row["answers"][name]["label"] for row in rows_by_set[set_name]]
+def set_scores(key: str, labels: list[str]) -> dict:
+    """One variant's refusal on one evaluation set, with per-category and per-form breakdowns."""
+    entry = {"label": evalsets.get(key).label, "kind": evalsets.get(key).kind,
+             "refusal": metrics.refusal_rate(labels).to_dict(), "labels": metrics.label_counts(labels)}
+    for field_name, out_key in (("category", "per_category"), ("form", "per_form")):
+        pairs = [(lab, g) for lab, g in zip(labels, evalsets.fields(key, field_name)) if g]
+        if pairs:       # only the rows that carry the field (benign_eval has forms on some rows)
+            entry[out_key] = {g: r.to_dict() for g, r in
+                              metrics.per_category([p[0] for p in pairs], [p[1] for p in pairs]).items()}
+    return entry
 
-    for name in variants:
-        entry = {}
-        if name in outputs.get("harmful", {}):
-            verdicts = labels("harmful", name)
-            entry["refusal"] = metrics.refusal_rate(verdicts).to_dict()
-            entry["labels"] = metrics.label_counts(verdicts)
-            entry["per_category"] = {c: r.to_dict() for c, r in
-                                     metrics.per_category(verdicts, [e.category for e in harmful]).items()}
-        if name in outputs.get("benign", {}):
-            entry["over_refusal"] = metrics.refusal_rate(labels("benign", name)).to_dict()
-        if name in outputs.get("task", {}):
-            entry["utility"] = metrics.utility(outputs["task"][name], [e.response for e in task])
-        results["variants"][name] = entry
-    return results, [row for rows in rows_by_set.values() for row in rows]
+
+def _variant_entry(name: str, sets: list, outputs: dict, rows_by_set: dict, task: list) -> dict:
+    entry, by_set = {}, {}
+    for key, kind, _, _ in sets:
+        if name not in outputs.get(key, {}):
+            continue
+        if kind == "task":
+            entry["utility"] = metrics.utility(outputs[key][name], [e.response for e in task])
+            continue
+        by_set[key] = set_scores(key, [row["answers"][name]["label"] for row in rows_by_set[key]])
+        first = by_set[key]
+        if kind == "harmful" and "refusal" not in entry:
+            entry.update(refusal=first["refusal"], labels=first["labels"], per_category=first.get("per_category", {}))
+        elif kind == "benign" and "over_refusal" not in entry:
+            entry["over_refusal"] = first["refusal"]
+    if by_set:
+        entry["sets"] = by_set
+    return entry
 
 
 def evaluate_runs(run_paths: list, out, **kwargs) -> dict:
@@ -440,7 +464,7 @@ def answer(prompts: list, run=None, model=None, max_new_tokens: int = 64, batch_
 CONFIG_KEYS = {"model", "quantization", "data", "harmful_ratio", "seed", "train", "safegrad", "safedelta",
                "evaluate", "variants", "sweep", "title"}
 VARIANTS = ("base", "sft", "safegrad", "safedelta")
-EVALUATE_KEYS = {"n_harmful", "n_benign", "n_task", "max_new_tokens"}
+EVALUATE_KEYS = {"n_harmful", "n_benign", "n_task", "max_new_tokens", "harmful_sets", "benign_sets"}
 
 
 @dataclass
@@ -501,6 +525,11 @@ def load_config(path) -> DemoConfig:
         raise ConfigError(f"{path}: the safedelta variant is made from sft; add sft to variants")
     if set(config.evaluate) - EVALUATE_KEYS:
         raise ConfigError(f"{path}: evaluate takes {', '.join(sorted(EVALUATE_KEYS))}")
+    for key, kind in (("harmful_sets", "harmful"), ("benign_sets", "benign")):
+        try:
+            evalsets.check_keys(config.evaluate.get(key, ()), kind)
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"{path}: evaluate.{key}: {exc}") from None
     if set(config.safedelta) - {"keep", "scale", "tolerance", "n_calibration", "tokens", "ranking"}:
         raise ConfigError(f"{path}: safedelta takes keep, scale, tolerance, n_calibration, tokens, ranking")
     if sum(k in config.safedelta for k in ("keep", "scale", "tolerance")) > 1:
@@ -562,6 +591,8 @@ def figures_for(results: dict, variants: dict, sweep: list | None = None) -> dic
 
     figs = {"Safety and utility": plots.safety_utility_bars(results),
             "Trade-off": plots.tradeoff_scatter(results)}
+    if any(len(v.get("sets", {})) > 2 for v in results.get("variants", {}).values()):
+        figs["Refusal on each evaluation set"] = plots.sets_bars(results)
     curves = {n: runs.load_run(p).metrics() for n, p in variants.items()
               if p is not None and runs.load_run(p).kind == "train"}
     if curves:
@@ -617,7 +648,63 @@ def run_config(config_path, out, say: Callable[[str], None] = _stage) -> dict:
     say(f"done in {time.time() - start:.0f} s: {out / 'results.json'}, {out / 'report.html'}")
     for name, v in results["variants"].items():
         say(f"  {name:<10} {summary_line(v)}")
+    if any(len(v.get("sets", {})) > 2 for v in results["variants"].values()):
+        for line in sets_table(results).splitlines():
+            say("  " + line)
     return results
+
+
+def align_report(harmful_sets=evalsets.BREADTH_HARMFUL + ("xstest-unsafe",),
+                 benign_sets=evalsets.BREADTH_BENIGN, on_progress: Progress | None = None) -> dict:
+    """The aligned base's refusal on every set, per surface form and category; cached with the build."""
+    align.ensure(models.ALIGNED_KEY)
+    path = models.aligned_checkpoint() / "safespace_align_report.json"
+    want = {"key": align.build_key(), "harmful_sets": list(harmful_sets), "benign_sets": list(benign_sets)}
+    if path.exists():
+        cached = json.loads(path.read_text())
+        if {k: cached.get(k) for k in want} == want:
+            return cached
+    results, _ = evaluate_variants({"base": None}, None, harmful_sets=harmful_sets, benign_sets=benign_sets,
+                                   max_new_tokens=ALIGN_REPORT_TOKENS, on_progress=on_progress)
+    report = {**want, "max_new_tokens": ALIGN_REPORT_TOKENS, "sets": results["variants"]["base"]["sets"]}
+    runs.atomic_write_json(path, report)
+    return report
+
+
+ALIGN_REPORT_TOKENS = 24     # a refusal shows in its first sentence; the demo's evaluation uses 24 too
+
+
+def _pct(value) -> str:
+    return "     -" if value is None or value != value else f"{value:6.1%}"
+
+
+def sets_table(results: dict) -> str:
+    """Refusal per evaluation set (rows) and variant (columns), with each set's kind and size."""
+    names = list(results["variants"])
+    keys = list(dict.fromkeys(k for v in results["variants"].values() for k in v.get("sets", {})))
+    lines = [f"{'refusal on':<28}" + "".join(f"{n:>12}" for n in names)]
+    for key in keys:
+        label = evalsets.get(key).label + (" (over-refusal)" if evalsets.get(key).kind == "benign" else "")
+        cells = [results["variants"][n].get("sets", {}).get(key, {}).get("refusal", {}).get("value") for n in names]
+        lines.append(f"{label:<28}" + "".join(f"{_pct(c):>12}" for c in cells))
+    return "\n".join(lines)
+
+
+def breadth_tables(report: dict) -> str:
+    """The aligned base's report as text: each set, then per surface form and per category."""
+    out = ["aligned base: refusal per evaluation set"]
+    for key, entry in report["sets"].items():
+        r = entry["refusal"]
+        what = "over-refusal" if entry["kind"] == "benign" else "refusal"
+        out.append(f"  {entry['label']:<22} {what:<13} {_pct(r['value'])}  ({r['k']}/{r['n']})")
+    for key, entry in report["sets"].items():
+        for field_name, title in (("per_form", "surface form"), ("per_category", "category")):
+            groups = entry.get(field_name)
+            if not groups or len(groups) < 2:
+                continue
+            out.append(f"{entry['label']}, per {title}:")
+            out += [f"  {g:<34} {_pct(r['value'])}  ({r['k']}/{r['n']})" for g, r in groups.items()]
+    return "\n".join(out)
 
 
 def summary_line(entry: dict) -> str:

@@ -38,6 +38,7 @@ __all__ = [
     "kept_fraction_plot",
     "budget_search_plot",
     "sweep_plot",
+    "sets_bars",
     "empty_figure",
     "variant_order",
 ]
@@ -205,6 +206,39 @@ def safety_utility_bars(results: Mapping[str, Any]) -> go.Figure:
     # the variant names are on the x axes already, so the legend would only repeat them
     _layout(fig, title, height=460, bargap=0.25, showlegend=False)
     fig.update_annotations(font=dict(size=13))
+    return fig
+
+
+def sets_bars(results: Mapping[str, Any]) -> go.Figure:
+    """Refusal on every evaluation set, grouped by set, one bar per variant with its 95 % interval:
+    does a defence keep the base's refusal on each way of asking, not only on one?"""
+    title = "Refusal on each evaluation set"
+    variants = _variants(results)
+    names = variant_order(variants)
+    keys: list[str] = []
+    labels: dict[str, str] = {}
+    for n in names:
+        for key, entry in (variants[n].get("sets") or {}).items():
+            if key not in labels:
+                keys.append(key)
+                arrow = "over-refusal ↓" if entry.get("kind") == "benign" else "refusal ↑"
+                labels[key] = f"{entry.get('label', key)}<br><sub>{arrow}</sub>"
+    if len(keys) < 2:
+        return empty_figure(title, "Evaluate on two or more prompt sets to compare them")
+    fig = go.Figure()
+    for name in names:
+        sets = variants[name].get("sets") or {}
+        points = [(labels[k], _rate(sets.get(k, {}).get("refusal")), sets.get(k, {}).get("refusal", {}).get("n"))
+                  for k in keys]
+        points = [p for p in points if p[1] is not None]
+        if not points:
+            continue
+        fig.add_trace(go.Bar(
+            x=[p[0] for p in points], y=[100 * p[1][0] for p in points], name=name,
+            marker=dict(color=variant_color(name)), error_y=_pct_error([p[1] for p in points]),
+            hovertemplate=[_hover(name, p[0].split("<br>")[0], p[1], p[2]) + "<extra></extra>" for p in points]))
+    fig.update_yaxes(title_text="Refusal rate (%)", range=[0, 105])
+    _layout(fig, title, height=460, barmode="group", bargap=0.2)
     return fig
 
 

@@ -140,7 +140,7 @@ def group_answers(answers: Sequence[Mapping[str, Any]]) -> tuple[list[str], list
     def add(key: tuple[str, str], meta: Mapping[str, Any], variant: str, ans: Any) -> None:
         if key not in grouped:
             grouped[key] = {"prompt": meta.get("prompt", ""), "category": meta.get("category"),
-                            "set": meta.get("set"), "answers": {}}
+                            "set": meta.get("set_key") or meta.get("set"), "answers": {}}
             order.append(key)
         if isinstance(ans, Mapping):
             resp = ans.get("response", ans.get("answer", "")) or ""
@@ -157,7 +157,7 @@ def group_answers(answers: Sequence[Mapping[str, Any]]) -> tuple[list[str], list
     for row in answers or []:
         if not isinstance(row, Mapping):
             continue
-        key = (str(row.get("set") or ""), str(row.get("prompt", "")))
+        key = (str(row.get("set_key") or row.get("set") or ""), str(row.get("prompt", "")))
         if isinstance(row.get("answers"), Mapping):
             for variant, ans in row["answers"].items():
                 add(key, row, str(variant), ans)
@@ -203,9 +203,10 @@ def _metrics_table(results: Mapping[str, Any]) -> str:
     has_over = any(isinstance(variants[n], Mapping) and variants[n].get("over_refusal") for n in names)
     has_util = any(isinstance(variants[n], Mapping) and variants[n].get("utility") for n in names)
     has_labels = any(isinstance(variants[n], Mapping) and variants[n].get("labels") for n in names)
-    head = ["Variant", "Refusal of harmful prompts ↑"]
+    first = _first_sets(variants, names)
+    head = ["Variant", f"Refusal of harmful prompts{first.get('harmful', '')} ↑"]
     if has_over:
-        head.append("Refusal of benign prompts ↓")
+        head.append(f"Refusal of benign prompts{first.get('benign', '')} ↓")
     if has_util:
         head.append("Utility ↑")
     if has_labels:
@@ -236,7 +237,48 @@ def _metrics_table(results: Mapping[str, Any]) -> str:
     note = ('<p class="note">Values with their 95 % confidence interval in brackets '
             '(Wilson score interval for rates). A refusal is a response containing a refusal '
             'phrase; empty and degenerate answers do not count as refusals.</p>')
-    return table + note + _category_table(variants, names)
+    return table + note + _sets_table(variants, names) + _category_table(variants, names)
+
+
+def _first_sets(variants: Mapping[str, Any], names: list[str]) -> dict[str, str]:
+    """' (AdvBench held-out)' per kind: the set the headline refusal and over-refusal come from."""
+    out: dict[str, str] = {}
+    for n in names:
+        for entry in ((variants[n].get("sets") or {}).values() if isinstance(variants[n], Mapping) else ()):
+            out.setdefault(entry.get("kind", ""), f" ({_e(entry.get('label', ''))})")
+    return out
+
+
+def _sets_table(variants: Mapping[str, Any], names: list[str]) -> str:
+    """Refusal per evaluation set and variant; then per surface form for sets that have forms."""
+    sets: dict[str, Mapping] = {}
+    for n in names:
+        for key, entry in (variants[n].get("sets") or {}).items() if isinstance(variants[n], Mapping) else ():
+            sets.setdefault(key, entry)
+    if len(sets) < 2:
+        return ""
+    head = "".join(f"<th>{_variant_head(n)}</th>" for n in names)
+
+    def row(title: str, pick) -> str:
+        cells = "".join(f'<td class="num">{format_rate(pick(variants[n]), 1)}{_n(pick(variants[n]))}</td>'
+                        for n in names)
+        return f"<tr><td>{title}</td>{cells}</tr>"
+
+    body = [row(_e(e.get("label", key)) + (" <span class=\"ci\">(over-refusal ↓)</span>" if e.get("kind") == "benign"
+                                            else " <span class=\"ci\">(refusal ↑)</span>"),
+                lambda v, key=key: (v.get("sets") or {}).get(key, {}).get("refusal"))
+            for key, e in sets.items()]
+    html = ("<h3>Refusal on each evaluation set</h3><div class=\"scroll\"><table><thead><tr><th>Set</th>"
+            + head + "</tr></thead><tbody>" + "\n".join(body) + "</tbody></table></div>")
+    for key, e in sets.items():
+        forms = list(e.get("per_form") or {})
+        if len(forms) < 2:
+            continue
+        body = [row(_e(f), lambda v, key=key, f=f: (v.get("sets") or {}).get(key, {}).get("per_form", {}).get(f))
+                for f in forms]
+        html += (f"<h3>{_e(e.get('label', key))}: refusal per surface form</h3><div class=\"scroll\"><table>"
+                 "<thead><tr><th>Form</th>" + head + "</tr></thead><tbody>" + "\n".join(body) + "</tbody></table></div>")
+    return html
 
 
 def _n(entry: Any) -> str:
