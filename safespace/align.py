@@ -124,7 +124,7 @@ def build(force: bool = False, on_event: Callable[[train.Event], None] | None = 
     if is_built(key) and not force:
         return folder
     start = time.time()
-    _say(f"building the aligned base {models.ALIGNED_KEY} (once, a few minutes on CPU)...")
+    _say(f"building the aligned base {models.ALIGNED_KEY} (once, about 15 min on a 2-core CPU)...")
     loaded = models.load(models.EMBEDDED_KEY, quantization="none", device="cpu")
     harmful = data_mod.bundled("alignment")
     benign = benign_answers(loaded, data_mod.bundled("benign_align"), list(data_mod.bundled_field("benign_align", "ask")))

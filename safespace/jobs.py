@@ -738,7 +738,7 @@ def train_job(ctx: JobContext, plan: list[tuple[str, Any]], source: str, harmful
                  n_val=len(prepared.val))
     model = plan[0][1].model
     if model == models.ALIGNED_KEY and not align.is_built():
-        ctx.progress(0.0, f"building the aligned base {model} (once; a few minutes on CPU)...")
+        ctx.progress(0.0, f"building the aligned base {model} (once; about 15 min on a 2-core CPU)...")
         gpu_align(model, TrainReporter(ctx.channel, "aligned base", phase="align"))
     done: dict[str, dict] = {}
     for index, (variant, settings) in enumerate(plan):

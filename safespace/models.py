@@ -449,7 +449,7 @@ def describe() -> list[dict]:
     for spec in REGISTRY.values():
         if spec.source == "aligned":
             ready = (aligned_checkpoint() / "config.json").exists()
-            status = "ready" if ready else "built on first use (about 2-4 min on CPU)"
+            status = "ready" if ready else "built on first use (about 15 min on a 2-core CPU)"
         elif spec.source == "embedded":
             status = "embedded (offline)" if importlib.util.find_spec(GGUF_PACKAGE) else "missing package"
         else:
