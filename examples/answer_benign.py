@@ -18,8 +18,7 @@ from safespace import align, data, models  # noqa: E402
 
 def main() -> int:
     loaded = models.load(models.EMBEDDED_KEY, quantization="none", device="cpu")
-    prompts = list(dict.fromkeys(ask or e.prompt for e, ask in
-                                 zip(data.bundled("benign_align"), data.bundled_field("benign_align", "ask"))))
+    prompts = list(dict.fromkeys(align.benign_asks()))
     answers = align.raw_answers(loaded, prompts)
     path = data.DATA_DIR / f"{align.SHIPPED_ANSWERS}.jsonl"
     rows = [{"prompt": p, "response": a, "max_new_tokens": align.BENIGN_MAX_NEW_TOKENS} for p, a in zip(prompts, answers)]

@@ -903,7 +903,7 @@ def alignment_rows(align_g: list[tuple[str, str]]) -> list[dict]:
     """AdvBench alignment goals as written and in other forms, plus the hand-written training goals,
     each with a refusal; shuffled so any prefix (SafeGrad's, Safe Delta's) covers every form."""
     refusals = Refusals()
-    forms = [f for f in sf.FORM_NAMES]
+    forms = list(sf.FORM_NAMES)
     rng = random.Random(f"{SEED}-align")
     rows = []
     for goal, _ in align_g:

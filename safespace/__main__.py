@@ -21,6 +21,8 @@ import json
 import os
 import sys
 
+from . import evalsets   # light (the set registry); the ML stack loads inside each command
+
 EXIT_PROBLEM = 2
 
 
@@ -100,8 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-HARMFUL_SETS = ("advbench", "rewrites", "harmbench", "xstest-unsafe")   # safespace.evalsets keys, by kind
-BENIGN_SETS = ("benign", "xstest-safe")
+HARMFUL_SETS, BENIGN_SETS = evalsets.keys_of("harmful"), evalsets.keys_of("benign")
 
 
 def _set_args(p, default_harmful: list, default_benign: list) -> None:

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import torch
 
 from . import data as data_mod
 from . import evaluate, models, runs, train
@@ -66,11 +67,17 @@ def is_built(key: str | None = None) -> bool:
         return False
 
 
-def benign_answers(loaded: models.Loaded, prompts: list, asks: list | None = None) -> list:
-    """The raw model's own greedy answers to the benign prompts (or to each row's plain `ask`), cut to
-    whole sentences; answers that hedge like a refusal ("I'm sorry, ...") are dropped: they would
-    teach refusing benign prompts."""
-    asks = [a or p.prompt for a, p in zip(asks or [None] * len(prompts), prompts)]
+def benign_asks() -> list[str]:
+    """What each benign_align row's answer is the raw model's answer to: its plain `ask` question
+    where it has one (the raw model deflects some long or first-person phrasings), else its prompt."""
+    return [ask or e.prompt for e, ask in zip(data_mod.bundled("benign_align"),
+                                               data_mod.bundled_field("benign_align", "ask"))]
+
+
+def benign_answers(loaded: models.Loaded, prompts: list, asks: list[str]) -> list:
+    """The raw model's own greedy answers to `asks`, one per benign prompt, cut to whole sentences;
+    answers that hedge like a refusal ("I'm sorry, ...") are dropped: they would teach refusing
+    benign prompts."""
     answers = raw_answers(loaded, asks)
     judge = KeywordJudge()
     return [data_mod.Example(prompt=p.prompt, response=whole_sentences(a)) for p, a in zip(prompts, answers)
@@ -91,7 +98,6 @@ def raw_answers(loaded: models.Loaded, prompts: list[str]) -> list[str]:
         fresh = json.loads(cache.read_text())
     else:
         _say(f"answering {len(todo)} benign prompts with the raw model (keeps the base helpful)...")
-        import torch
         fresh = evaluate.generate(loaded.model, loaded.tokenizer, [data_mod.Example(p, "") for p in todo],
                                   max_new_tokens=BENIGN_MAX_NEW_TOKENS, batch_size=32,
                                   threads=torch.get_num_threads())
@@ -127,7 +133,7 @@ def build(force: bool = False, on_event: Callable[[train.Event], None] | None = 
     _say(f"building the aligned base {models.ALIGNED_KEY} (once, about 15 min on a 2-core CPU)...")
     loaded = models.load(models.EMBEDDED_KEY, quantization="none", device="cpu")
     harmful = data_mod.bundled("alignment")
-    benign = benign_answers(loaded, data_mod.bundled("benign_align"), list(data_mod.bundled_field("benign_align", "ask")))
+    benign = benign_answers(loaded, data_mod.bundled("benign_align"), benign_asks())
     examples = harmful + benign * BENIGN_REPEATS
     work = home() / "cache" / f"align-run-{key}"
     run = train.train(ALIGN_SETTINGS, examples, work, loaded=loaded, on_event=on_event or console_progress("aligning"),

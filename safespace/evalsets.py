@@ -6,6 +6,7 @@ score over-refusal (lower is better). Rows may carry `category` and `form` field
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from . import data as data_mod
@@ -37,14 +38,26 @@ SETS: dict[str, EvalSet] = {s.key: s for s in (
 )}
 DEFAULT_HARMFUL = ("advbench",)
 DEFAULT_BENIGN = ("benign",)
-BREADTH_HARMFUL = ("advbench", "rewrites", "harmbench")    # the story on every harmful set
-BREADTH_BENIGN = ("benign", "xstest-safe")
 
 
 def get(key: str) -> EvalSet:
     if key not in SETS:
         raise ValueError(f"unknown evaluation set {key!r}; expected one of {', '.join(SETS)}")
     return SETS[key]
+
+
+def keys_of(kind: str) -> tuple[str, ...]:
+    """Every set of one kind ("harmful" or "benign"), in registry order."""
+    return tuple(key for key, s in SETS.items() if s.kind == kind)
+
+
+def entries(variants) -> dict:
+    """{set key: its entry} over every variant of a results["variants"] mapping, first seen first."""
+    found: dict = {}
+    for entry in variants.values():
+        for key, scores in ((entry.get("sets") or {}) if isinstance(entry, Mapping) else {}).items():
+            found.setdefault(key, scores)
+    return found
 
 
 def check_keys(keys, kind: str) -> tuple[str, ...]:

@@ -591,7 +591,7 @@ def figures_for(results: dict, variants: dict, sweep: list | None = None) -> dic
 
     figs = {"Safety and utility": plots.safety_utility_bars(results),
             "Trade-off": plots.tradeoff_scatter(results)}
-    if any(len(v.get("sets", {})) > 2 for v in results.get("variants", {}).values()):
+    if len(evalsets.entries(results.get("variants", {}))) > 2:
         figs["Refusal on each evaluation set"] = plots.sets_bars(results)
     curves = {n: runs.load_run(p).metrics() for n, p in variants.items()
               if p is not None and runs.load_run(p).kind == "train"}
@@ -648,14 +648,14 @@ def run_config(config_path, out, say: Callable[[str], None] = _stage) -> dict:
     say(f"done in {time.time() - start:.0f} s: {out / 'results.json'}, {out / 'report.html'}")
     for name, v in results["variants"].items():
         say(f"  {name:<10} {summary_line(v)}")
-    if any(len(v.get("sets", {})) > 2 for v in results["variants"].values()):
+    if len(evalsets.entries(results["variants"])) > 2:
         for line in sets_table(results).splitlines():
             say("  " + line)
     return results
 
 
-def align_report(harmful_sets=evalsets.BREADTH_HARMFUL + ("xstest-unsafe",),
-                 benign_sets=evalsets.BREADTH_BENIGN, on_progress: Progress | None = None) -> dict:
+def align_report(harmful_sets=evalsets.keys_of("harmful"), benign_sets=evalsets.keys_of("benign"),
+                 on_progress: Progress | None = None) -> dict:
     """The aligned base's refusal on every set, per surface form and category; cached with the build."""
     align.ensure(models.ALIGNED_KEY)
     path = models.aligned_checkpoint() / "safespace_align_report.json"
@@ -681,9 +681,8 @@ def _pct(value) -> str:
 def sets_table(results: dict) -> str:
     """Refusal per evaluation set (rows) and variant (columns), with each set's kind and size."""
     names = list(results["variants"])
-    keys = list(dict.fromkeys(k for v in results["variants"].values() for k in v.get("sets", {})))
     lines = [f"{'refusal on':<28}" + "".join(f"{n:>12}" for n in names)]
-    for key in keys:
+    for key in evalsets.entries(results["variants"]):
         label = evalsets.get(key).label + (" (over-refusal)" if evalsets.get(key).kind == "benign" else "")
         cells = [results["variants"][n].get("sets", {}).get(key, {}).get("refusal", {}).get("value") for n in names]
         lines.append(f"{label:<28}" + "".join(f"{_pct(c):>12}" for c in cells))
@@ -709,9 +708,7 @@ def breadth_tables(report: dict) -> str:
 
 def summary_line(entry: dict) -> str:
     """'refusal 96.0%   over-refusal 1.7%   accuracy 98.8%', with '-' for what was not measured."""
-    def pct(value) -> str:
-        return "     -" if value is None or value != value else f"{value:6.1%}"
     util = entry.get("utility", {})
-    return (f"refusal {pct(entry.get('refusal', {}).get('value'))}   "
-            f"over-refusal {pct(entry.get('over_refusal', {}).get('value'))}   "
-            f"{util.get('metric', 'utility')} {pct(util.get('value'))}")
+    return (f"refusal {_pct(entry.get('refusal', {}).get('value'))}   "
+            f"over-refusal {_pct(entry.get('over_refusal', {}).get('value'))}   "
+            f"{util.get('metric', 'utility')} {_pct(util.get('value'))}")

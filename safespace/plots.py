@@ -27,6 +27,8 @@ from typing import Any
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from . import evalsets
+
 __all__ = [
     "VARIANT_COLORS",
     "variant_color",
@@ -215,14 +217,10 @@ def sets_bars(results: Mapping[str, Any]) -> go.Figure:
     title = "Refusal on each evaluation set"
     variants = _variants(results)
     names = variant_order(variants)
-    keys: list[str] = []
-    labels: dict[str, str] = {}
-    for n in names:
-        for key, entry in (variants[n].get("sets") or {}).items():
-            if key not in labels:
-                keys.append(key)
-                arrow = "over-refusal ↓" if entry.get("kind") == "benign" else "refusal ↑"
-                labels[key] = f"{entry.get('label', key)}<br><sub>{arrow}</sub>"
+    labels = {key: f"{entry.get('label', key)}<br><sub>"
+                   f"{'over-refusal ↓' if entry.get('kind') == 'benign' else 'refusal ↑'}</sub>"
+              for key, entry in evalsets.entries({n: variants[n] for n in names}).items()}
+    keys = list(labels)
     if len(keys) < 2:
         return empty_figure(title, "Evaluate on two or more prompt sets to compare them")
     fig = go.Figure()

@@ -19,6 +19,7 @@ from typing import Any
 import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
 
+from . import evalsets
 from .judge import KeywordJudge
 from .plots import variant_color, variant_order
 
@@ -243,18 +244,14 @@ def _metrics_table(results: Mapping[str, Any]) -> str:
 def _first_sets(variants: Mapping[str, Any], names: list[str]) -> dict[str, str]:
     """' (AdvBench held-out)' per kind: the set the headline refusal and over-refusal come from."""
     out: dict[str, str] = {}
-    for n in names:
-        for entry in ((variants[n].get("sets") or {}).values() if isinstance(variants[n], Mapping) else ()):
-            out.setdefault(entry.get("kind", ""), f" ({_e(entry.get('label', ''))})")
+    for entry in evalsets.entries({n: variants[n] for n in names}).values():
+        out.setdefault(entry.get("kind", ""), f" ({_e(entry.get('label', ''))})")
     return out
 
 
 def _sets_table(variants: Mapping[str, Any], names: list[str]) -> str:
     """Refusal per evaluation set and variant; then per surface form for sets that have forms."""
-    sets: dict[str, Mapping] = {}
-    for n in names:
-        for key, entry in (variants[n].get("sets") or {}).items() if isinstance(variants[n], Mapping) else ():
-            sets.setdefault(key, entry)
+    sets = evalsets.entries({n: variants[n] for n in names})
     if len(sets) < 2:
         return ""
     head = "".join(f"<th>{_variant_head(n)}</th>" for n in names)

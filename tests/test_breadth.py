@@ -127,6 +127,11 @@ def test_cli_set_choices_match_the_registry():
     from safespace import __main__ as cli
     assert set(cli.HARMFUL_SETS) == {k for k, s in evalsets.SETS.items() if s.kind == "harmful"}
     assert set(cli.BENIGN_SETS) == {k for k, s in evalsets.SETS.items() if s.kind == "benign"}
+    parser = cli.build_parser()
+    assert parser.parse_args(["evaluate", "--runs", "r", "--out", "o"]).harmful_sets == ["advbench"]
+    assert parser.parse_args(["align"]).benign_sets == list(evalsets.keys_of("benign"))
+    with pytest.raises(SystemExit):      # a benign set where harmful ones go: argparse's one-line error
+        parser.parse_args(["evaluate", "--runs", "r", "--out", "o", "--harmful-sets", "xstest-safe"])
 
 
 def test_set_scores_break_refusal_down_by_form_and_category():
