@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import sys
 import threading
 import time
@@ -20,7 +21,7 @@ from typing import Callable
 import torch
 
 from . import data as data_mod
-from . import evaluate, models, runs, train
+from . import evaluate, locks, models, runs, train
 from .judge import KeywordJudge
 from .config import LoraSettings, TrainSettings, home
 from .progress import console_progress
@@ -34,7 +35,10 @@ ALIGN_SETTINGS = TrainSettings(
 BENIGN_REPEATS = 3      # benign rows three times: refusals are easy to learn, helpfulness is not
 BENIGN_MAX_NEW_TOKENS = 64
 SHIPPED_ANSWERS = "benign_answers"   # the embedded raw model's answers to benign_align (see raw_answers)
-_BUILD_LOCK = threading.Lock()   # one build per process: the app warms it up while a visitor may ask
+# one build per process (the app warms it up while a visitor may ask); re-entrant: ensure() holds it
+# around build(); build_lock_path() serialises builds across processes sharing the cache folder
+_BUILD_LOCK = threading.RLock()
+log = logging.getLogger(__name__)
 
 
 def _say(message: str) -> None:
@@ -123,12 +127,38 @@ def whole_sentences(answer: str) -> str:
     return answer[:end + 1]
 
 
+def build_lock_path() -> Path:
+    """The lock file beside the aligned base's folder: whoever holds it is building that folder."""
+    folder = models.aligned_checkpoint()
+    return folder.with_name(folder.name + ".lock")
+
+
 def build(force: bool = False, on_event: Callable[[train.Event], None] | None = None) -> Path:
-    """Build (or reuse) the aligned base and return its folder."""
+    """Build (or reuse) the aligned base and return its folder. One build per cache folder at a
+    time, across threads and processes: a caller that finds another process building says so once
+    (a "wait" event through on_event, and logging), waits, then reuses that build."""
     key = build_key()
     folder = models.aligned_checkpoint()
     if is_built(key) and not force:
         return folder
+    progress = on_event or console_progress("aligning")
+
+    def say_waiting(message: str) -> None:
+        progress(train.Event("wait", message=message))
+
+    with _BUILD_LOCK, locks.exclusive(build_lock_path(), f"building the aligned base {models.ALIGNED_KEY}",
+                                      on_wait=say_waiting) as waited:
+        # built meanwhile: by the process we waited for (fresh, so reused even when forced) or another thread
+        if is_built(key) and (waited or not force):
+            if waited:
+                log.info("reusing the aligned base another process built: %s", folder)
+            return folder
+        return _build(key, progress)
+
+
+def _build(key: str, on_event: Callable[[train.Event], None]) -> Path:
+    """Train and publish the aligned base (the lock is held by build())."""
+    folder = models.aligned_checkpoint()
     start = time.time()
     _say(f"building the aligned base {models.ALIGNED_KEY} (once, about 15 min on a 2-core CPU)...")
     loaded = models.load(models.EMBEDDED_KEY, quantization="none", device="cpu")
@@ -136,7 +166,7 @@ def build(force: bool = False, on_event: Callable[[train.Event], None] | None = 
     benign = benign_answers(loaded, data_mod.bundled("benign_align"), benign_asks())
     examples = harmful + benign * BENIGN_REPEATS
     work = home() / "cache" / f"align-run-{key}"
-    run = train.train(ALIGN_SETTINGS, examples, work, loaded=loaded, on_event=on_event or console_progress("aligning"),
+    run = train.train(ALIGN_SETTINGS, examples, work, loaded=loaded, on_event=on_event,
                       kind="align", extra_config={"purpose": "stage-0 safety alignment"})
     save_aligned(run, key, {"refusals": len(harmful), "benign": len(benign), "benign_repeats": BENIGN_REPEATS},
                  time.time() - start)

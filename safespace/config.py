@@ -18,6 +18,11 @@ class ConfigError(ValueError):
     """A setting is out of range or of the wrong kind; the message is meant for the user."""
 
 
+class ModelError(RuntimeError):
+    """A model cannot be found or loaded; the message is one line meant for the user.
+    Defined here, not in models (which re-exports it), so faces catch it without importing torch."""
+
+
 def home() -> Path:
     """The cache folder for converted models, aligned bases and Hessians ($SAFESPACE_HOME)."""
     path = Path(os.environ.get("SAFESPACE_HOME") or Path.home() / ".cache" / "safespace")

@@ -30,6 +30,8 @@ def console_progress(desc: str):
             bar.close()
             if event.message:
                 print(f"[safespace] {event.message}", file=sys.stderr)
+        elif event.kind == "wait" and event.message:   # e.g. another process is building what this one needs
+            print(f"[safespace] {event.message}", file=sys.stderr, flush=True)
     return on_event
 
 
