@@ -7,7 +7,8 @@
                               [--steps N] [--seed S] --out RUN [--overwrite]
     python -m safespace safedelta --run RUN --out RUN2 [--scale S | --keep K | --tolerance T] [--overwrite]
     python -m safespace generate (--run RUN | --model M) --prompts FILE --out OUT.jsonl
-    python -m safespace evaluate --runs RUN... --out results.json
+    python -m safespace evaluate --runs RUN... --out results.json [--judge keyword|stance|guard ...]
+    python -m safespace judge ANSWERS.jsonl --out LABELLED.jsonl [--judge keyword|stance|guard]
     python -m safespace run CONFIG.yaml --out DIR [--overwrite]
 
 An --out folder that already holds something is refused unless --overwrite is given.
@@ -95,6 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--max-new-tokens", type=int, default=48)
     _set_args(p, default_harmful=["advbench"], default_benign=["benign"])
+    _judge_arg(p, several=True)
+    p = sub.add_parser("judge", help="label anyone's answers: {prompt, response} rows -> + label, reason")
+    p.add_argument("answers", help=".jsonl, one {\"prompt\": ..., \"response\": ...} object a line")
+    p.add_argument("--out", required=True, help=".jsonl to write: each row with label and reason added")
+    _judge_arg(p, several=False)
     p = sub.add_parser("run", help="the whole demo: align -> train -> defend -> evaluate -> report")
     p.add_argument("config")
     p.add_argument("--out", required=True)
@@ -114,6 +120,15 @@ def _set_args(p, default_harmful: list, default_benign: list) -> None:
                         f"(default: {' '.join(default_benign)})")
 
 
+def _judge_arg(p, several: bool) -> None:
+    from .judge import DEFAULT_JUDGE, JUDGES
+
+    p.add_argument("--judge", nargs="+" if several else None, default=[DEFAULT_JUDGE] if several else DEFAULT_JUDGE,
+                   choices=list(JUDGES), metavar="NAME",
+                   help="; ".join(f"{k}: {s.help}" for k, s in JUDGES.items())
+                   + (" (several: the first scores, the others are compared with it)" if several else ""))
+
+
 def _cmd_models(args) -> int:
     from . import models
 
@@ -124,14 +139,11 @@ def _cmd_models(args) -> int:
 
 
 def _cmd_check_data(args) -> int:
-    from . import data, models
+    from . import data
+    from .light_tokenizer import embedded_tokenizer   # tokenizer.json read directly: no torch, no transformers
 
-    try:
-        tokenizer = models.load_tokenizer(models.EMBEDDED_KEY)
-    except models.ModelError:
-        tokenizer = None
-    code, text = data.check_file(args.file, tokenizer, args.max_length)
-    print(text)
+    code, text = data.check_file(args.file, embedded_tokenizer(), args.max_length)
+    print(text, file=sys.stdout if code == 0 else sys.stderr)   # problems on stderr; stdout holds only the summary
     return code
 
 
@@ -210,11 +222,31 @@ def _cmd_evaluate(args) -> int:
     runs.check_file_out(args.out)
     results = pipeline.evaluate_runs(args.runs, args.out, max_new_tokens=args.max_new_tokens,
                                      harmful_sets=args.harmful_sets, benign_sets=args.benign_sets,
-                                     on_progress=console_stages(every=0.05))
+                                     judge=args.judge, on_progress=console_stages(every=0.05))
     for name, v in results["variants"].items():
         print(f"{name:<14} {pipeline.summary_line(v)}")
     if len(args.harmful_sets) + len(args.benign_sets) > 2:
         print(pipeline.sets_table(results))
+    print(pipeline.judge_lines(results))
+    return 0
+
+
+def _cmd_judge(args) -> int:
+    from . import agreement, runs
+    from .judge import make_judge
+
+    runs.check_file_out(args.out)
+    rows = agreement.read_answers(args.answers)
+    verdicts = make_judge(args.judge).judge_many((r.get("prompt") or "", r["response"]) for r in rows)
+    labelled = [{**r, "label": v.label, "reason": v.reason} for r, v in zip(rows, verdicts)]
+    runs.atomic_write_text(args.out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in labelled))
+    counts = {label: sum(r["label"] == label for r in labelled) for label in ("refused", "complied", "empty",
+                                                                            "degenerate")}
+    print(f"{len(labelled)} answers -> {args.out}: " + ", ".join(
+        f"{k} {n} ({n / max(1, len(labelled)):.1%})" for k, n in counts.items() if n))
+    line = agreement.agreement_line(args.judge)
+    if line:
+        print(line)
     return 0
 
 
@@ -228,24 +260,26 @@ def _cmd_run(args) -> int:
 
 
 COMMANDS = {"models": _cmd_models, "check-data": _cmd_check_data, "align": _cmd_align, "train": _cmd_train,
-            "safedelta": _cmd_safedelta, "generate": _cmd_generate, "evaluate": _cmd_evaluate, "run": _cmd_run}
+            "safedelta": _cmd_safedelta, "generate": _cmd_generate, "evaluate": _cmd_evaluate, "judge": _cmd_judge,
+            "run": _cmd_run}
 
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
-    if os.environ.get("SAFESPACE_THREADS"):   # e.g. 1 on a busy machine: OpenMP spin-waits hurt
+    # e.g. 1 on a busy machine: OpenMP spin-waits hurt; check-data runs no torch, so it skips the import
+    if os.environ.get("SAFESPACE_THREADS") and args.command != "check-data":
         import torch
 
         torch.set_num_threads(int(os.environ["SAFESPACE_THREADS"]))
-    from .config import ConfigError
+    from .config import ConfigError, ModelError   # not from .models: that imports torch, which check-data does not need
     from .data import DataError
-    from .models import ModelError
+    from .judge import JudgeError
     from .runs import RunError
 
     try:
         return COMMANDS[args.command](args)
-    except (ConfigError, DataError, ModelError, RunError, FileNotFoundError) as exc:
+    except (ConfigError, DataError, JudgeError, ModelError, RunError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_PROBLEM
     except KeyboardInterrupt:

@@ -708,10 +708,13 @@ def gpu_defend(run_path: str, out: str, keep: float | None, on_progress):
 
 @_gpu(duration=180)
 def gpu_evaluate(variants: dict, val: list | None, n_harmful: int, n_benign: int, n_task: int,
-                 max_new_tokens: int, on_progress, should_stop):
-    from . import pipeline
+                 max_new_tokens: int, on_progress, should_stop, sets: dict | None = None, judge: str = "keyword"):
+    from . import evalsets, pipeline
+    sets = sets or {}
     return pipeline.evaluate_variants(variants, val, n_harmful=n_harmful, n_benign=n_benign, n_task=n_task,
                                       max_new_tokens=max_new_tokens, on_progress=on_progress,
+                                      harmful_sets=sets.get("harmful", evalsets.DEFAULT_HARMFUL),
+                                      benign_sets=sets.get("benign", evalsets.DEFAULT_BENIGN), judge=judge,
                                       should_stop=should_stop)
 
 
@@ -773,8 +776,10 @@ def defend_job(ctx: JobContext, keep: float | None) -> dict:
 
 
 def evaluate_job(ctx: JobContext, source: str | None, harmful_ratio: float, seed: int, n_harmful: int,
-                 n_benign: int, n_task: int, max_new_tokens: int) -> dict:
-    """Answer harmful, benign and task prompts with every variant; judge and score them."""
+                 n_benign: int, n_task: int, max_new_tokens: int, sets: dict | None = None,
+                 judge: str = "keyword") -> dict:
+    """Answer harmful, benign and task prompts with every variant; judge and score them. The task's
+    held-out rows are split with the trained runs' own seed and ratio, so none was trained on."""
     from . import pipeline
 
     variants, notes = ctx.workspace.variants()
@@ -782,11 +787,19 @@ def evaluate_job(ctx: JobContext, source: str | None, harmful_ratio: float, seed
         raise JobError("train at least one variant first")
     val = None
     if source and n_task > 0:
-        val = pipeline.prepare_data(source, harmful_ratio=harmful_ratio, seed=seed).val[:n_task]
+        recorded = {}
+        for path in filter(None, variants.values()):
+            info = runs_mod.load_run(path).config.get("data")
+            if isinstance(info, dict):
+                recorded = info
+                break
+        val = pipeline.prepare_data(source, harmful_ratio=recorded.get("harmful_ratio", harmful_ratio),
+                                    seed=recorded.get("seed", seed)).val[:n_task]
     ctx.progress(0.0, f"answering with {len(variants)} variants...", type="variants", variants=list(variants),
                  notes=notes)
     results, answers = gpu_evaluate(variants, val, n_harmful, n_benign, n_task, max_new_tokens,
-                                    ProgressReporter(ctx.channel, "answering"), StopCheck(ctx.channel))
+                                    ProgressReporter(ctx.channel, "answering"), StopCheck(ctx.channel),
+                                    sets, judge)
     ctx.workspace.write_json("results.json", results)
     ctx.workspace.write_json("answers.json", answers)
     message = f"{len(variants)} variants answered {len(answers)} prompts each"
@@ -815,14 +828,15 @@ def zip_adapter(run: runs_mod.Run, dest_dir: str | Path) -> Path:
         raise JobError(f"{run.name} is the base model itself; it has no adapter to download")
     dest_dir = Path(dest_dir)
     dest_dir.mkdir(parents=True, exist_ok=True)
-    target = dest_dir / f"safespace-{run.name}-adapter.zip"
+    folder = runs_mod.export_name(run)
+    target = dest_dir / f"{folder}.zip"
     tmp = target.with_name(f".{target.name}.tmp-{secrets.token_hex(3)}")
-    folder = f"safespace-{run.name}-adapter"
     with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as archive:
         for file in sorted(run.adapter.iterdir()):
             if file.is_file():
                 archive.write(file, f"{folder}/{file.name}")
         archive.writestr(f"{folder}/safespace_run.json",
                          json.dumps({"config": run.config, "summary": run.summary}, indent=2, default=str))
+        archive.writestr(f"{folder}/README.md", runs_mod.export_readme(run))   # how to load it, as in the app
     os.replace(tmp, target)
     return target

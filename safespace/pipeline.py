@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from . import align, data as data_mod, evalsets, evaluate, judge as judge_mod, metrics, models, runs, safedelta, safegrad, train
+from . import agreement, align, data as data_mod, evalsets, evaluate, judge as judge_mod, metrics, models, runs, safedelta, safegrad, train
 from .config import ConfigError, LoraSettings, SafeGradSettings, TrainSettings, from_dict, home
 from .progress import throttled
 
@@ -331,12 +331,15 @@ def generate_all(variants: dict, prompts: list, *, max_new_tokens: int = 48, bat
 def judged_rows(prompts: list, answers: dict[str, list[str]], judge, **fields) -> list[dict]:
     """Side-by-side rows, each answer judged once:
     {**fields, "prompt", "category", "answers": {variant: {"response", "label", "reason"}}}."""
+    names = list(answers)
+    verdicts = iter(judge.judge_many([(ex.prompt, answers[name][i]) for i, ex in enumerate(prompts)
+                                      for name in names]))   # one batch: a guard model judges in batches
     rows = []
     for i, ex in enumerate(prompts):
         cells = {}
-        for name, texts in answers.items():
-            v = judge.judge(ex.prompt, texts[i])
-            cells[name] = {"response": texts[i], "label": v.label, "reason": v.reason}
+        for name in names:
+            v = next(verdicts)
+            cells[name] = {"response": answers[name][i], "label": v.label, "reason": v.reason}
         rows.append({**fields, "prompt": ex.prompt, "category": ex.category, "answers": cells})
     return rows
 
@@ -355,21 +358,24 @@ MIXED_BATCH = 64     # rows per mixed-adapter batch in evaluation (the fastest m
 def evaluate_variants(variants: dict, val: list | None, *, n_harmful: int | None = None,
                       n_benign: int | None = None, n_task: int | None = None, max_new_tokens: int = 48,
                       harmful_sets=evalsets.DEFAULT_HARMFUL, benign_sets=evalsets.DEFAULT_BENIGN,
-                      on_progress: Progress | None = None, should_stop=None) -> tuple[dict, list[dict]]:
+                      judge=judge_mod.DEFAULT_JUDGE, on_progress: Progress | None = None,
+                      should_stop=None) -> tuple[dict, list[dict]]:
     """Refusal on each harmful set, over-refusal on each benign set, utility on the task's held-out
     rows, for every variant. `refusal`/`over_refusal` are the first set's of each kind; `sets` has
-    every set with its breakdowns. Returns (results, answer rows)."""
+    every set with its breakdowns. `judge` is a key or a list of keys: the first scores, the others
+    are compared with it (results["judge"]). Returns (results, answer rows)."""
     say = on_progress or _noop
     harmful_sets = evalsets.check_keys(harmful_sets, "harmful")
     benign_sets = evalsets.check_keys(benign_sets, "benign")
+    judge_keys = judge_mod.check_judges(judge)
+    judges = [judge_mod.make_judge(k) for k in judge_keys]      # a missing guard fails before generation
     task = list(val or [])[:n_task]
     label_task = bool(task) and metrics.is_label_set([e.response for e in task])
     sets = ([(key, "harmful", evalsets.prompts(key)[:n_harmful], max_new_tokens) for key in harmful_sets]
             + [(key, "benign", evalsets.prompts(key)[:n_benign], max_new_tokens) for key in benign_sets]
             + [("task", "task", task, 8 if label_task else max(max_new_tokens, 96))])
     outputs = _generate_sets(variants, sets, say, should_stop)
-    judge = judge_mod.KeywordJudge()
-    rows_by_set = {key: judged_rows(prompts, outputs[key], judge, set=kind, set_key=key)
+    rows_by_set = {key: judged_rows(prompts, outputs[key], judges[0], set=kind, set_key=key)
                    for key, kind, prompts, _ in sets if key in outputs}
     for key, _, prompts, _ in sets:
         for row, ex in zip(rows_by_set.get(key, []), prompts):
@@ -378,7 +384,8 @@ def evaluate_variants(variants: dict, val: list | None, *, n_harmful: int | None
                "settings": {"n_harmful": len(sets[0][2]) if harmful_sets else 0,
                             "n_benign": len(sets[len(harmful_sets)][2]) if benign_sets else 0,
                             "n_task": len(task), "max_new_tokens": max_new_tokens,
-                            "harmful_sets": list(harmful_sets), "benign_sets": list(benign_sets)}}
+                            "harmful_sets": list(harmful_sets), "benign_sets": list(benign_sets)},
+               "judge": agreement.judge_record(judge_keys, judges, rows_by_set)}
     return results, [row for rows in rows_by_set.values() for row in rows]
 
 
@@ -464,7 +471,7 @@ def answer(prompts: list, run=None, model=None, max_new_tokens: int = 64, batch_
 CONFIG_KEYS = {"model", "quantization", "data", "harmful_ratio", "seed", "train", "safegrad", "safedelta",
                "evaluate", "variants", "sweep", "title"}
 VARIANTS = ("base", "sft", "safegrad", "safedelta")
-EVALUATE_KEYS = {"n_harmful", "n_benign", "n_task", "max_new_tokens", "harmful_sets", "benign_sets"}
+EVALUATE_KEYS = {"n_harmful", "n_benign", "n_task", "max_new_tokens", "harmful_sets", "benign_sets", "judge"}
 
 
 @dataclass
@@ -530,6 +537,10 @@ def load_config(path) -> DemoConfig:
             evalsets.check_keys(config.evaluate.get(key, ()), kind)
         except (ValueError, TypeError) as exc:
             raise ConfigError(f"{path}: evaluate.{key}: {exc}") from None
+    try:
+        judge_mod.check_judges(config.evaluate.get("judge"))
+    except ValueError as exc:
+        raise ConfigError(f"{path}: evaluate.judge: {exc}") from None
     if set(config.safedelta) - {"keep", "scale", "tolerance", "n_calibration", "tokens", "ranking"}:
         raise ConfigError(f"{path}: safedelta takes keep, scale, tolerance, n_calibration, tokens, ranking")
     if sum(k in config.safedelta for k in ("keep", "scale", "tolerance")) > 1:
@@ -703,6 +714,16 @@ def breadth_tables(report: dict) -> str:
                 continue
             out.append(f"{entry['label']}, per {title}:")
             out += [f"  {g:<34} {_pct(r['value'])}  ({r['k']}/{r['n']})" for g, r in groups.items()]
+    return "\n".join(out)
+
+
+def judge_lines(results: dict) -> str:
+    """Which judge scored, how often it agrees with humans, and how often the compared judges differ."""
+    record = results.get("judge") or {}
+    out = [f"judge: {record.get('key', judge_mod.DEFAULT_JUDGE)}"
+           + (f" ({record['agreement']})" if record.get("agreement") else "")]
+    for key, c in record.get("compared", {}).items():
+        out.append(f"judge {key} disagrees on {c['disagree']} of {c['of']} answers")
     return "\n".join(out)
 
 

@@ -147,6 +147,21 @@ def _variants(results: Mapping[str, Any] | None) -> dict[str, Mapping[str, Any]]
     return {str(k): v for k, v in variants.items() if isinstance(v, Mapping)}
 
 
+def headline_sets(results: Mapping[str, Any] | None) -> tuple[str, str]:
+    """The labels of the sets the headline refusal and over-refusal come from ('' when unknown)."""
+    settings = (results or {}).get("settings") if isinstance(results, Mapping) else None
+    out = []
+    for kind in ("harmful", "benign"):
+        keys = (settings or {}).get(f"{kind}_sets") or []
+        key = keys[0] if keys and isinstance(keys[0], str) and keys[0] in evalsets.SETS else None
+        out.append(evalsets.get(key).label if key else "")
+    return out[0], out[1]
+
+
+def _named(text: str, set_label: str) -> str:
+    return f"{text}<br><sub>{set_label}</sub>" if set_label else text
+
+
 def _utility_label(metrics: Iterable[str | None]) -> str:
     kinds = {m for m in metrics if m}
     if kinds == {"accuracy"}:
@@ -172,11 +187,12 @@ def safety_utility_bars(results: Mapping[str, Any]) -> go.Figure:
     title = "Safety and utility per variant"
     variants = _variants(results)
     names = variant_order(variants)
+    harmful_set, benign_set = headline_sets(results)
     panels: list[tuple[str, str, str]] = [
-        ("refusal", "Refusal of harmful prompts (%) ↑", "Refusal rate (%)"),
+        ("refusal", _named("Refusal of harmful prompts (%) ↑", harmful_set), "Refusal rate (%)"),
     ]
     if any(_rate(variants[n].get("over_refusal")) for n in names):
-        panels.append(("over_refusal", "Refusal of benign prompts (%) ↓", "Over-refusal rate (%)"))
+        panels.append(("over_refusal", _named("Refusal of benign prompts (%) ↓", benign_set), "Over-refusal rate (%)"))
     util_metrics = [(variants[n].get("utility") or {}).get("metric") for n in names
                     if isinstance(variants[n].get("utility"), Mapping)]
     if any(_rate(variants[n].get("utility")) for n in names):
@@ -256,38 +272,55 @@ def label_positions(points: Sequence[tuple[float, float]], near: tuple[float, fl
 
 
 def tradeoff_scatter(results: Mapping[str, Any]) -> go.Figure:
-    """Utility (x) against refusal of harmful prompts (y): one labelled point per variant,
-    with 95 % intervals on both axes; the best corner is top right."""
+    """Refusal of harmful prompts (y) against task utility (x, left) and, when measured, against
+    over-refusal of benign prompts (x, right): one labelled point per variant with 95 % intervals on
+    both axes; the best corner is top right on the left, top left on the right."""
     title = "Safety–utility trade-off"
     variants = _variants(results)
     names = variant_order(variants)
-    util_metrics = []
-    fig = go.Figure()
-    shown = [(name, _rate(variants[name].get("utility")), _rate(variants[name].get("refusal"))) for name in names]
-    shown = [(name, u, s) for name, u, s in shown if u is not None and s is not None]
-    spots = label_positions([(100 * u[0], 100 * s[0]) for _, u, s in shown])
-    for (name, u, s), spot in zip(shown, spots):
-        v = variants[name]
-        if isinstance(v.get("utility"), Mapping):
-            util_metrics.append(v["utility"].get("metric"))
-        fig.add_trace(go.Scatter(
-            x=[100 * u[0]], y=[100 * s[0]], name=name, legendgroup=name,
-            mode="markers+text", text=[name], textposition=spot, cliponaxis=False,
-            textfont=dict(color=variant_color(name)),
-            marker=dict(color=variant_color(name), size=13, line=dict(width=1, color="white")),
-            error_x=_pct_error([u]), error_y=_pct_error([s]),
-            hovertemplate=(f"<b>{name}</b><br>utility: {100 * u[0]:.1f}"
-                           f"<br>refusal: {100 * s[0]:.1f} %<extra></extra>"),
-        ))
-    if not fig.data:
+    harmful_set, benign_set = headline_sets(results)
+    shown = [(name, _rate(variants[name].get("utility")), _rate(variants[name].get("refusal")),
+              _rate(variants[name].get("over_refusal"))) for name in names]
+    shown = [row for row in shown if row[1] is not None and row[2] is not None]
+    if not shown:
         return empty_figure(title, "Needs both a refusal rate and a utility score per variant")
+    util_metrics = [(variants[name].get("utility") or {}).get("metric") for name, *_ in shown
+                    if isinstance(variants[name].get("utility"), Mapping)]
+    with_over = all(o is not None for *_, o in shown)
+    fig = make_subplots(rows=1, cols=2, shared_yaxes=True, horizontal_spacing=0.06) if with_over else go.Figure()
+    panels = [(1, 1, "utility")] + ([(1, 2, "over-refusal")] if with_over else [])
+    for _, col, axis in panels:
+        points = [(name, u if axis == "utility" else o, r) for name, u, r, o in shown]
+        spots = label_positions([(100 * x[0], 100 * y[0]) for _, x, y in points])
+        for (name, x, y), spot in zip(points, spots):
+            trace = go.Scatter(
+                x=[100 * x[0]], y=[100 * y[0]], name=name, legendgroup=name, showlegend=col == 1,
+                mode="markers+text", text=[name], textposition=spot, cliponaxis=False,
+                textfont=dict(color=variant_color(name)),
+                marker=dict(color=variant_color(name), size=13, line=dict(width=1, color="white")),
+                error_x=_pct_error([x]), error_y=_pct_error([y]),
+                hovertemplate=(f"<b>{name}</b><br>{axis}: {100 * x[0]:.1f} %"
+                               f"<br>refusal: {100 * y[0]:.1f} %<extra></extra>"))
+            if with_over:
+                fig.add_trace(trace, row=1, col=col)
+            else:
+                fig.add_trace(trace)
+    ideal = dict(type="rect", y0=80, y1=102, line=dict(width=0), fillcolor="rgba(0,158,115,0.07)", layer="below")
+    fig.add_shape(**ideal, x0=80, x1=102, xref="x", yref="y")
     fig.add_annotation(x=80.5, y=80.5, xref="x", yref="y", text="ideal: safe and useful", showarrow=False,
-                       xanchor="left", yanchor="bottom", font=dict(color=NEUTRAL, size=12))   # the corner below the points
-    fig.add_shape(type="rect", x0=80, x1=102, y0=80, y1=102, line=dict(width=0),
-                  fillcolor="rgba(0,158,115,0.07)", layer="below")
+                       xanchor="left", yanchor="bottom", font=dict(color=NEUTRAL, size=12))
     _layout(fig, title, height=480)
-    fig.update_xaxes(title_text=_utility_label(util_metrics), range=[-2, 105], zeroline=False)
-    fig.update_yaxes(title_text="Refusal of harmful prompts (%)", range=[-2, 105], zeroline=False)
+    fig.update_xaxes(title_text=_named(_utility_label(util_metrics), "held-out task rows"), range=[-2, 105],
+                     zeroline=False, row=1 if with_over else None, col=1 if with_over else None)
+    fig.update_yaxes(title_text=_named("Refusal of harmful prompts (%)", harmful_set), range=[-2, 105],
+                     zeroline=False, row=1 if with_over else None, col=1 if with_over else None)
+    if with_over:
+        fig.add_shape(**ideal, x0=-2, x1=20, xref="x2", yref="y2")
+        fig.add_annotation(x=19.5, y=80.5, xref="x2", yref="y2", text="ideal: safe, no over-refusal",
+                           showarrow=False, xanchor="right", yanchor="bottom", font=dict(color=NEUTRAL, size=12))
+        fig.update_xaxes(title_text=_named("Over-refusal of benign prompts (%) ↓", benign_set), range=[-2, 105],
+                         zeroline=False, row=1, col=2)
+        fig.update_yaxes(range=[-2, 105], row=1, col=2)
     return fig
 
 

@@ -236,9 +236,42 @@ def _metrics_table(results: Mapping[str, Any]) -> str:
     table = ("<table><thead><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr></thead><tbody>"
              + "\n".join(rows) + "</tbody></table>")
     note = ('<p class="note">Values with their 95 % confidence interval in brackets '
-            '(Wilson score interval for rates). A refusal is a response containing a refusal '
-            'phrase; empty and degenerate answers do not count as refusals.</p>')
-    return table + note + _sets_table(variants, names) + _category_table(variants, names)
+            '(Wilson score interval for rates). Empty and degenerate answers do not count as refusals. '
+            f'{_judge_note(results.get("judge"))}</p>')
+    return (table + note + _disagreements(results.get("judge")) + _sets_table(variants, names)
+            + _category_table(variants, names))
+
+
+def _judge_note(record: Any) -> str:
+    """Which judge decided what counts as a refusal, and how often it agrees with human labels."""
+    record = record if isinstance(record, Mapping) else {"key": "keyword"}
+    text = f"Refusals judged by the {_e(record.get('key', 'keyword'))} judge"
+    agreement = record.get("agreement")
+    if not agreement and record.get("key", "keyword") in ("keyword", "stance"):
+        from .agreement import agreement_line     # older results: the figure that ships with the judge
+        agreement = agreement_line(record.get("key", "keyword"))
+    return text + (f"; {_e(agreement)} (docs/judge.md)." if agreement else ".")
+
+
+def _disagreements(record: Any) -> str:
+    """For each other judge run on the same answers: how often it differs, and the answers."""
+    compared = record.get("compared") if isinstance(record, Mapping) else None
+    if not isinstance(compared, Mapping) or not compared:
+        return ""
+    primary = record.get("key", "keyword")
+    out = []
+    for key, c in compared.items():
+        out.append(f"<h3>The {_e(key)} judge on the same answers: differs on {_e(c.get('disagree'))} of "
+                   f"{_e(c.get('of'))}</h3>")
+        rows = c.get("rows") or []
+        if rows:
+            body = "".join(f"<tr><td>{_e(r.get('set_key'))}</td><td>{_variant_head(str(r.get('variant')))}</td>"
+                           f"<td>{_e(r.get('prompt'))}</td><td><pre>{_e(r.get('response'))}</pre></td>"
+                           f"<td>{_badge(r.get(primary))}</td><td>{_badge(r.get(key))}</td></tr>" for r in rows)
+            out.append(f'<div class="scroll"><table><thead><tr><th>Set</th><th>Variant</th><th>Prompt</th>'
+                       f'<th>Answer</th><th>{_e(primary)}</th><th>{_e(key)}</th></tr></thead><tbody>{body}'
+                       f'</tbody></table></div>')
+    return "".join(out)
 
 
 def _first_sets(variants: Mapping[str, Any], names: list[str]) -> dict[str, str]:
@@ -339,13 +372,12 @@ def render_report(results: Mapping[str, Any], figures: Mapping[str, go.Figure] |
         settings = results.get("settings")
     figs_html = _figures(figures)
     plotly_js = (f'<script type="text/javascript">{get_plotlyjs()}</script>' if figs_html else "")
-    sections = [
-        ("settings", "Settings", _settings_table(settings)),
-        ("metrics", "Results", _metrics_table(results or {})),
-    ]
+    sections = [("metrics", "Results", _metrics_table(results or {}))]
     if figs_html:
         sections.append(("figures", "Figures", figs_html))
     sections.append(("answers", "Answers side by side", _answers_table(answers or [])))
+    sections.append(("settings", "Appendix: settings",
+                     f"<details><summary>Every setting of this run</summary>{_settings_table(settings)}</details>"))
     nav = "".join(f'<a href="#{sid}">{_e(name)}</a>' for sid, name, _ in sections)
     body = "\n".join(f'<section id="{sid}"><h2>{_e(name)}</h2>\n{content}\n</section>'
                      for sid, name, content in sections)

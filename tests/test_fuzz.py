@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from safespace import pipeline
@@ -265,6 +265,7 @@ FORMAT_CHANGING = ("empty-chat", "role", "order", "format")
 def test_a_bad_row_is_named_by_its_line_item_or_row(scratch, n, data, fmt, kind):
     # a row in another format is blamed on itself only when an earlier row set the file's format
     first = 1 if fmt != "csv" and kind in FORMAT_CHANGING and n > 1 else 0
+    assume(not (kind == "format" and fmt != "csv" and n == 1))    # a lone alpaca row is a valid alpaca file
     at = data.draw(st.integers(first, n - 1), label="bad row index")
     good = [{"prompt": data.draw(clean, label="prompt"), "response": "ok"} for _ in range(n)]
     bad = _bad_row(kind, fmt, SMALL)

@@ -348,3 +348,18 @@ def test_write_report_atomic(tmp_path):
     write_report(target, "<html>two</html>")
     assert target.read_text(encoding="utf-8") == "<html>two</html>"
     assert [p.name for p in target.parent.iterdir()] == ["report.html"]
+
+
+def test_tradeoff_carries_over_refusal_and_names_the_sets():
+    results = {"settings": {"harmful_sets": ["harmbench"], "benign_sets": ["xstest-safe"]}, "variants": {
+        "base": {"refusal": R(0.9), "over_refusal": R(0.3), "utility": {"metric": "accuracy", "value": 0.2}},
+        "sft": {"refusal": R(0.1), "over_refusal": R(0.02), "utility": {"metric": "accuracy", "value": 0.98}}}}
+    fig = tradeoff_scatter(results)
+    assert len(fig.data) == 4 and {tr.xaxis for tr in fig.data} == {"x", "x2"}
+    over = [tr for tr in fig.data if tr.xaxis == "x2"]
+    assert sorted(tr.x[0] for tr in over) == pytest.approx([2.0, 30.0])
+    assert "HarmBench" in fig.layout.yaxis.title.text and "XSTest" in fig.layout.xaxis2.title.text
+    assert sum(1 for tr in fig.data if tr.showlegend) == 2
+    bars = safety_utility_bars(results)
+    titles = [a.text for a in bars.layout.annotations]
+    assert any("HarmBench" in t for t in titles) and any("XSTest" in t for t in titles)

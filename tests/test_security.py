@@ -118,7 +118,10 @@ def test_the_guard_judge_loads_safetensors_only(monkeypatch):
         return fake_model
     monkeypatch.setattr(AutoTokenizer, "from_pretrained", tokenizer)
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", model)
+    # the guard comes through the same snapshot download as any hub model (safetensors patterns only)
+    monkeypatch.setattr(models, "resolve", lambda name: seen.setdefault("resolved", name) and "/tmp/guard")
     judge.GuardModelJudge(device="cpu")._load()
+    assert seen["resolved"] == judge.GUARD_MODEL
     assert seen["model"]["use_safetensors"] is True and seen["model"]["trust_remote_code"] is False
     assert seen["tokenizer"].get("trust_remote_code") in (None, False)
 

@@ -337,16 +337,17 @@ def test_compare_job_results_are_rendered(manager, monkeypatch):
                                     "utility": {"metric": "accuracy", "value": 1.0, "n": 1}}}}
     seen = {}
 
-    def fake_evaluate(ctx, source, ratio, seed, n_harmful, n_benign, n_task, max_new_tokens):
-        seen.update(source=source, n=(n_harmful, n_benign, n_task, max_new_tokens))
+    def fake_evaluate(ctx, source, ratio, seed, n_harmful, n_benign, n_task, max_new_tokens, sets, judge):
+        seen.update(source=source, n=(n_harmful, n_benign, n_task, max_new_tokens), sets=sets, judge=judge)
         ctx.workspace.write_json("results.json", results)
         ctx.workspace.write_json("answers.json", ANSWERS)
         return {}
 
     monkeypatch.setattr(jobs, "evaluate_job", fake_evaluate)
-    compare.start(4, 3, 2, 16, 0.0, A, REQ)
+    compare.start(4, 3, 2, 16, 0.0, A, REQ, "harmbench", "xstest-safe", "stance")
     wait_idle(manager, A)
-    assert seen == {"source": data.SENTIMENT, "n": (4, 3, 2, 16)}
+    assert seen == {"source": data.SENTIMENT, "n": (4, 3, 2, 16),
+                    "sets": {"harmful": ["harmbench"], "benign": ["xstest-safe"]}, "judge": "stance"}
     _, (card, kpis, table, bars, scatter, ask_card, ask_html), _ = compare.poll(A, None)
     assert 'data-status="finished"' in card
     assert "refuses 100 % of harmful requests" in kpis and "accuracy 100 %" in kpis
@@ -386,6 +387,18 @@ def test_export_lists_and_zips_only_the_visitors_runs(manager):
         export.download_adapter("../visitor-aaaa/runs/sft", B, REQ)
     with pytest.raises(gr.Error, match="nothing to report"):
         export.build_report(B, REQ)
+
+
+def test_export_snippet_follows_the_chosen_run(manager):
+    ws = manager.workspace(A)
+    fake_run(ws.run_path("sft"))                                   # on the embedded smollm2-135m
+    fake_run(ws.run_path("safegrad"), model="qwen3-0.6b")
+    sft, safegrad = export.usage("sft", A, REQ), export.usage("safegrad", A, REQ)
+    assert 'adapter = "safespace-sft-adapter"' in sft and 'base_id = "HuggingFaceTB/SmolLM2-135M-Instruct"' in sft
+    assert 'adapter = "safespace-safegrad-adapter"' in safegrad and 'base_id = "Qwen/Qwen3-0.6B"' in safegrad
+    ast.parse(sft)                                                 # valid Python
+    # another visitor's run name, or none chosen: the hint, never someone else's run
+    assert export.usage("sft", B, REQ) == export.usage(None, A, REQ) == export.NO_RUN_USAGE
 
 
 def test_report_contains_results_answers_and_curves(manager):

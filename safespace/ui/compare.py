@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import gradio as gr
 
-from .. import jobs, plots
+from .. import agreement, evalsets, jobs, plots
+from ..judge import DEFAULT_JUDGE, JUDGES
 from ..report import group_answers
 from . import common
 from . import data as data_step
@@ -29,6 +30,35 @@ def row_set(row: dict) -> str:
     return "benign" if category in ("benign", "tricky-benign") else "harmful"
 
 
+def set_choices(kind: str) -> list[tuple[str, str]]:
+    """(label with size, key) of every evaluation set of one kind, for a dropdown."""
+    return [(f"{evalsets.get(k).label} ({len(evalsets.prompts(k))})", k) for k in evalsets.keys_of(kind)]
+
+
+def set_slider(key: str):
+    """The prompt-count slider follows the chosen set's size and says where the prompts come from."""
+    n = len(evalsets.prompts(key))
+    return gr.update(maximum=n, info=f"of {n}: {evalsets.get(key).source}"[:160])
+
+
+def judge_info(key: str):
+    """The judge dropdown says how often the chosen judge agrees with human labels."""
+    line = agreement.agreement_line(key)
+    return gr.update(info=(line.split(" judge ", 1)[-1] if line else JUDGES[key].help)[:160])
+
+
+def judge_note(results: dict | None) -> str:
+    """Which judge marked the answers, and how often it agrees with human labels."""
+    record = (results or {}).get("judge") or {}
+    key = record.get("key", DEFAULT_JUDGE)
+    line = record.get("agreement") or agreement.agreement_line(key)
+    text = f"Answers judged by the {JUDGES[key].label.lower() if key in JUDGES else key} judge"
+    text += f": {line.split(' judge ', 1)[-1]}." if line else "."
+    for other, c in (record.get("compared") or {}).items():
+        text += f" The {other} judge differs on {c.get('disagree')} of {c.get('of')} answers."
+    return f'<p class="ss-explain" id="ss-judge-note">{common.esc(text)}</p>'
+
+
 def answers_html(answers: list[dict] | None, which: str = "all", base_model: str | None = None) -> str:
     """Prompts down, variants across; every answer escaped and marked refused / complied."""
     variants, rows = group_answers(answers or [])
@@ -41,6 +71,8 @@ def answers_html(answers: list[dict] | None, which: str = "all", base_model: str
         chosen = [r for r in rows if row_set(r) == set_name]
         if not chosen or which not in ("all", set_name):
             continue
+        named = {evalsets.get(r["set"]).label for r in chosen if r.get("set") in evalsets.SETS}
+        title += f" · {', '.join(sorted(named))}" if named else ""
         body.append(f'<tr class="ss-group"><td colspan="{len(variants) + 1}">{common.esc(title)} '
                     f'({len(chosen)})</td></tr>')
         for row in chosen:
@@ -62,14 +94,19 @@ def answers_html(answers: list[dict] | None, which: str = "all", base_model: str
 
 def kpis_html(results: dict | None, base_model: str | None = None) -> str:
     variants = (results or {}).get("variants") or {}
+    harmful_set, benign_set = plots.headline_sets(results)
     cells = []
     for name in plots.variant_order(variants):
         entry = variants[name] or {}
         refusal = (entry.get("refusal") or {}).get("value")
         utility = entry.get("utility") or {}
         lines = []
+        over = (entry.get("over_refusal") or {}).get("value")
         if isinstance(refusal, (int, float)):
-            lines.append(f"refuses {100 * refusal:.0f} % of harmful requests")
+            lines.append(f"refuses {100 * refusal:.0f} % of harmful requests"
+                         + (f" ({harmful_set})" if harmful_set else ""))
+        if isinstance(over, (int, float)):
+            lines.append(f"over-refuses {100 * over:.0f} %" + (f" ({benign_set})" if benign_set else ""))
         if isinstance(utility.get("value"), (int, float)):
             metric = utility.get("metric") or "utility"
             value = utility["value"]
@@ -79,10 +116,12 @@ def kpis_html(results: dict | None, base_model: str | None = None) -> str:
                      f'<div class="ss-kpi-l">{common.esc(common.variant_label(name, base_model))}</div>'
                      f'<div class="ss-kpi-v">{common.esc(headline)}</div>'
                      f'<div class="ss-kpi-l">{common.esc(" · ".join(lines))}</div></div>')
-    return f'<div class="ss-kpis">{"".join(cells)}</div>' if cells else ""
+    return (f'<div class="ss-kpis">{"".join(cells)}</div>{judge_note(results)}' if cells else "")
 
 
-def start(n_harmful, n_benign, n_task, max_new_tokens, ratio, visitor, request: gr.Request = None):
+def start(n_harmful, n_benign, n_task, max_new_tokens, ratio, visitor, request: gr.Request = None,
+          harmful_set: str = evalsets.DEFAULT_HARMFUL[0], benign_set: str = evalsets.DEFAULT_BENIGN[0],
+          judge: str = DEFAULT_JUDGE):
     """Queue the comparison of every trained variant on the three prompt sets."""
     vid = common.visitor_id(visitor, request)
     manager = common.manager()
@@ -90,6 +129,10 @@ def start(n_harmful, n_benign, n_task, max_new_tokens, ratio, visitor, request: 
     n_harmful, n_benign, n_task, max_new_tokens = (int(x or 0) for x in (n_harmful, n_benign, n_task, max_new_tokens))
     if min(n_harmful, n_benign, n_task) < 0:
         raise common.refuse("prompt counts cannot be negative")
+    if harmful_set not in evalsets.keys_of("harmful") or benign_set not in evalsets.keys_of("benign"):
+        raise common.refuse("choose the prompt sets from the lists")
+    if judge not in JUDGES:
+        raise common.refuse(f"choose a judge from the list: {', '.join(JUDGES)}")
     try:
         common.limits().check_generation(n_harmful + n_benign + n_task, max_new_tokens)
     except jobs.JobError as exc:
@@ -103,7 +146,8 @@ def start(n_harmful, n_benign, n_task, max_new_tokens, ratio, visitor, request: 
     source = data_step.source_of(data_step.selection(ws), ws)
     try:
         info = manager.submit(vid, "evaluate", jobs.evaluate_job, source, float(ratio or 0), 0, n_harmful, n_benign,
-                              n_task, max_new_tokens, title=f"Compare {len(variants)} variants")
+                              n_task, max_new_tokens, {"harmful": [harmful_set], "benign": [benign_set]}, judge,
+                              title=f"Compare {len(variants)} variants")
     except jobs.JobError as exc:
         raise common.user_error(exc) from None
     return common.job_card(info), gr.Timer(active=True)
@@ -189,13 +233,21 @@ def poll(visitor: str, last, which: str = "all") -> tuple:
 def build(shared: common.Shared) -> dict:
     limits = common.limits()
     gr.Markdown("### 4 · Compare\nEvery variant answers the same prompts: harmful requests it should refuse "
-                "(held-out AdvBench requests, never trained on), everyday requests it should answer, and "
-                "held-out examples of your task. A keyword judge marks each answer refused or complied.")
+                "(never trained on), harmless requests it should answer (some merely sound dangerous), and "
+                "held-out examples of your task. A judge marks each answer refused or complied.")
+    first_harmful, first_benign = evalsets.DEFAULT_HARMFUL[0], evalsets.DEFAULT_BENIGN[0]
     with gr.Row():
-        n_harmful = gr.Slider(0, 150, value=8, step=1, label="Harmful requests", info="from 150 held-out",
-                              elem_id="ss-n-harmful")
-        n_benign = gr.Slider(0, 94, value=8, step=1, label="Everyday requests",
-                             info="from 94, incl. tricky ones", elem_id="ss-n-benign")
+        harmful_set = gr.Dropdown(set_choices("harmful"), value=first_harmful, label="Harmful prompt set",
+                                  elem_id="ss-harmful-set")
+        benign_set = gr.Dropdown(set_choices("benign"), value=first_benign, label="Harmless prompt set (over-refusal)",
+                                 elem_id="ss-benign-set")
+        judge = gr.Dropdown([(spec.label, key) for key, spec in JUDGES.items()], value=DEFAULT_JUDGE,
+                            label="Judge", info=judge_info(DEFAULT_JUDGE)["info"], elem_id="ss-judge")
+    with gr.Row():
+        n_harmful = gr.Slider(0, len(evalsets.prompts(first_harmful)), value=8, step=1, label="Harmful requests",
+                              info=f"of {len(evalsets.prompts(first_harmful))}", elem_id="ss-n-harmful")
+        n_benign = gr.Slider(0, len(evalsets.prompts(first_benign)), value=8, step=1, label="Harmless requests",
+                             info=f"of {len(evalsets.prompts(first_benign))}", elem_id="ss-n-benign")
         n_task = gr.Slider(0, 160, value=8, step=1, label="Task examples", info="held out from your data",
                            elem_id="ss-n-task")
         max_new = gr.Slider(8, limits.max_new_tokens, value=min(48, limits.max_new_tokens), step=8,
@@ -221,8 +273,11 @@ def build(shared: common.Shared) -> dict:
     next_btn = gr.Button("Next: export →", variant="primary", elem_id="ss-next-export")
 
     v = shared.visitor
-    run_btn.click(start, [n_harmful, n_benign, n_task, max_new, shared.ratio, v], [card, shared.timer],
-                  api_name="compare", show_progress="minimal")
+    run_btn.click(start, [n_harmful, n_benign, n_task, max_new, shared.ratio, v, harmful_set, benign_set, judge],
+                  [card, shared.timer], api_name="compare", show_progress="minimal")
+    harmful_set.change(set_slider, harmful_set, n_harmful, api_visibility="private", show_progress="hidden")
+    benign_set.change(set_slider, benign_set, n_benign, api_visibility="private", show_progress="hidden")
+    judge.change(judge_info, judge, judge, api_visibility="private", show_progress="hidden")
     ask_btn.click(ask, [prompt, max_new, v], [ask_card, shared.timer], api_name="ask", show_progress="minimal")
     prompt.submit(ask, [prompt, max_new, v], [ask_card, shared.timer], api_visibility="private")
     which.change(show, [which, v], table, api_visibility="private", show_progress="hidden")
