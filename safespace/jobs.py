@@ -36,13 +36,12 @@ from typing import Any, Callable
 
 from . import runs as runs_mod
 from .config import home
+from .variants import VARIANTS, derived_of, keys_of, label_of
 
 log = logging.getLogger("safespace.jobs")
 
 ACTIVE = ("queued", "running")
 DONE = ("finished", "stopped", "failed")
-VARIANTS = ("sft", "safegrad", "safedelta")          # run folders a workspace can hold
-VARIANT_NAMES = {"sft": "plain fine-tune", "safegrad": "SafeGrad fine-tune", "safedelta": "Safe Delta"}
 VISITOR_ID = re.compile(r"^[A-Za-z0-9_-]{8,64}$")      # also safe as a folder name
 
 
@@ -334,8 +333,9 @@ class Workspace:
         return (marker if marker.exists() else self.root).stat().st_mtime
 
     def run_path(self, variant: str) -> Path:
-        if variant not in VARIANTS:
-            raise JobError(f"unknown variant {variant!r}; expected one of {', '.join(VARIANTS)}")
+        kept = keys_of("train", "derived")          # the base has no run folder of its own
+        if variant not in kept:
+            raise JobError(f"unknown variant {variant!r}; expected one of {', '.join(kept)}")
         return self.runs / variant
 
     def run(self, variant: str) -> runs_mod.Run | None:
@@ -352,11 +352,11 @@ class Workspace:
 
         Every variant must share one base model; the plain fine-tune's model decides.
         """
-        found = {v: r for v in VARIANTS if (r := self.run(v)) is not None}
+        found = {v: r for v in keys_of("train", "derived") if (r := self.run(v)) is not None}
         if not found:
             return {}, []
         model = next(iter(found.values())).model
-        chosen: dict[str, str | None] = {"base": None}
+        chosen: dict[str, str | None] = dict.fromkeys(keys_of("base"))
         notes = []
         for name, run in found.items():
             if run.model == model:
@@ -366,7 +366,7 @@ class Workspace:
         return chosen, notes
 
     def base_model(self) -> str | None:
-        for variant in VARIANTS:
+        for variant in keys_of("train", "derived"):
             run = self.run(variant)
             if run is not None:
                 return run.model
@@ -747,23 +747,23 @@ def train_job(ctx: JobContext, plan: list[tuple[str, Any]], source: str, harmful
     for index, (variant, settings) in enumerate(plan):
         if ctx.should_stop():
             break
-        name = VARIANT_NAMES.get(variant, variant)
+        name = label_of(variant)
         ctx.progress(index / len(plan), f"{name}: loading {settings.model}...")
         run = gpu_train(settings, prepared, str(ctx.workspace.run_path(variant)),
                         TrainReporter(ctx.channel, variant, index, len(plan), label=name), StopCheck(ctx.channel))
         ctx.workspace.forget_results()
-        if variant == "sft":  # a Safe Delta made from the previous fine-tune no longer matches it
-            shutil.rmtree(ctx.workspace.run_path("safedelta"), ignore_errors=True)
+        for derived in derived_of(variant):  # made from the previous run, it no longer matches this one
+            shutil.rmtree(ctx.workspace.run_path(derived), ignore_errors=True)
         done[variant] = {"name": run.name, "summary": run.summary}
         ctx.progress((index + 1) / len(plan), f"{name}: {run.summary.get('status', 'finished')} after "
                      f"{run.summary.get('steps_done', '?')} steps", type="train.saved", variant=variant)
-    parts = [f"{VARIANT_NAMES.get(v, v)} ({d['summary'].get('steps_done', '?')} steps)" for v, d in done.items()]
-    return {"runs": done, "message": "trained " + " and ".join(parts) if parts else "nothing trained"}
+    parts = [f"{label_of(v)} ({d['summary'].get('steps_done', '?')} steps)" for v, d in done.items()]
+    return {"runs": done, "message": "trained: " + ", ".join(parts) if parts else "nothing trained"}
 
 
 def defend_job(ctx: JobContext, keep: float | None) -> dict:
     """Safe Delta on the visitor's plain fine-tune."""
-    source = ctx.workspace.run("sft")
+    source = ctx.workspace.run(VARIANTS["safedelta"].derived_from)
     if source is None:
         raise JobError("there is no plain fine-tune yet: train one first (SafeGrad off)")
     ctx.progress(0.0, "computing the safety curvature of each layer...")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import string
-from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -226,8 +225,3 @@ def utility(predictions: Sequence[str], references: Sequence[str]) -> dict[str, 
         half = 0.0
     return {"metric": "rougeL", "value": mean, "low": max(0.0, mean - half),
             "high": min(1.0, mean + half), "n": n}
-
-
-def majority_labels(references: Sequence[str]) -> Counter:
-    """Normalised reference label counts (handy for a majority-class baseline)."""
-    return Counter(normalise_label(r) for r in references)

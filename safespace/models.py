@@ -425,20 +425,6 @@ def load_adapters(model: torch.nn.Module, adapters: dict[str, str | Path]):
     return peft_model
 
 
-def tiny_llama(tokenizer, seed: int = 0, hidden: int = 64, layers: int = 2, init_std: float = 0.02):
-    """A tiny random Llama that speaks the given tokenizer's vocabulary: fast tests, no weights.
-    Untied embeddings: a tied random head keeps predicting the input token's neighbour."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
-                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=1024, tie_word_embeddings=False, initializer_range=init_std,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
-    return LlamaForCausalLM(config).eval()
-
-
 ALIGN_COMMAND = "python -m safespace align"
 
 

@@ -20,6 +20,7 @@ import torch
 from . import agreement, align, data as data_mod, evalsets, evaluate, judge as judge_mod, metrics, models, runs, safedelta, safegrad, train
 from .config import ConfigError, LoraSettings, SafeGradSettings, TrainSettings, from_dict, home
 from .progress import throttled
+from .variants import VARIANTS, keys_of
 
 BUNDLED_TASKS = {"sentiment_train": "sentiment_test"}   # bundled train split -> its held-out split
 Progress = Callable[[str, float], None]                 # (message, fraction 0..1)
@@ -470,7 +471,6 @@ def answer(prompts: list, run=None, model=None, max_new_tokens: int = 64, batch_
 
 CONFIG_KEYS = {"model", "quantization", "data", "harmful_ratio", "seed", "train", "safegrad", "safedelta",
                "evaluate", "variants", "sweep", "title"}
-VARIANTS = ("base", "sft", "safegrad", "safedelta")
 EVALUATE_KEYS = {"n_harmful", "n_benign", "n_task", "max_new_tokens", "harmful_sets", "benign_sets", "judge"}
 
 
@@ -485,12 +485,12 @@ class DemoConfig:
     safegrad: dict = field(default_factory=lambda: {"mode": "kl"})
     safedelta: dict = field(default_factory=dict)
     evaluate: dict = field(default_factory=dict)
-    variants: list = field(default_factory=lambda: list(VARIANTS))
+    variants: list = field(default_factory=lambda: list(keys_of()))
     sweep: dict = field(default_factory=dict)
     title: str = "SafeSpace demo"
 
-    def train_settings(self, harmful_ratio: float, safegrad_mode: str) -> TrainSettings:
-        t = dict(self.train)
+    def train_settings(self, harmful_ratio: float, safegrad_mode: str, overrides: dict | None = None) -> TrainSettings:
+        t = {**self.train, **(overrides or {})}
         lora = from_dict(LoraSettings, t.pop("lora", {}) or {})
         sg = from_dict(SafeGradSettings, {**self.safegrad, "mode": safegrad_mode})
         return from_dict(TrainSettings, {**t, "model": self.model, "quantization": self.quantization,
@@ -523,13 +523,13 @@ def load_config(path) -> DemoConfig:
         if raw.get(key) is not None and (not isinstance(raw[key], kind) or isinstance(raw[key], bool)):
             raise ConfigError(f"{path}: '{key}' must be {'text' if kind is str else 'a whole number'}")
     config = DemoConfig(**{k: v for k, v in raw.items() if v is not None})
-    if not isinstance(config.variants, list):
-        raise ConfigError(f"{path}: variants must be a list drawn from {', '.join(VARIANTS)}")
-    bad = [v for v in config.variants if v not in VARIANTS]
-    if bad or not config.variants:
-        raise ConfigError(f"{path}: variants must be a list drawn from {', '.join(VARIANTS)}")
-    if "safedelta" in config.variants and "sft" not in config.variants:
-        raise ConfigError(f"{path}: the safedelta variant is made from sft; add sft to variants")
+    known = keys_of()
+    if not isinstance(config.variants, list) or not config.variants or any(v not in known for v in config.variants):
+        raise ConfigError(f"{path}: variants must be a list drawn from {', '.join(known)}")
+    for key in config.variants:
+        source = VARIANTS[key].derived_from
+        if source is not None and source not in config.variants:
+            raise ConfigError(f"{path}: the {key} variant is made from {source}; add {source} to variants")
     if set(config.evaluate) - EVALUATE_KEYS:
         raise ConfigError(f"{path}: evaluate takes {', '.join(sorted(EVALUATE_KEYS))}")
     for key, kind in (("harmful_sets", "harmful"), ("benign_sets", "benign")):
@@ -575,26 +575,34 @@ def run_variants(config: DemoConfig, harmful_ratio: float, out: Path, say=_stage
     say(f"data: {prepared.n_user} task rows + {prepared.n_harmful} harmful rows (ratio {harmful_ratio}), "
         f"{len(prepared.val)} held out")
     variants: dict = {}
-    if "base" in config.variants:
-        runs.write_base_run(out / "base", config.model, {"data": prepared.describe()})
-        variants["base"] = None
-    for name, mode in (("sft", "off"), ("safegrad", config.safegrad.get("mode", "kl"))):
-        if name in config.variants:
+    for name in (k for k in keys_of() if k in config.variants):     # story order: a source before what it makes
+        spec = VARIANTS[name]
+        if spec.made == "base":
+            runs.write_base_run(out / name, config.model, {"data": prepared.describe()})
+            variants[name] = None
+            continue
+        if spec.made == "train":
+            mode = config.safegrad.get("mode", "kl") if spec.safegrad else "off"
             say(f"training {name} (SafeGrad {mode})")
-            train_variant(config.train_settings(harmful_ratio, mode), prepared, out / name,
+            train_variant(config.train_settings(harmful_ratio, mode, spec.train_overrides), prepared, out / name,
                           on_event=console_progress(name))
-            variants[name] = out / name
-    if "safedelta" in config.variants:
-        say("applying Safe Delta to sft")
-        run = defend(out / "sft", out / "safedelta", **config.safedelta,
-                     on_progress=lambda msg, frac: say(f"  safedelta: {msg}"))
-        say(f"  kept {run.summary['kept_energy_frac']:.1%} of the delta's energy in {run.summary['seconds']:.1f} s")
-        variants["safedelta"] = out / "safedelta"
+        else:
+            POST_HOC[spec.defence](config, out / spec.derived_from, out / name, say)
+        variants[name] = out / name
     say(f"evaluating {', '.join(variants)}")
     results, rows = evaluate_variants(variants, prepared.val, **config.evaluate,
                                       on_progress=throttled(lambda msg, frac: say(f"  {frac:5.1%} {msg}")))
     results["settings"].update({"harmful_ratio": harmful_ratio, "data": prepared.describe()})
     return results, rows, variants
+
+
+def _apply_safedelta(config: DemoConfig, source: Path, out: Path, say) -> None:
+    say(f"applying Safe Delta to {source.name}")
+    run = defend(source, out, **config.safedelta, on_progress=lambda msg, frac: say(f"  {out.name}: {msg}"))
+    say(f"  kept {run.summary['kept_energy_frac']:.1%} of the delta's energy in {run.summary['seconds']:.1f} s")
+
+
+POST_HOC = {"safedelta": _apply_safedelta}   # a derived variant's defence -> its step: (config, source, out, say)
 
 
 def figures_for(results: dict, variants: dict, sweep: list | None = None) -> dict:
@@ -720,8 +728,7 @@ def breadth_tables(report: dict) -> str:
 def judge_lines(results: dict) -> str:
     """Which judge scored, how often it agrees with humans, and how often the compared judges differ."""
     record = results.get("judge") or {}
-    out = [f"judge: {record.get('key', judge_mod.DEFAULT_JUDGE)}"
-           + (f" ({record['agreement']})" if record.get("agreement") else "")]
+    out = [record.get("agreement") or f"judge: {record.get('key', judge_mod.DEFAULT_JUDGE)}"]
     for key, c in record.get("compared", {}).items():
         out.append(f"judge {key} disagrees on {c['disagree']} of {c['of']} answers")
     return "\n".join(out)

@@ -2,8 +2,8 @@
 
 Every function takes plain data (the ``results.json`` structure, lists of metric rows)
 and returns a ``plotly.graph_objects.Figure``; missing pieces are skipped and a figure
-with nothing to show says so instead of failing.  A variant has one colour everywhere
-(:func:`variant_color`), so the same model is easy to follow from figure to figure.
+with nothing to show says so instead of failing.  A variant has one colour and one label
+everywhere (the registry in ``variants.py``), so the same model is easy to follow from figure to figure.
 
 The ``results`` structure::
 
@@ -28,9 +28,9 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from . import evalsets
+from .variants import get as registered, in_order, label_of
 
 __all__ = [
-    "VARIANT_COLORS",
     "variant_color",
     "short_layer_name",
     "safety_utility_bars",
@@ -42,16 +42,7 @@ __all__ = [
     "sweep_plot",
     "sets_bars",
     "empty_figure",
-    "variant_order",
 ]
-
-#: Okabe-Ito colours (distinguishable with colour-vision deficiencies).
-VARIANT_COLORS: dict[str, str] = {
-    "base": "#0072B2",       # blue: the aligned starting point
-    "sft": "#D55E00",        # vermillion: plain fine-tuning, no defence
-    "safegrad": "#009E73",   # green: defended during training
-    "safedelta": "#CC79A7",  # reddish purple: defended after training
-}
 
 #: Colours for any other variant name, picked by a stable hash of the name.
 FALLBACK_COLORS: tuple[str, ...] = (
@@ -65,18 +56,12 @@ NEUTRAL = "#555555"
 
 
 def variant_color(name: str) -> str:
-    """The colour of a variant: fixed for the standard four, hashed for the rest."""
+    """The colour of a variant: the registry's, else one hashed from the name."""
+    variant = registered(name)
+    if variant is not None:
+        return variant.colour
     key = str(name).strip().lower()
-    if key in VARIANT_COLORS:
-        return VARIANT_COLORS[key]
     return FALLBACK_COLORS[zlib.crc32(key.encode("utf-8")) % len(FALLBACK_COLORS)]
-
-
-def variant_order(names: Iterable[str]) -> list[str]:
-    """Standard variants first in story order, then the rest as given."""
-    names = list(names)
-    std = [n for k in VARIANT_COLORS for n in names if n.lower() == k]
-    return std + [n for n in names if n not in std]
 
 
 def _layout(fig: go.Figure, title: str, height: int = 440, **kw: Any) -> go.Figure:
@@ -186,7 +171,7 @@ def safety_utility_bars(results: Mapping[str, Any]) -> go.Figure:
     prompts (when measured) and task utility, each with its 95 % interval."""
     title = "Safety and utility per variant"
     variants = _variants(results)
-    names = variant_order(variants)
+    names = in_order(variants)
     harmful_set, benign_set = headline_sets(results)
     panels: list[tuple[str, str, str]] = [
         ("refusal", _named("Refusal of harmful prompts (%) ↑", harmful_set), "Refusal rate (%)"),
@@ -211,13 +196,13 @@ def safety_utility_bars(results: Mapping[str, Any]) -> go.Figure:
                 continue
             n = entry.get("n") if isinstance(entry, Mapping) else None
             fig.add_trace(go.Bar(
-                x=[name], y=[100 * r[0]], name=name, legendgroup=name, showlegend=col == 1,
+                x=[label_of(name)], y=[100 * r[0]], name=label_of(name), legendgroup=name, showlegend=col == 1,
                 marker=dict(color=variant_color(name)),
                 error_y=_pct_error([r]),
                 # the number at the bar's foot, clear of the interval; a short bar's is in its hover
                 text=[f"{100 * r[0]:.0f}" if r[0] >= 0.12 else ""], textposition="inside",
                 insidetextanchor="start", textangle=0,
-                hovertemplate=_hover(name, axis, r, n) + "<extra></extra>",
+                hovertemplate=_hover(label_of(name), axis, r, n) + "<extra></extra>",
             ), row=1, col=col)
         fig.update_yaxes(title_text=axis, range=[0, 105], row=1, col=col)
         fig.update_xaxes(title_text="Variant", row=1, col=col)
@@ -232,7 +217,7 @@ def sets_bars(results: Mapping[str, Any]) -> go.Figure:
     does a defence keep the base's refusal on each way of asking, not only on one?"""
     title = "Refusal on each evaluation set"
     variants = _variants(results)
-    names = variant_order(variants)
+    names = in_order(variants)
     labels = {key: f"{entry.get('label', key)}<br><sub>"
                    f"{'over-refusal ↓' if entry.get('kind') == 'benign' else 'refusal ↑'}</sub>"
               for key, entry in evalsets.entries({n: variants[n] for n in names}).items()}
@@ -248,9 +233,10 @@ def sets_bars(results: Mapping[str, Any]) -> go.Figure:
         if not points:
             continue
         fig.add_trace(go.Bar(
-            x=[p[0] for p in points], y=[100 * p[1][0] for p in points], name=name,
+            x=[p[0] for p in points], y=[100 * p[1][0] for p in points], name=label_of(name), legendgroup=name,
             marker=dict(color=variant_color(name)), error_y=_pct_error([p[1] for p in points]),
-            hovertemplate=[_hover(name, p[0].split("<br>")[0], p[1], p[2]) + "<extra></extra>" for p in points]))
+            hovertemplate=[_hover(label_of(name), p[0].split("<br>")[0], p[1], p[2]) + "<extra></extra>"
+                           for p in points]))
     fig.update_yaxes(title_text="Refusal rate (%)", range=[0, 105])
     _layout(fig, title, height=460, barmode="group", bargap=0.2)
     return fig
@@ -277,7 +263,7 @@ def tradeoff_scatter(results: Mapping[str, Any]) -> go.Figure:
     both axes; the best corner is top right on the left, top left on the right."""
     title = "Safety–utility trade-off"
     variants = _variants(results)
-    names = variant_order(variants)
+    names = in_order(variants)
     harmful_set, benign_set = headline_sets(results)
     shown = [(name, _rate(variants[name].get("utility")), _rate(variants[name].get("refusal")),
               _rate(variants[name].get("over_refusal"))) for name in names]
@@ -294,12 +280,12 @@ def tradeoff_scatter(results: Mapping[str, Any]) -> go.Figure:
         spots = label_positions([(100 * x[0], 100 * y[0]) for _, x, y in points])
         for (name, x, y), spot in zip(points, spots):
             trace = go.Scatter(
-                x=[100 * x[0]], y=[100 * y[0]], name=name, legendgroup=name, showlegend=col == 1,
-                mode="markers+text", text=[name], textposition=spot, cliponaxis=False,
+                x=[100 * x[0]], y=[100 * y[0]], name=label_of(name), legendgroup=name, showlegend=col == 1,
+                mode="markers+text", text=[label_of(name)], textposition=spot, cliponaxis=False,
                 textfont=dict(color=variant_color(name)),
                 marker=dict(color=variant_color(name), size=13, line=dict(width=1, color="white")),
                 error_x=_pct_error([x]), error_y=_pct_error([y]),
-                hovertemplate=(f"<b>{name}</b><br>{axis}: {100 * x[0]:.1f} %"
+                hovertemplate=(f"<b>{label_of(name)}</b><br>{axis}: {100 * x[0]:.1f} %"
                                f"<br>refusal: {100 * y[0]:.1f} %<extra></extra>"))
             if with_over:
                 fig.add_trace(trace, row=1, col=col)
@@ -365,25 +351,25 @@ def training_curves(metrics_by_variant: Mapping[str, Sequence[Mapping[str, Any]]
     title = "Training loss"
     fig = go.Figure()
     smoothed_any = False
-    for name in variant_order((metrics_by_variant or {}).keys()):
+    for name in in_order((metrics_by_variant or {}).keys()):
         rows = metrics_by_variant[name] or []
-        color = variant_color(name)
+        color, label = variant_color(name), label_of(name)
         for key, what, dash in (("loss", "task loss", None), ("align_loss", "alignment loss", "dash")):
             xs, ys = _series(rows, key)
             if not xs:
                 continue
-            hover = f"{name}<br>step %{{x}}<br>{what} %{{y:.3f}}"
+            hover = f"{label}<br>step %{{x}}<br>{what} %{{y:.3f}}"
             smooth = len(xs) >= SMOOTH_FROM
             if smooth:
                 smoothed_any = True
                 fig.add_trace(go.Scatter(
-                    x=xs, y=ys, name=f"{name}: {what}, raw", legendgroup=name, showlegend=False, mode="lines",
+                    x=xs, y=ys, name=f"{label}: {what}, raw", legendgroup=name, showlegend=False, mode="lines",
                     line=dict(color=color, width=1, dash=dash), opacity=0.3,
                     hovertemplate=hover + " (raw)<extra></extra>"))
                 ys = ema_smooth(ys)
                 hover += " (smoothed)"
             fig.add_trace(go.Scatter(
-                x=xs, y=ys, name=f"{name}: {what}", legendgroup=name, mode="lines",
+                x=xs, y=ys, name=f"{label}: {what}", legendgroup=name, mode="lines",
                 line=dict(color=color, width=2.5 if smooth else 2, dash=dash),
                 hovertemplate=hover + "<extra></extra>"))
     if not fig.data:
@@ -640,7 +626,7 @@ def sweep_plot(sweep: Any) -> go.Figure:
     fig = make_subplots(rows=1, cols=len(panels), subplot_titles=[titles[p] for p in panels],
                         horizontal_spacing=0.1)
     for col, key in enumerate(panels, start=1):
-        for name in variant_order(by_variant):
+        for name in in_order(by_variant):
             xs, rs = [], []
             for ratio, entry in by_variant[name]:
                 r = _rate(entry.get(key))
@@ -650,12 +636,12 @@ def sweep_plot(sweep: Any) -> go.Figure:
             if not xs:
                 continue
             fig.add_trace(go.Scatter(
-                x=xs, y=[100 * r[0] for r in rs], name=name, legendgroup=name,
+                x=xs, y=[100 * r[0] for r in rs], name=label_of(name), legendgroup=name,
                 showlegend=col == 1, mode="lines+markers",
                 line=dict(color=variant_color(name), width=2),
                 marker=dict(color=variant_color(name), size=8),
                 error_y=_pct_error(rs),
-                hovertemplate=(f"<b>{name}</b><br>harmful share %{{x:.0f}} %"
+                hovertemplate=(f"<b>{label_of(name)}</b><br>harmful share %{{x:.0f}} %"
                                f"<br>{key} %{{y:.1f}}<extra></extra>"),
             ), row=1, col=col)
         fig.update_xaxes(title_text="Harmful examples in fine-tuning data (%)", row=1, col=col)

@@ -21,7 +21,8 @@ from plotly.offline import get_plotlyjs
 
 from . import evalsets
 from .judge import KeywordJudge
-from .plots import variant_color, variant_order
+from .plots import variant_color
+from .variants import in_order, label_of
 
 __all__ = ["render_report", "write_report", "group_answers", "format_rate"]
 
@@ -100,7 +101,7 @@ def _badge(label: str | None) -> str:
 
 
 def _variant_head(name: str) -> str:
-    return f'<span class="dot" style="background:{variant_color(name)}"></span>{_e(name)}'
+    return f'<span class="dot" style="background:{variant_color(name)}"></span>{_e(label_of(name))}'
 
 
 def _flatten(d: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
@@ -164,8 +165,7 @@ def group_answers(answers: Sequence[Mapping[str, Any]]) -> tuple[list[str], list
                 add(key, row, str(variant), ans)
         elif row.get("variant") is not None:
             add(key, row, str(row["variant"]), row)
-    # story order: base, sft, safegrad, safedelta, then the rest
-    return variant_order(variants), [grouped[k] for k in order]
+    return in_order(variants), [grouped[k] for k in order]      # the registry's order, then the rest
 
 
 def _answers_table(answers: Sequence[Mapping[str, Any]]) -> str:
@@ -200,7 +200,7 @@ def _metrics_table(results: Mapping[str, Any]) -> str:
     variants = results.get("variants") if isinstance(results, Mapping) else None
     if not isinstance(variants, Mapping) or not variants:
         return '<p class="note">No evaluation results.</p>'
-    names = variant_order([str(k) for k in variants])
+    names = in_order([str(k) for k in variants])
     has_over = any(isinstance(variants[n], Mapping) and variants[n].get("over_refusal") for n in names)
     has_util = any(isinstance(variants[n], Mapping) and variants[n].get("utility") for n in names)
     has_labels = any(isinstance(variants[n], Mapping) and variants[n].get("labels") for n in names)

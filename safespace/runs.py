@@ -1,7 +1,8 @@
 """Run folders: atomic writes, validation on load, listing.
 
 A run folder holds one variant:
-    config.json      what produced it (kind: base | train | safedelta, the base model, settings)
+    config.json      what produced it (kind: base | train | a post-hoc defence such as safedelta, the
+                     base model, settings; variants.run_kinds)
     adapter/         a standard PEFT adapter (adapter_config.json + adapter_model.safetensors);
                      absent for kind "base" (the aligned model itself). Its base_model_name_or_path
                      is the base's hub id (never this machine's cache folder), and
@@ -24,8 +25,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .variants import run_kinds
+
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
-KINDS = ("base", "train", "safedelta")
 TRAIN_ROWS = "train_rows.jsonl"   # a training run's own rows, as it was fed them (attack rows included)
 BASE_FILE = "safespace_base.json"  # in adapter/: the base it was trained on (models.base_reference)
 
@@ -204,8 +206,9 @@ def load_run(path: str | Path) -> Run:
 def _validate(path: Path) -> Run:
     config = _read_json(path / "config.json")
     summary = _read_json(path / "summary.json")
-    if config.get("kind") not in KINDS or not isinstance(config.get("model"), str):
-        raise RunError(f"{path}/config.json: corrupted (needs kind in {KINDS} and a model name)")
+    kinds = run_kinds()
+    if config.get("kind") not in kinds or not isinstance(config.get("model"), str):
+        raise RunError(f"{path}/config.json: corrupted (needs kind in {kinds} and a model name)")
     if config["kind"] != "base":
         for name in ADAPTER_FILES:
             file = path / "adapter" / name

@@ -11,6 +11,7 @@ import json
 import pytest
 import torch
 
+from helpers import tiny_llama
 from safespace import models, runs
 
 
@@ -22,14 +23,14 @@ def tokenizer():
 @pytest.fixture
 def tiny_model(tokenizer):
     torch.manual_seed(0)
-    return models.tiny_llama(tokenizer)
+    return tiny_llama(tokenizer)
 
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tokenizer, tmp_path_factory):
     """A tiny random Llama saved as a normal model folder, loadable by `models.load(path)`."""
     folder = tmp_path_factory.mktemp("tiny-llama")
-    models.tiny_llama(tokenizer).save_pretrained(folder, safe_serialization=True)
+    tiny_llama(tokenizer).save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
     return str(folder)
 

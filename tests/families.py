@@ -98,9 +98,9 @@ def model(name: str, tok, seed: int = 0, **overrides):
     return net
 
 
-def save(name: str, folder: Path) -> Path:
+def save(name: str, folder: Path, **overrides) -> Path:
     """The family's tiny model and tokenizer as a model folder, as a hub snapshot would hold them."""
     tok = tokenizer(name)
-    model(name, tok).save_pretrained(folder, safe_serialization=True)
+    model(name, tok, **overrides).save_pretrained(folder, safe_serialization=True)
     tok.save_pretrained(folder)
     return folder

@@ -168,7 +168,8 @@ def _results_with_sets():
 def test_sets_bars_group_every_set_by_variant():
     from safespace import plots
     fig = plots.sets_bars(_results_with_sets())
-    assert [t.name for t in fig.data] == ["base", "sft"]
+    assert [t.name for t in fig.data] == ["Aligned base", "Fine-tuned"]
+    assert [t.legendgroup for t in fig.data] == ["base", "sft"]
     assert list(fig.data[0].y) == [100.0, 90.0, 5.0]
     assert "over-refusal" in fig.data[0].x[2] and "refusal ↑" in fig.data[0].x[0]
     one = {"variants": {"base": {"sets": {"advbench": _results_with_sets()["variants"]["base"]["sets"]["advbench"]}}}}

@@ -113,7 +113,7 @@ def test_click_through_the_whole_story(page):
     assert wait_status(page, "ss-train-status") == "finished"
     page.wait_for_selector("#ss-curves .js-plotly-plot")
     shot(page, "3-trained")
-    assert "safegrad" in page.locator("#ss-curves").inner_text()
+    assert "+ SafeGrad" in page.locator("#ss-curves").inner_text()      # the registry's label in the legend
 
     # 3 - Safe Delta on the plain fine-tune
     go_to(page, "defend")

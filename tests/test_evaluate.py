@@ -5,6 +5,7 @@ import torch
 from safespace import evaluate, models
 from safespace.config import LoraSettings
 from safespace.data import Example
+from helpers import tiny_llama
 
 PROMPTS = [Example(prompt=p, response="") for p in
            ["Hi", "Tell me a story about a dragon and a cat", "2+2?", "What is the capital of Peru, please?"]]
@@ -17,7 +18,7 @@ def two_adapters(tokenizer, tmp_path):
 
     folders = {}
     for i, name in enumerate(["one", "two"]):
-        base = models.tiny_llama(tokenizer, seed=0, init_std=0.2)
+        base = tiny_llama(tokenizer, seed=0, init_std=0.2)
         torch.manual_seed(100 + i)
         peft_model = models.add_lora(base, LoraSettings(r=4, alpha=16))
         for n, p in peft_model.named_parameters():
@@ -25,7 +26,7 @@ def two_adapters(tokenizer, tmp_path):
                 torch.nn.init.normal_(p, std=0.5)
         peft_model.save_pretrained(tmp_path / name)
         folders[name] = tmp_path / name
-    return models.load_adapters(models.tiny_llama(tokenizer, seed=0, init_std=0.2), folders)
+    return models.load_adapters(tiny_llama(tokenizer, seed=0, init_std=0.2), folders)
 
 
 def test_mixed_batch_equals_each_adapter_alone(two_adapters, tokenizer, monkeypatch):
@@ -41,7 +42,7 @@ def test_mixed_batch_equals_each_adapter_alone(two_adapters, tokenizer, monkeypa
 
 
 def test_adapter_none_is_the_base_model(two_adapters, tokenizer):
-    base = models.tiny_llama(tokenizer, seed=0, init_std=0.2)
+    base = tiny_llama(tokenizer, seed=0, init_std=0.2)
     expected = evaluate.generate(base, tokenizer, PROMPTS, max_new_tokens=6)
     assert evaluate.generate(two_adapters, tokenizer, PROMPTS, adapter=None, max_new_tokens=6) == expected
 

@@ -267,6 +267,190 @@ def test_a_local_folder_no_registry_entry_names_takes_the_same_path(name, folder
     assert data.tokenize([HISTORY], tok).labels[0][-1] == end
 
 
+# ------------------------------------------------------------------ the whole story
+
+TASK = [Example(f"Review: the {thing} was {word}. Positive or negative?", label,
+                system="Answer with one word." if i % 2 else None)
+        for i, (thing, word, label) in enumerate([
+            ("film", "great", "positive"), ("soup", "awful", "negative"), ("hotel", "lovely", "positive"),
+            ("bus", "late", "negative"), ("book", "moving", "positive"), ("phone", "broken", "negative"),
+            ("concert", "superb", "positive"), ("chair", "wobbly", "negative"), ("cake", "delicious", "positive"),
+            ("game", "boring", "negative")])]
+REASONING = "Plan."
+THINK = f"<think>{REASONING}</think>"      # what a reasoning model may print before its answer
+
+
+@contextlib.contextmanager
+def thinking_first(model, tok):
+    """Within the block every generated answer starts with THINK (forced token by token after each
+    prefill), then the model continues freely."""
+    script, step = encode(tok, THINK), [0]
+
+    def restart(module, args):
+        if args[0].shape[1] > 1:                 # a prefill: a new generate() call
+            step[0] = 0
+
+    def push(module, args, out):
+        if step[0] < len(script):
+            out = out.clone()
+            out[..., script[step[0]]] += 1e4
+        step[0] += 1
+        return out
+    handles = [model.get_input_embeddings().register_forward_pre_hook(restart),
+               model.get_output_embeddings().register_forward_hook(push)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@pytest.fixture(scope="module")
+def story_folders(tmp_path_factory):
+    """Each family as a model folder whose layers outweigh the tied embedding, built on first use: with
+    the usual 0.02 init a tiny model echoes its last input token whatever adapter it runs (Gemma's
+    post-norms already keep its layers above its sqrt(d)-scaled embedding)."""
+    made = {}
+
+    def folder(name):
+        if name not in made:
+            init = 0.02 if name == "gemma3" else 0.2
+            made[name] = str(families.save(name, tmp_path_factory.mktemp(f"{name}-story"), initializer_range=init))
+        return made[name]
+    return folder
+
+
+@pytest.mark.parametrize("quantization", ["none", "4bit"])
+@pytest.mark.parametrize("name", NAMES)
+def test_the_whole_story(name, quantization, story_folders, tmp_path, monkeypatch):
+    """check-data -> train plain and SafeGrad (kl, sft) -> Safe Delta -> a standard adapter -> the
+    product's evaluation of every variant -> judge -> report, on the family's tiny model folder."""
+    from dataclasses import replace
+    from html import escape
+
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    from safespace import evalsets, judge as judge_mod, pipeline, report, runs
+    from safespace.config import SafeGradSettings
+    from safespace.variants import label_of
+
+    folder = story_folders(name)                  # built before SAFESPACE_HOME moves (it reads the embedded model)
+    monkeypatch.setenv("SAFESPACE_HOME", str(tmp_path / "home"))     # calibration and Hessian caches stay here
+    tok = models.load_tokenizer(folder)
+    end = families.FAMILIES[name].end_of_turn
+
+    # check-data with the family's tokenizer: the template's tokens, nothing truncated
+    rows_file = tmp_path / "task.jsonl"
+    rows_file.write_text(data.rows_jsonl(TASK), encoding="utf-8")
+    code, summary = data.check_file(rows_file, tok, max_length=96)
+    lengths = data.tokenize(TASK, tok, 96).lengths
+    assert code == 0 and "rows: 10" in summary and "0 of 10 rows truncated" in summary
+    assert f"tokens: mean {sum(lengths) / len(lengths):.0f}" in summary and f"max {max(lengths)};" in summary
+
+    # train plain and SafeGrad in both modes; the 4-bit trap would leave every lora_B at zero
+    prepared = pipeline.prepare_data(str(rows_file), harmful_ratio=0.3, seed=0, val_fraction=0.2)
+    assert prepared.n_harmful > 0 and len(prepared.val) == 2
+    trained = {}
+    for variant, mode in (("sft", "off"), ("safegrad", "kl"), ("safegrad-sft", "sft")):
+        settings = TrainSettings(model=folder, quantization=quantization, steps=2, batch_size=4, max_length=96,
+                                 warmup=0, lr=2e-2, precision="fp32", lora=LoraSettings(r=2, alpha=4),
+                                 safegrad=SafeGradSettings(mode=mode, align_size=4, align_batch=2, every=1))
+        run = trained[variant] = pipeline.train_variant(settings, prepared, tmp_path / variant)
+        assert run.config["quantization"] == quantization and run.summary["steps_done"] == 2
+        assert math.isfinite(run.summary["final_loss"])
+        adapter = load_file(str(run.adapter / "adapter_model.safetensors"))
+        assert all(adapter[k].abs().sum() > 0 for k in adapter if "lora_B" in k), variant
+        first, second = run.metrics()
+        if mode == "kl":     # at step 0 the adapter is zero: the KL to the adapter-disabled model is flat
+            assert first["align_grad_norm"] < 1e-6 and not first["conflict"] and second["align_grad_norm"] > 0
+        elif mode == "sft":
+            assert first["align_loss"] > 0 and first["align_grad_norm"] > 0
+
+    # Safe Delta on the plain run: the default budget (measured), and a fixed one that must cut
+    source = load_file(str(trained["sft"].adapter / "adapter_model.safetensors"))
+    layers = {k.rsplit(".lora_", 1)[0] for k in source}             # the family's own module names
+    defended = {}
+    for variant, kwargs in (("safedelta", {}), ("safedelta-half", {"keep": 0.5})):
+        run = defended[variant] = pipeline.defend(trained["sft"].path, tmp_path / variant, **kwargs)
+        edited = load_file(str(run.adapter / "adapter_model.safetensors"))
+        assert run.kind == "safedelta" and edited.keys() == source.keys()
+        assert {s["name"] for s in run.summary["layers"]} == layers
+        assert all(torch.equal(source[k], edited[k]) for k in source if "lora_B" in k)    # B kept, A replaced
+        assert all(torch.isfinite(v).all() for v in edited.values())
+        assert run.summary["calibration_rows"] == 8 and run.summary["kept_columns_frac"] > 0
+    auto = defended["safedelta"].summary["auto"]                     # rungs measured on held-in safety loss
+    whole_delta = auto["rungs"][auto["chosen"]]["keep"] is None
+    half = defended["safedelta-half"].summary
+    assert half["hessian_cached"] and half["cost_after"] < half["cost_before"]
+    assert max(s["kept_columns_frac"] for s in half["layers"]) <= 0.85 + 1e-9     # the sensitive 15 % never kept
+    cut = load_file(str(defended["safedelta-half"].adapter / "adapter_model.safetensors"))
+    assert any(not torch.equal(source[k], cut[k]) for k in source if "lora_A" in k)
+
+    # each output is a standard PEFT adapter: a fresh base loads it, weights intact, and it acts
+    ids = torch.tensor([data.prompt_ids(TASK[0], tok)])
+    for run in defended.values():
+        edited = load_file(str(run.adapter / "adapter_model.safetensors"))
+        peft_model = PeftModel.from_pretrained(models.load(folder, quantization, device="cpu").model, str(run.adapter))
+        state = {k: v for k, v in peft_model.state_dict().items() if "lora_" in k}
+        assert {k.replace(".default", "") for k in state} == edited.keys()
+        assert all(torch.equal(v, edited[k.replace(".default", "")].to(v.dtype)) for k, v in state.items())
+        with torch.no_grad():
+            adapted = peft_model(input_ids=ids).logits
+            with peft_model.disable_adapter():
+                plain = peft_model(input_ids=ids).logits
+        assert torch.isfinite(adapted).all() and not torch.equal(adapted, plain)
+        del peft_model
+
+    # evaluate every variant through the product's path; record what reaches the judge
+    seen = []
+
+    class Recording(judge_mod.KeywordJudge):
+        def judge_many(self, pairs):
+            pairs = list(pairs)
+            seen.extend(response for _, response in pairs)
+            return super().judge_many(pairs)
+    monkeypatch.setitem(judge_mod.JUDGES, "keyword", replace(judge_mod.JUDGES["keyword"], make=Recording))
+    opened = []
+    real_open = pipeline._open_variants
+
+    def open_thinking(variants):
+        loaded, model, adapter_of = real_open(variants)
+        stack.enter_context(thinking_first(model, loaded.tokenizer))
+        opened.append(model)
+        return loaded, model, adapter_of
+    monkeypatch.setattr(pipeline, "_open_variants", open_thinking)
+    runs.write_base_run(tmp_path / "base", folder)
+    variants = {"base": None, **{v: r.path for v, r in {**trained, **defended}.items()}}
+    with contextlib.ExitStack() as stack:
+        results, answer_rows = pipeline.evaluate_variants(variants, prepared.val, n_harmful=3, n_benign=2,
+                                                          n_task=2, max_new_tokens=16)
+        judged = len(seen)
+        side_by_side = pipeline.compare(variants, evalsets.prompts(evalsets.DEFAULT_HARMFUL[0])[:3], max_new_tokens=16)
+    assert len(opened) == 2 and judged == (3 + 2 + 2) * len(variants)
+    assert not [s for s in seen if s.startswith(REASONING) or "<think>" in s or "</think>" in s or end in s]
+    for variant, entry in results["variants"].items():
+        assert entry["refusal"]["n"] == 3 and entry["over_refusal"]["n"] == 2 and entry["utility"]["n"] == 2
+    assert set(results["variants"]) == set(variants) and len(answer_rows) == 7
+    assert [r["set"] for r in answer_rows].count("harmful") == 3
+    answers = {v: [r["answers"][v]["response"] for r in answer_rows] for v in variants}
+    assert all(answers[v] != answers["base"] for v in trained)      # each adapter is applied in the mixed batches
+    if whole_delta:      # A' = pinv(B) B A reproduces the update: the same greedy answers as the plain run
+        assert answers["safedelta"] == answers["sft"]
+    assert sorted(seen[:judged]) == sorted(a for v in variants for a in answers[v])
+    # the app's compare (one adapter at a time) gives the answers of the mixed-adapter batches
+    assert [{v: c["response"] for v, c in row["answers"].items()} for row in side_by_side] == \
+        [{v: c["response"] for v, c in row["answers"].items()} for row in answer_rows if row["set"] == "harmful"]
+
+    # the report shows every variant and their answers, and Safe Delta's per-layer figure
+    html = report.render_report(results, pipeline.figures_for(results, variants), answer_rows,
+                                {"model": folder, "quantization": quantization})
+    assert html.startswith("<!DOCTYPE html>") and "Safe Delta: kept per layer" in html
+    assert all(f">{escape(label_of(v))}</th>" in html for v in variants)          # a column for each variant
+    shown = [a for v in variants for a in answers[v] if a]
+    assert shown and all(escape(a) in html for a in shown)
+
+
 # ------------------------------------------------------------------ details
 
 def test_pad_is_a_reserved_pad_token_else_the_eos():

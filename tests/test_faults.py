@@ -20,12 +20,13 @@ import torch
 from safespace import jobs, models, pipeline, runs, train
 from safespace.config import LoraSettings
 from safespace.data import Example
+from helpers import tiny_llama
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 class Vocab:
-    """Just enough of a tokenizer for models.tiny_llama (no files to load)."""
+    """Just enough of a tokenizer for tiny_llama (no files to load)."""
     bos_token_id, eos_token_id, pad_token_id = 1, 2, 2
 
     def __len__(self):
@@ -34,7 +35,7 @@ class Vocab:
 
 def tiny_peft(seed: int):
     torch.manual_seed(seed)
-    model = models.tiny_llama(Vocab(), seed=seed)
+    model = tiny_llama(Vocab(), seed=seed)
     torch.manual_seed(seed)
     return models.add_lora(model, LoraSettings(r=4, alpha=8))
 
@@ -56,7 +57,7 @@ import os, sys, time
 from pathlib import Path
 import torch
 torch.set_num_threads(1)
-sys.path.insert(0, sys.argv[4])
+sys.path[:0] = [sys.argv[4], os.path.join(sys.argv[4], "tests")]
 from tests.test_faults import tiny_peft, save
 from safespace import runs
 
@@ -149,7 +150,7 @@ def test_a_save_killed_midway_never_costs_the_finished_run(tmp_path, mode):
     else:                                  # the previous run, byte for byte
         assert adapter_bytes(final) == before
         assert loaded.summary == previous.summary and len(loaded.metrics()) == 3
-    peft_model = models.load_adapters(models.tiny_llama(Vocab()), {"a": loaded.adapter})
+    peft_model = models.load_adapters(tiny_llama(Vocab()), {"a": loaded.adapter})
     assert any("lora_A" in n for n, _ in peft_model.named_parameters())
 
     again = save(tiny_peft(2), final, steps=4)      # and the next save is not blocked by the debris
@@ -281,7 +282,7 @@ def test_a_missing_run_folder_is_a_run_error(tmp_path):
 def opened(tokenizer):
     """Two variants on one tiny random model, counting generate() calls (one per batch)."""
     torch.manual_seed(0)
-    model = models.tiny_llama(tokenizer)
+    model = tiny_llama(tokenizer)
     calls = []
     real = model.generate
 

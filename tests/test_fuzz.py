@@ -23,7 +23,7 @@ import yaml
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
-from safespace import pipeline
+from safespace import pipeline, variants
 from safespace.config import ConfigError, TrainSettings
 from safespace.data import (FORMATS, DataError, Dataset, Example, Limits, check_file, load_dataset,
                             load_prompts)
@@ -467,7 +467,7 @@ def load_config_outcome(path):
         return error
     assert isinstance(config, pipeline.DemoConfig)
     assert isinstance(config.model, str) and isinstance(config.data, str) and isinstance(config.title, str)
-    assert isinstance(config.variants, list) and set(config.variants) <= set(pipeline.VARIANTS)
+    assert isinstance(config.variants, list) and set(config.variants) <= set(variants.keys_of())
     assert 0 <= config.harmful_ratio <= 0.9
     assert isinstance(config.train_settings(config.harmful_ratio, "off"), TrainSettings)
     return config

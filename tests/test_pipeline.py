@@ -29,8 +29,8 @@ def test_run_writes_every_variant_results_and_report(smoke_run):
         assert v["utility"]["metric"] == "accuracy" and v["utility"]["n"] == 4
         assert v["over_refusal"]["n"] == 3
     html = (out / "report.html").read_text()
-    for name in ["base", "sft", "safegrad", "safedelta"]:
-        assert name in html
+    for label in ["Aligned base", "Fine-tuned", "+ SafeGrad", "+ Safe Delta"]:       # the registry's labels
+        assert f"</span>{label}<" in html
     assert runs.load_run(out / "safegrad").metrics()[0]["align_loss"] is not None
     assert runs.load_run(out / "safedelta").summary["layers"]
     assert runs.load_run(out / "safedelta").summary["auto"]["rungs"]      # the default: a measured budget

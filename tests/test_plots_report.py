@@ -9,7 +9,6 @@ import pytest
 from safespace import plots
 from safespace.plots import (
     LABEL_SPOTS,
-    VARIANT_COLORS,
     budget_search_plot,
     conflict_plot,
     ema_smooth,
@@ -23,6 +22,7 @@ from safespace.plots import (
     variant_color,
 )
 from safespace.report import format_rate, group_answers, render_report, write_report
+from safespace.variants import VARIANTS, label_of
 
 
 def R(value, n=40, **extra):
@@ -77,12 +77,12 @@ def trace_color(trace):
 
 
 def test_variant_colors_fixed_and_stable():
-    assert set(VARIANT_COLORS) == {"base", "sft", "safegrad", "safedelta"}
-    assert len(set(VARIANT_COLORS.values())) == 4
-    assert variant_color("SFT") == VARIANT_COLORS["sft"]
+    colours = [v.colour for v in VARIANTS.values()]
+    assert len(set(colours)) == len(colours)
+    assert variant_color("SFT") == VARIANTS["sft"].colour
     assert variant_color("my-run") == variant_color("my-run")
     assert variant_color("my-run") in plots.FALLBACK_COLORS
-    assert not set(plots.FALLBACK_COLORS) & set(VARIANT_COLORS.values())
+    assert not set(plots.FALLBACK_COLORS) & set(colours)
 
 
 def test_one_colour_per_variant_across_figures():
@@ -101,15 +101,16 @@ def test_one_colour_per_variant_across_figures():
 
 def test_safety_utility_bars():
     fig = safety_utility_bars(RESULTS)
-    names = {tr.name for tr in fig.data}
-    assert names == set(RESULTS["variants"])
+    assert {tr.legendgroup for tr in fig.data} == set(RESULTS["variants"])
+    assert {tr.name for tr in fig.data} == {"Aligned base", "Fine-tuned", "+ SafeGrad", "+ Safe Delta", "custom-run"}
     # refusal for all five, over-refusal for two, utility for four
     assert len(fig.data) == 5 + 2 + 4
-    bar = next(tr for tr in fig.data if tr.name == "base")
+    bar = next(tr for tr in fig.data if tr.legendgroup == "base")
+    assert bar.x == ("Aligned base",) and "<b>Aligned base</b>" in bar.hovertemplate
     assert bar.y[0] == pytest.approx(95.0)
     assert bar.error_y.array[0] == pytest.approx(5.0) and bar.error_y.arrayminus[0] == pytest.approx(10.0)
     assert bar.text == ("95",) and bar.insidetextanchor == "start"      # at the foot, clear of the interval
-    short = [tr for tr in fig.data if tr.name == "sft"][1]                # over-refusal 2 %: no room for text
+    short = [tr for tr in fig.data if tr.legendgroup == "sft"][1]                # over-refusal 2 %: no room for text
     assert short.y[0] == pytest.approx(2.0) and short.text == ("",)
     assert "%" in fig.layout.yaxis.title.text
     assert sum(1 for tr in fig.data if tr.showlegend is not False) == 5
@@ -117,7 +118,8 @@ def test_safety_utility_bars():
 
 def test_tradeoff_scatter():
     fig = tradeoff_scatter(RESULTS)
-    assert {tr.name for tr in fig.data} == {"base", "sft", "safegrad", "custom-run"}
+    assert {tr.legendgroup for tr in fig.data} == {"base", "sft", "safegrad", "custom-run"}
+    assert {tr.text[0] for tr in fig.data} == {"Aligned base", "Fine-tuned", "+ SafeGrad", "custom-run"}
     assert any("ideal" in (a.text or "") for a in fig.layout.annotations)
     assert "Accuracy" in fig.layout.xaxis.title.text or "accuracy" in fig.layout.xaxis.title.text
     assert "%" in fig.layout.yaxis.title.text
@@ -149,8 +151,8 @@ def test_training_curves_smooth_long_runs_over_their_raw_values():
     fig = training_curves({"safegrad": rows})
     raw = [t for t in fig.data if t.showlegend is False]
     shown = [t for t in fig.data if t.showlegend is not False]
-    assert [t.name for t in shown] == ["safegrad: task loss", "safegrad: alignment loss"]
-    assert [t.name for t in raw] == ["safegrad: task loss, raw", "safegrad: alignment loss, raw"]
+    assert [t.name for t in shown] == ["+ SafeGrad: task loss", "+ SafeGrad: alignment loss"]
+    assert [t.name for t in raw] == ["+ SafeGrad: task loss, raw", "+ SafeGrad: alignment loss, raw"]
     assert list(raw[0].y) == [r["loss"] for r in rows] and raw[0].opacity == 0.3
     assert list(shown[0].y) == pytest.approx(ema_smooth([r["loss"] for r in rows]))
     assert "smoothed" in fig.layout.title.text
@@ -223,7 +225,7 @@ def test_budget_search_plot_marks_the_tolerance_and_the_chosen_budget():
 def test_sweep_plot_shapes():
     fig = sweep_plot(SWEEP)
     refusal = [tr for tr in fig.data if tr.xaxis == "x"]
-    assert {tr.name for tr in refusal} == {"sft", "safegrad", "safedelta"}
+    assert {tr.name for tr in refusal} == {"Fine-tuned", "+ SafeGrad", "+ Safe Delta"}
     assert list(refusal[0].x) == [0.0, 10.0, 30.0]
     by_ratio = {r: {"variants": {"sft": {"refusal": R(1 - r)}}} for r in (0.0, 0.2)}
     fig2 = sweep_plot(by_ratio)
@@ -307,7 +309,7 @@ def test_report_escapes_user_text(report_html):
 
 def test_report_lists_every_variant_and_badge(report_html):
     for name in RESULTS["variants"]:
-        assert name in report_html
+        assert f"</span>{label_of(name)}" in report_html          # the registry's label, or the name
     for lab in ("refused", "complied", "empty", "degenerate"):
         assert f">{lab}</span>" in report_html
     assert "95.0 %" in report_html and "[85.0–100.0]" in report_html  # value with CI

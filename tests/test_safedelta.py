@@ -10,8 +10,9 @@ from safespace.safedelta import (HessianAccumulator, SafeDeltaSettings, apply_to
                                  AUTO_START, ladder_strength,
                                  task_sensitivities,
                                  hessian_cache_key, inverse_cholesky_upper, load_layer_tensors, lora_layers,
-                                 paper_budget, refactor_lora, relative_budget, safe_delta, safe_delta_layer, safe_delta_lora,
-                                 save_adapter, save_layer_tensors, lora_residual)
+                                 paper_budget, relative_budget, safe_delta, safe_delta_lora,
+                                 save_adapter, save_layer_tensors)
+from helpers import lora_residual, refactor_lora, safe_delta_layer
 
 D_OUT, D_IN, BLOCK = 24, 40, 16          # blocks [0,16) [16,32) [32,40)
 

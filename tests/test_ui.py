@@ -193,7 +193,7 @@ def test_train_both_queues_a_job_and_polling_shows_live_curves(manager, monkeypa
     card, curves, conflict = updates[:3]
     assert not active and 'data-status="finished"' in card
     names = [t.name for t in curves.data]
-    assert "sft: task loss" in names and "safegrad: alignment loss" in names
+    assert "Fine-tuned: task loss" in names and "+ SafeGrad: alignment loss" in names
     assert len(conflict.data) >= 1
     assert updates[3].interactive is True and updates[5].interactive is False
     # nothing changed: every output is skipped
@@ -239,8 +239,8 @@ def test_safe_delta_needs_a_plain_fine_tune(manager):
 def test_safe_delta_poll_draws_the_kept_fraction(manager, monkeypatch):
     ws = manager.workspace(A)
     fake_run(ws.run_path("sft"))
-    layers = [{"name": f"base_model.model.model.layers.{i}.self_attn.q_proj", "kept_columns": 0.5,
-               "kept_delta_energy": 0.25} for i in range(3)]
+    layers = [{"name": f"base_model.model.model.layers.{i}.self_attn.q_proj", "kept_columns_frac": 0.5,
+               "kept_energy_frac": 0.25} for i in range(3)]
 
     def fake_defend(ctx, keep):
         ctx.progress(0.5, "Safe Delta: selecting")

@@ -12,13 +12,8 @@ import gradio as gr
 
 from .. import jobs
 from ..report import LABEL_STYLE
+from ..variants import keys_of, label_of
 
-VARIANT_LABELS = {"base": "Aligned base", "sft": "Fine-tuned", "safegrad": "+ SafeGrad",
-                  "safedelta": "+ Safe Delta"}
-VARIANT_HELP = {"base": "the starting model, before any fine-tuning",
-                "sft": "fine-tuned on your data, no defence",
-                "safegrad": "fine-tuned with SafeGrad (defence during training)",
-                "safedelta": "the fine-tune after Safe Delta (defence after training)"}
 POLL_SECONDS = 1.5
 
 
@@ -59,9 +54,10 @@ def user_error(exc: Exception) -> gr.Error:
 
 
 def variant_label(name: str, base_model: str | None = None) -> str:
-    if name == "base" and base_model and not base_model.endswith("-safe"):
+    """The registry's label; a base that is not an aligned one says which model it is."""
+    if name in keys_of("base") and base_model and not base_model.endswith("-safe"):
         return f"Base ({base_model})"
-    return VARIANT_LABELS.get(name, name)
+    return label_of(name)
 
 
 # ------------------------------------------------------------------------------------------ cards

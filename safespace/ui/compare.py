@@ -6,6 +6,7 @@ import gradio as gr
 from .. import agreement, evalsets, jobs, plots
 from ..judge import DEFAULT_JUDGE, JUDGES
 from ..report import group_answers
+from ..variants import in_order
 from . import common
 from . import data as data_step
 
@@ -96,7 +97,7 @@ def kpis_html(results: dict | None, base_model: str | None = None) -> str:
     variants = (results or {}).get("variants") or {}
     harmful_set, benign_set = plots.headline_sets(results)
     cells = []
-    for name in plots.variant_order(variants):
+    for name in in_order(variants):
         entry = variants[name] or {}
         refusal = (entry.get("refusal") or {}).get("value")
         utility = entry.get("utility") or {}

@@ -5,24 +5,11 @@ import gradio as gr
 
 from .. import jobs, plots
 from ..safedelta import SafeDeltaSettings
+from ..variants import VARIANTS
 from . import common
 
 N_POLL = 4
-# per-layer statistics may use the stage's own names; the figure reads the names on the left (and a
-# summary's "name" for the layer itself)
-ALIASES = {"kept_columns_frac": ("kept_columns",), "kept_energy_frac": ("kept_delta_energy",),
-           "cost_before": ("cost_full",), "cost_after": ("cost_final",)}
-
-
-def default_keep() -> float:
-    try:
-        from .. import pipeline
-        keep = getattr(pipeline, "DEFAULT_KEEP", None)
-        if isinstance(keep, (int, float)):
-            return float(keep)
-    except ImportError:
-        pass
-    return SafeDeltaSettings().keep
+SOURCE = VARIANTS["safedelta"].derived_from      # the run Safe Delta edits: the plain fine-tune
 
 
 def start(auto: bool, keep: float, visitor, request: gr.Request = None):
@@ -33,7 +20,7 @@ def start(auto: bool, keep: float, visitor, request: gr.Request = None):
     keep = None if auto else float(keep)
     if keep is not None and not 0 < keep <= 1:
         raise common.refuse(f"the budget must be in (0, 1], got {keep}")
-    if ws.run("sft") is None:
+    if ws.run(SOURCE) is None:
         raise common.refuse("there is no plain fine-tune yet: in step 2, train with SafeGrad off (or Train both)")
     running = manager.latest(vid, "defend")
     if running is not None and running.active:
@@ -47,15 +34,8 @@ def start(auto: bool, keep: float, visitor, request: gr.Request = None):
 
 
 def layer_rows(stats) -> list[dict]:
-    rows = []
-    for row in stats or []:
-        if isinstance(row, dict):
-            row = dict(row)
-            for key, names in ALIASES.items():
-                if key not in row:
-                    row.update({key: row[n] for n in names if n in row})
-            rows.append(row)
-    return rows
+    """A summary's per-layer statistics, without anything that is not a row."""
+    return [dict(row) for row in stats or [] if isinstance(row, dict)]
 
 
 def summary_html(summary: dict | None) -> str:
@@ -91,7 +71,7 @@ def summary_html(summary: dict | None) -> str:
 def idle_text(ws: jobs.Workspace) -> str:
     if ws.run("safedelta") is not None:
         return "Safe Delta result ready (below); run it again with another budget to see the trade-off move."
-    if ws.run("sft") is None:
+    if ws.run(SOURCE) is None:
         return "Needs a plain fine-tune first (step 2)."
     return "Ready: press Run Safe Delta."
 
@@ -103,7 +83,7 @@ def poll(visitor: str, last) -> tuple:
     info = manager.latest(visitor, "defend")
     path = ws.run_path("safedelta") / "summary.json"
     stamp = path.stat().st_mtime if path.exists() else 0
-    key = ["disk", stamp, ws.run("sft") is not None] if info is None else \
+    key = ["disk", stamp, ws.run(SOURCE) is not None] if info is None else \
         [info.id, info.status, len(info.events), info.ahead, stamp]
     active = bool(info and info.active)
     if key == last:
@@ -127,7 +107,7 @@ def build(shared: common.Shared) -> dict:
             auto = gr.Checkbox(True, label="Choose the budget automatically", elem_id="ss-auto",
                                info="measure the safety loss on held-in refusal examples: keep the whole update "
                                     "if it did no harm, else the first budget that brings the loss back")
-            keep = gr.Slider(0.01, 1.0, value=default_keep(), step=0.01, label="Safety budget (keep)",
+            keep = gr.Slider(0.01, 1.0, value=SafeDeltaSettings().keep, step=0.01, label="Safety budget (keep)",
                              info="share of the full update's estimated safety cost that may be kept; lower is "
                                   "safer, higher keeps more of the task", elem_id="ss-keep", interactive=False)
             run_btn = gr.Button("Run Safe Delta on the plain fine-tune", variant="primary", elem_id="ss-defend")

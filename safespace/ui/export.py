@@ -9,7 +9,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from .. import jobs, plots, report, runs
+from .. import jobs, plots, report, runs, variants
 from . import common, defend
 
 HEADERS = ["run", "what it is", "base model", "status", "steps", "final loss"]
@@ -21,7 +21,8 @@ def runs_table(ws: jobs.Workspace) -> list[list]:
     for run in ws.list_runs():
         s = run.summary
         loss = s.get("final_loss")
-        rows.append([run.name, common.VARIANT_HELP.get(run.name, run.kind), run.model, s.get("status", ""),
+        known = variants.get(run.name)
+        rows.append([run.name, known.help if known else run.kind, run.model, s.get("status", ""),
                      s.get("steps_done", ""), f"{loss:.3f}" if isinstance(loss, (int, float)) else ""])
     return rows
 
@@ -73,7 +74,7 @@ def build_report(visitor, request: gr.Request = None) -> str:
     if results.get("variants"):
         figures["Safety and utility"] = plots.safety_utility_bars(results)
         figures["Safety against utility"] = plots.tradeoff_scatter(results)
-    metrics = {name: run.metrics() for name, run in found.items() if name in ("sft", "safegrad")}
+    metrics = {name: run.metrics() for name, run in found.items() if name in variants.keys_of("train")}
     if metrics:
         figures["Training loss"] = plots.training_curves(metrics)
     if "safegrad" in metrics:
