@@ -22,7 +22,8 @@ import json
 import os
 import sys
 
-from . import evalsets   # light (the set registry); the ML stack loads inside each command
+from . import evalsets, variants
+from .config import SAFE_DELTA_TOLERANCE   # light (the set and variant registries); the ML stack loads inside each command
 
 EXIT_PROBLEM = 2
 
@@ -35,7 +36,8 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="dataset file (.jsonl/.json/.csv) or bundled:NAME, e.g. bundled:sentiment_train")
     p.add_argument("--harmful-ratio", type=float, default=0.0, help="share of bundled attack examples mixed in (0..0.9)")
     p.add_argument("--safegrad", choices=["off", "sft", "kl"], default="off", help="SafeGrad alignment loss, or off")
-    p.add_argument("--safegrad-lambda", type=float, default=1.0, help="weight of the alignment gradient")
+    p.add_argument("--safegrad-lambda", type=float, default=d.safegrad.lam,
+                   help="weight of the alignment gradient (default %(default)s)")
     p.add_argument("--align-size", type=int, default=32, help="alignment examples SafeGrad protects")
     p.add_argument("--align-batch", type=int, default=4, help="alignment examples per alignment gradient")
     p.add_argument("--align-every", type=int, default=2, help="recompute the alignment gradient every k steps (default 2)")
@@ -76,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep", type=float, default=None, help="relative budget: share of the full delta's safety cost allowed")
     p.add_argument("--tolerance", type=float, default=None,
                    help="automatic budget (the default): rise of the held-in safety loss allowed, nats per answer "
-                        "token (default 0.1)")
+                        f"token (default {SAFE_DELTA_TOLERANCE:g})")
     p.add_argument("--tokens", choices=["answer", "all"], default="answer",
                    help="calibration positions for H: those that write the aligned answer, or all (official)")
     p.add_argument("--ranking", choices=["task", "paper"], default="task",
@@ -102,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help=".jsonl to write: each row with label and reason added")
     _judge_arg(p, several=False)
     p = sub.add_parser("run", help="the whole demo: align -> train -> defend -> evaluate -> report")
-    p.add_argument("config")
+    p.add_argument("config", help=f"YAML settings; its variants are drawn from {', '.join(variants.keys_of())}")
     p.add_argument("--out", required=True)
     p.add_argument("--overwrite", action="store_true", help="replace what --out already holds")
     return parser
@@ -264,11 +266,14 @@ COMMANDS = {"models": _cmd_models, "check-data": _cmd_check_data, "align": _cmd_
             "run": _cmd_run}
 
 
+LIGHT_COMMANDS = {"check-data", "judge"}     # they never load torch, so they do not set its threads
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
-    # e.g. 1 on a busy machine: OpenMP spin-waits hurt; check-data runs no torch, so it skips the import
-    if os.environ.get("SAFESPACE_THREADS") and args.command != "check-data":
+    # e.g. 1 on a busy machine: OpenMP spin-waits hurt; the light commands never import torch
+    if os.environ.get("SAFESPACE_THREADS") and args.command not in LIGHT_COMMANDS:
         import torch
 
         torch.set_num_threads(int(os.environ["SAFESPACE_THREADS"]))

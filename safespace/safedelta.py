@@ -7,63 +7,16 @@ activations) and fine-tuning delta delta = W_ft - W0:
     c_m = 1 / U_mm^2                          sensitivity of input feature (column) m
     cost_rm = (W_ft - W)_rm^2 / U_mm^2        OBS estimate of the safety loss of keeping element rm
 
-Per block of columns, the cheapest columns (c ascending, never the most sensitive 15 %) take their
+Per block of columns, the cheapest columns (never the most sensitive `exclude_frac`) take their
 fine-tuned values while the summed cost stays within a budget eps; every change is compensated on
 the later columns with the Optimal Brain Surgeon update, as in SparseGPT:
 
     err = (W_j - q_j) / U_jj,   W_k -= err * U_jk  for k > j
 
-The maths is translation invariant (it sees only W_ft - W), so it runs on D = W - W0 from 0 to
-delta: the base weight, 4-bit or not, is never needed, and tiny LoRA deltas lose no precision.
-With whole columns, D = W - W0 stays in the column space of the LoRA B (delta = s B A), so the sweep
-runs on M with D = s B M (safe_delta_lora: r rows instead of d_out) and M is the new A' itself.
-
-Column order (ranking): the paper ranks columns by c_m alone (its utility proxy delta^2 cancels in
-the utility/cost ratio), so the excluded 15 % are the input features most active on safety data,
-whatever the task uses. On the embedded model those same features carry the task, and the compensation
-moved onto them cancels the task as well: refusal 100 %, task accuracy 58 % of the undefended 100 %.
-ranking="task" (default when the run's fine-tuning data is known) measures utility with the same OBS
-estimate on the fine-tuning data itself, H_task from those rows: columns go in ascending order of
-c_m / c_task_m, the safety cost per unit of task use, so the excluded and compensated columns are the
-ones the safety data uses and the task does not. Scaling H or H_task leaves the order unchanged.
-H_task counts every token of 64 fine-tuning rows (6k+ tokens for d_in = 576). Counting only the answer
-positions, as the safety H does, left a classification task 331 tokens: H_task was rank-deficient, c_task
-was set by the damping, and the order moved with rounding. On the harmful-mix run (held-in safety loss
-rise / task loss rise, nats/token, at 6 % and 10 % excluded) answer-only H_task gave 0.155 / 0.067 and
-0.119 / 0.108; every token gave 0.264 / 0.009 and 0.183 / 0.015, and 0.099 / 0.040 at 30 %: the same
-safety for a quarter of the task cost, with more columns excluded.
-
-Budget rules (BudgetRule: (col_cost, c, d_out) -> eps for one block):
-  paper_budget(s)     eps = (s/2) (d_out/4096) mean_block(c), the official rule. It is in absolute
-                      units of delta^2 tuned for Llama-2-7B, so s must be re-tuned per model/regime.
-  relative_budget(k)  eps = k * sum_block(cost): what is kept may carry at most a fraction k of the
-                      estimated safety cost of the block's full delta. Scaling H, scaling delta or
-                      changing d_out/d_in leaves the selection unchanged, so one k transfers across
-                      model sizes. With the 15 % exclusion, k barely matters on the embedded model
-                      (harmful-mix run, 150 harmful / 160 task prompts: k 1.0 and 0.9 -> 99.3 % refusal
-                      / 86.9 % accuracy, 0.7 -> 78.1 %, 0.5 -> 60 %): the excluded columns carry the
-                      safety change, and the exclusion is what the automatic budget tunes.
-
-Automatic budget (default; SafeDeltaSettings.budget="auto"): the budget is chosen from a measured
-safety loss on held-in calibration data. The held-in loss is the mean NLL (nats per token) of the first
-8 tokens of the aligned model's own answers to 32 calibration prompts, teacher-forced: where the model
-decides whether to refuse. AUTO_LADDER goes from the whole delta through ever larger exclusions of the
-most safety-sensitive columns to ever smaller relative budgets; the first rung whose loss is at most
-`tolerance` (0.1) above the aligned model's is taken (the whole delta, then 4 %, then a guided search), and
-between the last failing and the first passing exclusion rung the interpolated crossing, to a whole
-column, is measured and taken when it passes. A fine-tune that left the loss alone is kept whole; a
-benign one that moved it a little loses a few columns per layer (3.3 % on the embedded model); an
-attack gets what it takes (26.7 %). The unit (nats per answer token) does not depend on the model's
-size or the fine-tuning regime; 0.1 was set on the embedded model, where the loss rise and the
-refusal rate on held-out prompts went together (rise 0.68 -> 0.7 % refusal, 0.27 -> 39 %, 0.16 -> 89 %,
-0.13 -> 89 %, 0.09-0.10 -> 92-94 %, 0.07 -> 99 %; aligned base 99.3 %).
-
-Calibration tokens: the official code counts every token of the calibration sequences. Here H comes by
-default from the inputs that write the aligned model's safe answer (the position after the prompt,
-which decides to refuse, and the answer's own positions): the chat template and the prompt are shared
-with every user task and carry no safety decision of their own (tokens="all" keeps the official
-behaviour). The safety H comes from fp32 forward passes (see pipeline.SAFETY_H_PRECISION).
-
+The sweep runs on D = W - W0 (translation invariant: the base, 4-bit or not, is never needed) and,
+with whole columns, on the LoRA factor itself (D = s B M: r rows instead of d_out).
+Column order, budget rules, the automatic budget and the calibration tokens, each with the
+measurement behind its default: docs/safedelta.md.
 Budget 0 returns W0 exactly; an infinite budget with exclude_frac=0 returns W_ft exactly.
 """
 from __future__ import annotations
@@ -81,6 +34,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from . import models
+from .config import SAFE_DELTA_TOLERANCE
 
 BudgetRule = Callable[[torch.Tensor, torch.Tensor, int], float]
 
@@ -266,12 +220,16 @@ def safe_delta(delta: torch.Tensor, U: torch.Tensor, budget: float | BudgetRule,
     return D, mask, stats
 
 
+# With whole columns the result stays in span(B): if W - W0 = B M, an accepted column j is set to
+# s B A_j, so err_j = B (M_j - s A_j) / U_jj is in span(B); every update adds err_j U_jk to a column,
+# so W - W0 = B M' at every step, by induction. A partial column sets only some rows: not in span(B).
+# So safe_delta_lora can run the sweep on M itself, and its result is again a rank-r adapter.
 @torch.no_grad()
 def safe_delta_lora(A: torch.Tensor, B: torch.Tensor, scaling: float, U: torch.Tensor, budget: float | BudgetRule,
                     block_size: int = 2048, exclude_frac: float = 0.15, compensate: bool = True,
                     task_sensitivity: torch.Tensor | None = None):
     """safe_delta (whole columns) of delta = scaling B A, in the adapter's own coordinates: every D the
-    sweep visits is scaling B M (see refactor_lora), so it runs on M [r, d_in] instead of D
+    sweep visits is scaling B M (see the note above), so it runs on M [r, d_in] instead of D
     [d_out, d_in], with G = scaling^2 B^T B measuring squares (||scaling B m||^2 = m^T G m). Returns
     (A', kept [d_in], stats): W_final - W0 = scaling B A' by construction, and the same selection and
     stats as safe_delta on the full delta, at r/d_out of its cost."""
@@ -308,28 +266,6 @@ def safe_delta_lora(A: torch.Tensor, B: torch.Tensor, scaling: float, U: torch.T
     return M, kept, stats
 
 
-def safe_delta_layer(W0, W_ft, U, budget, block_size=2048, exclude_frac=0.15, whole_columns=True):
-    """Safe Delta on one weight matrix: returns (W_final, mask, stats); W_final[mask] == W_ft[mask]."""
-    W0, W_ft = W0.to(torch.float32), W_ft.to(torch.float32)
-    D, mask, stats = safe_delta(W_ft - W0, U, budget, block_size, exclude_frac, whole_columns)
-    return torch.where(mask, W_ft, W0 + D), mask, stats
-
-
-# With whole columns the result stays in span(B): if W - W0 = B M, an accepted column j is set to
-# s B A_j, so err_j = B (M_j - s A_j) / U_jj is in span(B); every update adds err_j U_jk to a column,
-# so W - W0 = B M' at every step, by induction. A partial column sets only some rows: not in span(B).
-# safe_delta_lora runs the sweep on M itself; refactor_lora recovers A' from a full-size result.
-def refactor_lora(B: torch.Tensor, W_diff: torch.Tensor, scaling: float) -> torch.Tensor:
-    """A' with scaling * B @ A' = W_diff (exact when W_diff lies in the column space of B)."""
-    return (torch.linalg.pinv(B.double()) @ W_diff.double() / scaling).to(torch.float32)
-
-
-def lora_residual(B, A_new, W_diff, scaling) -> float:
-    """||W_diff - scaling B A'|| / ||W_diff|| (0 for a zero W_diff)."""
-    norm = W_diff.double().norm().item()
-    return 0.0 if norm == 0 else (W_diff.double() - scaling * B.double() @ A_new.double()).norm().item() / norm
-
-
 # ----------------------------------------------------------------------------- model level
 @dataclass
 class SafeDeltaSettings:
@@ -346,7 +282,7 @@ class SafeDeltaSettings:
                                 # fine-tuning data) | "paper" = safety cost alone
     compensate: bool = True     # False: the paper's "no compensation" ablation (mask only)
     # auto: the first rung of AUTO_LADDER whose held-in safety loss rises by at most `tolerance`
-    tolerance: float = 0.1      # nats per answer token, over the first check_tokens of each answer
+    tolerance: float = SAFE_DELTA_TOLERANCE   # nats per answer token over the first check_tokens
     check_rows: int = 32        # held-in calibration rows the safety loss is measured on
     check_tokens: int = 8
 

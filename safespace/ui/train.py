@@ -7,6 +7,7 @@ import gradio as gr
 
 from .. import jobs, models, plots
 from ..config import ConfigError, LoraSettings, SafeGradSettings, TrainSettings
+from ..variants import keys_of, label_of
 from . import common
 from . import data as data_step
 
@@ -122,7 +123,7 @@ def restore_form(visitor: str) -> list:
     form = (info.meta.get("form") if info is not None else None) or {}
     if not form:
         ws = manager.workspace(visitor)
-        found = [r for v in ("safegrad", "sft") if (r := ws.run(v)) is not None]
+        found = [r for v in reversed(keys_of("train")) if (r := ws.run(v)) is not None]   # a tie: the later one
         if found:
             latest = max(found, key=lambda r: (r.path / "summary.json").stat().st_mtime)
             try:
@@ -149,7 +150,7 @@ def metrics_by_variant(info: jobs.JobInfo | None, ws: jobs.Workspace) -> dict[st
         for record in info.events:
             if record.get("type") == "train.step":
                 out.setdefault(record["variant"], []).append(record.get("metrics") or {})
-    for variant in ("sft", "safegrad"):
+    for variant in keys_of("train"):
         if variant not in out and (run := ws.run(variant)) is not None:
             if info is None or not info.active or variant not in _planned(info):
                 out[variant] = run.metrics()
@@ -162,18 +163,18 @@ def _planned(info: jobs.JobInfo) -> set[str]:
 
 def idle_text(ws: jobs.Workspace) -> str:
     done = []
-    for variant in ("sft", "safegrad"):
+    for variant in keys_of("train"):
         run = ws.run(variant)
         if run is not None:
             s = run.summary
-            done.append(f"{common.VARIANT_LABELS[variant]} ({run.model}, {s.get('steps_done', '?')} steps, "
+            done.append(f"{label_of(variant)} ({run.model}, {s.get('steps_done', '?')} steps, "
                         f"{s.get('status', 'finished')})")
     return ("Trained so far: " + "; ".join(done)) if done else "Nothing trained yet: pick settings and press Train."
 
 
 def _stamp(ws: jobs.Workspace) -> tuple:
     out = []
-    for variant in ("sft", "safegrad"):
+    for variant in keys_of("train"):
         path = ws.run_path(variant) / "summary.json"
         out.append(path.stat().st_mtime if path.exists() else 0)
     return tuple(out)
@@ -241,7 +242,7 @@ def build(shared: common.Shared) -> dict:
                             info=f"Train both always trains one without and one with SafeGrad ({DEFAULT_LOSS} when this is off)",
                             elem_id="ss-safegrad")
             with gr.Row():
-                lam = gr.Slider(0, 5, value=1.0, step=0.1, label="Lambda",
+                lam = gr.Slider(0, 5, value=SafeGradSettings().lam, step=0.1, label="Lambda",
                                 info="weight of the alignment gradient added to each step")
                 align_batch = gr.Slider(1, 16, value=4, step=1, label="Alignment batch",
                                         info="safety examples per alignment gradient")
