@@ -729,6 +729,19 @@ def gpu_compare(variants: dict, prompts: list, max_new_tokens: int, on_progress,
 # Job functions: what the app queues (each gets a JobContext first)
 
 
+def train_plan(settings, safegrad_loss: str) -> list[tuple[str, Any]]:
+    """Every trained variant in story order with its settings: SafeGrad off, or on with `safegrad_loss`,
+    and the variant's own overrides (the registry decides what "train all" trains)."""
+    from dataclasses import replace
+
+    plan = []
+    for key in keys_of("train"):
+        spec = VARIANTS[key]
+        mode = safegrad_loss if spec.safegrad else "off"
+        plan.append((key, replace(settings, **spec.train_overrides, safegrad=replace(settings.safegrad, mode=mode))))
+    return plan
+
+
 def train_job(ctx: JobContext, plan: list[tuple[str, Any]], source: str, harmful_ratio: float,
               seed: int = 0) -> dict:
     """Train one or more variants (e.g. plain, then SafeGrad) on the visitor's data, in order."""
@@ -761,15 +774,24 @@ def train_job(ctx: JobContext, plan: list[tuple[str, Any]], source: str, harmful
     return {"runs": done, "message": "trained: " + ", ".join(parts) if parts else "nothing trained"}
 
 
+DEFENCES = {"safedelta": gpu_defend}    # a derived variant's post-hoc defence -> its step on the visitor's run
+
+
 def defend_job(ctx: JobContext, keep: float | None) -> dict:
-    """Safe Delta on the visitor's plain fine-tune."""
-    source = ctx.workspace.run(VARIANTS["safedelta"].derived_from)
-    if source is None:
+    """Every post-hoc variant whose source run exists (Safe Delta on the plain fine-tune first); the
+    result is the first one's."""
+    derived = [k for k in keys_of("derived") if ctx.workspace.run(VARIANTS[k].derived_from) is not None]
+    if not derived or derived[0] != keys_of("derived")[0]:
         raise JobError("there is no plain fine-tune yet: train one first (SafeGrad off)")
-    ctx.progress(0.0, "computing the safety curvature of each layer...")
-    out = ctx.workspace.run_path("safedelta")
-    run = gpu_defend(str(source.path), str(out), keep, ProgressReporter(ctx.channel, "Safe Delta"))
+    results = []
+    for index, key in enumerate(derived):
+        spec = VARIANTS[key]
+        source = ctx.workspace.run(spec.derived_from)
+        ctx.progress(index / len(derived), f"{spec.label}: computing the safety curvature of each layer...")
+        results.append(DEFENCES[spec.defence](str(source.path), str(ctx.workspace.run_path(key)), keep,
+                                             ProgressReporter(ctx.channel, spec.label)))
     ctx.workspace.forget_results()
+    run = results[0]
     kept = run.summary.get("kept_energy_frac")
     message = f"kept {100 * kept:.1f} % of the update's energy" if isinstance(kept, (int, float)) else "done"
     return {"name": run.name, "summary": run.summary, "message": message}

@@ -51,7 +51,7 @@ def test_full_flow_on_the_real_engine(server):
     assert "**53** attack rows" in note
 
     card, *_ = a.predict(None, 0.1, *TINY.values(), api_name="/train_both")
-    assert "Train both" in card
+    assert "Train all" in card
     trained = wait_job(a, "train")
     assert trained["status"] == "finished", trained
     runs = trained["result"]["runs"]

@@ -21,7 +21,7 @@ def start(auto: bool, keep: float, visitor, request: gr.Request = None):
     if keep is not None and not 0 < keep <= 1:
         raise common.refuse(f"the budget must be in (0, 1], got {keep}")
     if ws.run(SOURCE) is None:
-        raise common.refuse("there is no plain fine-tune yet: in step 2, train with SafeGrad off (or Train both)")
+        raise common.refuse("there is no plain fine-tune yet: in step 2, train with SafeGrad off (or Train all)")
     running = manager.latest(vid, "defend")
     if running is not None and running.active:
         raise common.refuse("Safe Delta is already queued or running")

@@ -7,7 +7,7 @@ import gradio as gr
 
 from .. import jobs, models, plots
 from ..config import ConfigError, LoraSettings, SafeGradSettings, TrainSettings
-from ..variants import keys_of, label_of
+from ..variants import VARIANTS, keys_of, label_of
 from . import common
 from . import data as data_step
 
@@ -59,8 +59,8 @@ def _start(both: bool, visitor, request, ratio, *form):
     settings = make_settings(*form, ratio)
     mode = settings.safegrad.mode
     if both:
-        plan = [("sft", _with_mode(settings, "off")), ("safegrad", _with_mode(settings, mode if mode != "off" else DEFAULT_LOSS))]
-        title = "Train both: plain, then SafeGrad"
+        plan = jobs.train_plan(settings, mode if mode != "off" else DEFAULT_LOSS)
+        title = "Train all: " + ", ".join(label_of(v) for v, _ in plan)
     else:
         plan = [("sft" if mode == "off" else "safegrad", settings)]
         title = "Train: plain fine-tune" if mode == "off" else f"Train: SafeGrad ({mode})"
@@ -88,7 +88,7 @@ def train(visitor, ratio, model, quantization, rank, alpha, targets, steps, lr, 
 
 def train_both(visitor, ratio, model, quantization, rank, alpha, targets, steps, lr, batch, seed, mode, lam,
                align_batch, request: gr.Request = None):
-    """Queue a plain fine-tune and then the same with SafeGrad (DEFAULT_LOSS when SafeGrad is set to off)."""
+    """Queue every trained variant of the registry (SafeGrad's DEFAULT_LOSS when SafeGrad is set to off)."""
     return _start(True, visitor, request, ratio, model, quantization, rank, alpha, targets, steps, lr, batch, seed,
                   mode, lam, align_batch)
 
@@ -210,7 +210,8 @@ def build(shared: common.Shared) -> dict:
     limits = common.limits()
     gr.Markdown("### 2 · Fine-tune\nA LoRA adapter learns your task on top of the base model. Train it plain "
                 "(safety erodes) and with **SafeGrad**, which removes the part of each update that would undo "
-                "safety. *Train both* queues the pair, so the comparison is fair.")
+                "safety. *Train all* queues every variant on the same data and settings, so the comparison "
+                "is fair: " + ", ".join(f"{label_of(k)} ({VARIANTS[k].help})" for k in keys_of("train")) + ".")
     with gr.Row():
         with gr.Column(scale=1, min_width=320):
             model = gr.Dropdown(model_choices(), value=models.DEFAULT_MODEL, label="Base model",
@@ -239,7 +240,7 @@ def build(shared: common.Shared) -> dict:
                                            info="which linear layers get an adapter")
         with gr.Column(scale=1, min_width=320):
             mode = gr.Radio(SAFEGRAD_CHOICES, value="off", label="SafeGrad (for Train)",
-                            info=f"Train both always trains one without and one with SafeGrad ({DEFAULT_LOSS} when this is off)",
+                            info=f"Train all trains the SafeGrad variant with this loss ({DEFAULT_LOSS} when this is off)",
                             elem_id="ss-safegrad")
             with gr.Row():
                 lam = gr.Slider(0, 5, value=SafeGradSettings().lam, step=0.1, label="Lambda",
@@ -252,7 +253,7 @@ def build(shared: common.Shared) -> dict:
                         elem_classes=["ss-explain"], padding=True)
             with gr.Row():
                 train_btn = gr.Button("Train", variant="primary", elem_id="ss-train")
-                both_btn = gr.Button("Train both (with and without SafeGrad)", variant="secondary",
+                both_btn = gr.Button(f"Train all ({len(keys_of('train'))} variants)", variant="secondary",
                                      elem_id="ss-train-both")
                 stop_btn = gr.Button("Stop", variant="stop", interactive=False, elem_id="ss-stop")
             card = gr.HTML(common.job_card(None, "Nothing trained yet."), elem_id="ss-train-status")
