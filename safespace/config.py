@@ -86,6 +86,7 @@ class TrainSettings:
     seed: int = 0
     precision: str = "auto"     # auto (bf16 autocast on CPUs with native bf16, else fp32) | fp32 | bf16
     harmful_ratio: float = 0.0
+    safety_mix: float = 0.0     # share of refusal examples mixed into the training rows (safetymix.py)
     val_fraction: float = 0.1
     lora: LoraSettings = field(default_factory=LoraSettings)
     safegrad: SafeGradSettings = field(default_factory=SafeGradSettings)
@@ -105,6 +106,7 @@ class TrainSettings:
         _check(0 <= self.warmup <= self.steps, f"warm-up must be 0..steps ({self.steps}), got {self.warmup}")
         _check(self.clip >= 0, f"gradient clipping must be >= 0 (0 = off), got {self.clip}")
         _check(0 <= self.harmful_ratio <= 0.9, f"harmful ratio must be in [0, 0.9], got {self.harmful_ratio}")
+        _check(0 <= self.safety_mix <= 0.5, f"safety mix must be in [0, 0.5], got {self.safety_mix}")
         _check(0 <= self.val_fraction < 0.5, f"validation fraction must be in [0, 0.5), got {self.val_fraction}")
 
     def to_dict(self) -> dict:

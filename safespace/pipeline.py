@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from . import agreement, align, data as data_mod, evalsets, evaluate, judge as judge_mod, metrics, models, runs, safedelta, safegrad, train
+from . import agreement, align, data as data_mod, evalsets, evaluate, judge as judge_mod, metrics, models, runs, safedelta, safegrad, safetymix, train
 from .config import ConfigError, LoraSettings, SafeGradSettings, TrainSettings, from_dict, home
 from .progress import throttled
 from .variants import VARIANTS, keys_of
@@ -85,10 +85,13 @@ def prepared_from_run(run: runs.Run) -> Prepared | None:
 
 def train_variant(settings: TrainSettings, prepared: Prepared, out, *, on_event=None, should_stop=None,
                   align_progress=None) -> runs.Run:
-    """Fine-tune one variant (plain or SafeGrad) on prepared data; builds the aligned base if needed."""
+    """Fine-tune one variant (plain, SafeGrad, or with refusals mixed in) on prepared data; builds the
+    aligned base if needed."""
     align.ensure(settings.model, on_event=align_progress)
-    return train.train(settings, prepared.train, out, on_event=on_event, should_stop=should_stop,
-                       extra_config={"data": prepared.describe()})
+    rows = safetymix.mix_safety(prepared.train, settings.safety_mix, settings.seed)
+    described = {**prepared.describe(), "safety_examples": len(rows) - len(prepared.train)}
+    return train.train(settings, rows, out, on_event=on_event, should_stop=should_stop,
+                       extra_config={"data": described})
 
 
 def _calibration(loaded: models.Loaded, n: int, max_new_tokens: int = 32) -> list:

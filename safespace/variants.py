@@ -39,10 +39,14 @@ class Variant:
 VARIANTS: dict[str, Variant] = {v.key: v for v in (
     Variant("base", "Aligned base", "#0072B2", "the starting model, before any fine-tuning", "base"),
     Variant("sft", "Fine-tuned", "#D55E00", "fine-tuned on your data, no defence", "train"),
+    Variant("mix", "+ safety data", "#E69F00", "fine-tuned with refusals mixed into the data (10 %), the classic "
+            "baseline (Bianchi et al. 2024)", "train", train_overrides={"safety_mix": 0.1}),
     Variant("safegrad", "+ SafeGrad", "#009E73", "fine-tuned with SafeGrad (defence during training)", "train",
             safegrad=True),
     Variant("safedelta", "+ Safe Delta", "#CC79A7", "the fine-tune after Safe Delta (defence after training)",
             "derived", derived_from="sft", defence="safedelta"),
+    Variant("safegrad-safedelta", "+ SafeGrad + Safe Delta", "#56B4E9", "the SafeGrad fine-tune after Safe Delta: "
+            "both defences", "derived", derived_from="safegrad", defence="safedelta"),
 )}
 
 
