@@ -479,16 +479,21 @@ def harmful_mix(examples, ratio: float, seed: int = 0, attack=None) -> list[Exam
     """Add k = round(ratio*n/(1-ratio)) harmful examples so they make up ``ratio`` of the result."""
     if not 0 <= ratio <= 0.9:
         raise ValueError(f"harmful ratio must be between 0 and 0.9, got {ratio}")
+    if ratio > 0 and not list(bundled("attack") if attack is None else attack):
+        raise ValueError("the attack set is empty; cannot mix in harmful examples")
+    return mix_in(examples, lambda: bundled("attack") if attack is None else attack, ratio, random.Random(seed))
+
+
+def mix_in(examples, pool, share: float, rng: random.Random) -> list[Example]:
+    """`examples` plus k = round(share*n/(1-share)) rows drawn from `pool()` (shuffled, cycled), so that
+    they make up `share` of the result; the whole shuffled by `rng`."""
     examples = list(examples)
-    k = round(ratio * len(examples) / (1 - ratio))
+    k = round(share * len(examples) / (1 - share))
     if k == 0:
         return examples
-    pool = list(bundled("attack") if attack is None else attack)
-    if not pool:
-        raise ValueError("the attack set is empty; cannot mix in harmful examples")
-    rng = random.Random(seed)
-    rng.shuffle(pool)
-    mixed = examples + [pool[i % len(pool)] for i in range(k)]
+    rows = list(pool())
+    rng.shuffle(rows)
+    mixed = examples + [rows[i % len(rows)] for i in range(k)]
     rng.shuffle(mixed)
     return mixed
 

@@ -17,13 +17,6 @@ def mix_safety(examples, share: float, seed: int = 0, pool=None) -> list:
     """`examples` with k = round(share * n / (1 - share)) refusal examples added and the whole shuffled."""
     if not 0 <= share <= 0.5:
         raise ValueError(f"safety share must be between 0 and 0.5, got {share}")
-    examples = list(examples)
-    k = round(share * len(examples) / (1 - share))
-    if k == 0:
-        return examples
-    pool = list(data_mod.bundled("alignment") if pool is None else pool)
-    rng = random.Random(f"safety-mix-{seed}")     # its own stream: the task and attack rows stay as they were
-    rng.shuffle(pool)
-    mixed = examples + [pool[i % len(pool)] for i in range(k)]
-    rng.shuffle(mixed)
-    return mixed
+    # its own random stream: the task and attack rows stay as they were
+    return data_mod.mix_in(examples, lambda: data_mod.bundled("alignment") if pool is None else pool, share,
+                           random.Random(f"safety-mix-{seed}"))
