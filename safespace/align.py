@@ -38,6 +38,7 @@ SHIPPED_ANSWERS = "benign_answers"   # the embedded raw model's answers to benig
 # one build per process (the app warms it up while a visitor may ask); re-entrant: ensure() holds it
 # around build(); build_lock_path() serialises builds across processes sharing the cache folder
 _BUILD_LOCK = threading.RLock()
+_LIVE: dict = {}     # the latest start/step event of the build running in this process (see ensure)
 log = logging.getLogger(__name__)
 
 
@@ -50,6 +51,8 @@ def build_key(settings: TrainSettings = ALIGN_SETTINGS) -> str:
     acting = settings.to_dict()
     if settings.safegrad.mode == "off":
         acting.pop("safegrad")          # unused when off: its defaults must not force a rebuild
+    if not settings.safety_mix:
+        acting.pop("safety_mix")        # likewise: a setting added later, unused at 0
     payload = {
         "model": settings.model, "settings": acting,
         "alignment": [(e.prompt, e.response) for e in data_mod.bundled("alignment")],
@@ -141,7 +144,12 @@ def build(force: bool = False, on_event: Callable[[train.Event], None] | None = 
     folder = models.aligned_checkpoint()
     if is_built(key) and not force:
         return folder
-    progress = on_event or console_progress("aligning")
+    shown = on_event or console_progress("aligning")
+
+    def progress(event: train.Event) -> None:   # kept for whoever waits on this build (ensure)
+        if event.kind in ("start", "step"):
+            _LIVE["event"] = event
+        shown(event)
 
     def say_waiting(message: str) -> None:
         progress(train.Event("wait", message=message))
@@ -153,7 +161,10 @@ def build(force: bool = False, on_event: Callable[[train.Event], None] | None = 
             if waited:
                 log.info("reusing the aligned base another process built: %s", folder)
             return folder
-        return _build(key, progress)
+        try:
+            return _build(key, progress)
+        finally:
+            _LIVE.clear()
 
 
 def _build(key: str, on_event: Callable[[train.Event], None]) -> Path:
@@ -194,12 +205,28 @@ def _merge(run: runs.Run):
     return peft_model.merge_and_unload(), fresh.tokenizer
 
 
-def ensure(name: str, on_event=None) -> None:
-    """Build the aligned base first when `name` is it and it is missing (any face calls this)."""
+def ensure(name: str, on_event=None, every: float = 2.0) -> None:
+    """Build the aligned base first when `name` is it and it is missing (any face calls this). While
+    another thread of this process builds it (the app's warm-up), its steps reach `on_event` too, so a
+    job waiting for it shows the step and the time left."""
     if name == models.ALIGNED_KEY and not is_built():
-        with _BUILD_LOCK:
+        relayed = None
+        while not _BUILD_LOCK.acquire(timeout=every):
+            event = _LIVE.get("event")
+            if on_event is not None and event is not None and event is not relayed:
+                on_event(event)
+                relayed = event
+        try:
             if not is_built():
                 build(on_event=on_event)
+        finally:
+            _BUILD_LOCK.release()
+
+
+def live_step() -> tuple[int, int] | None:
+    """(step, steps) of the aligned base being built in this process now, else None."""
+    event = _LIVE.get("event")
+    return (event.step, event.total) if event is not None else None
 
 
 def warm_up_in_background() -> threading.Thread | None:

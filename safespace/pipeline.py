@@ -7,7 +7,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import math
 import os
 import random
 import time
@@ -197,91 +196,104 @@ def defend(run_path, out, *, keep: float | None = None, scale: float | None = No
     source = runs.load_run(run_path)
     if source.kind != "train":
         raise runs.RunError(f"{source.path}: Safe Delta needs a fine-tuned run, not a {source.kind} run")
-    if keep is not None and not 0 < keep <= 1:
-        raise ConfigError(f"keep must be in (0, 1] (the share of the full update's estimated safety cost kept), got {keep}")
-    if tolerance is not None and not 0 <= tolerance < math.inf:
-        raise ConfigError(f"tolerance must be >= 0 (nats per answer token the held-in safety loss may rise), got {tolerance}")
-    if scale is not None and not 0 < scale < math.inf:
-        raise ConfigError(f"scale must be > 0 (the paper's budget scale s), got {scale}")
-    budget = (dict(budget="paper", scale=scale) if scale is not None else
-              dict(budget="relative", keep=keep) if keep is not None else
-              dict(budget="auto", tolerance=tolerance) if tolerance is not None else {})
-    settings = safedelta.SafeDeltaSettings(**budget, compensate=compensate, tokens=tokens, ranking=ranking)
+    try:
+        settings = safedelta.SafeDeltaSettings.for_budget(keep=keep, scale=scale, tolerance=tolerance,
+                                                          compensate=compensate, tokens=tokens, ranking=ranking)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     # SAFESPACE_CALIBRATION_ROWS: fewer calibration rows for tests and quick demos (default 128)
-    n_calibration = n_calibration or int(os.environ.get("SAFESPACE_CALIBRATION_ROWS", "0") or 0)
-    if n_calibration:
-        settings.n_calibration = n_calibration
+    settings.n_calibration = n_calibration or int(os.environ.get("SAFESPACE_CALIBRATION_ROWS", "0") or 0) \
+        or settings.n_calibration
     say("loading the base", 0.05)
     loaded = models.load(source.model, source.config.get("quantization", "auto"))
     say("safety calibration: the aligned model's own answers to harmful prompts", 0.15)
     rows = _calibration(loaded, settings.n_calibration)
     say("loading the fine-tuned adapter", 0.3)
-    peft_model = models.load_adapters(loaded.model, {"ft": source.adapter})
-    layer_names = list(safedelta.lora_layers(peft_model, "ft"))
-    # what H depends on besides its rows: the base weights and their quantisation, the layers
-    model_id = f"{models.fingerprint(loaded)}|{sorted(layer_names)}"
-    arithmetic = "bf16" if models.cpu_bf16(loaded.device) else "fp32"     # of "auto" passes (models.autocast)
-
-    def hessians_of(rows: list, tokens: str, precision: str) -> dict:
-        return safedelta.collect_hessians(peft_model, layer_names, _calibration_batches(
-            rows, loaded.tokenizer, loaded.device, tokens), precision=precision)
-
-    def texts(rows: list) -> list[str]:
-        return [data_mod.prompt_text(r, loaded.tokenizer) + r.response for r in rows]
-
-    key = safedelta.hessian_cache_key(model_id, texts(rows), settings)
+    site = _SafetySite(loaded, models.load_adapters(loaded.model, {"ft": source.adapter}), settings)
     say("safety Hessians (forward passes with the adapter disabled)", 0.35)
-    hessians, cached = _layer_tensors(home() / "cache" / "hessians" / f"{key}.safetensors",
-                                      lambda: hessians_of(rows, settings.tokens, SAFETY_H_PRECISION))
-    task_sensitivity, task_cached = None, False
+    hessians, cached = site.cached("hessians", "", rows, lambda: site.hessians(rows, settings.tokens,
+                                                                             SAFETY_H_PRECISION))
     task_rows = _task_rows(source, settings.n_task) if settings.ranking == "task" else []
-    if task_rows:
-        say(f"task sensitivity from {len(task_rows)} rows of the fine-tuning data", 0.6)
-        key = safedelta.hessian_cache_key(f"{model_id}|task|all tokens|{settings.percdamp}|{arithmetic}",
-                                          texts(task_rows), settings)
-        task_sensitivity, task_cached = _layer_tensors(    # every token: see safedelta's "Column order"
-            home() / "cache" / "task-sensitivity" / f"{key}.safetensors",
-            lambda: safedelta.task_sensitivities(hessians_of(task_rows, "all", "auto"), settings.percdamp))
-    elif settings.ranking == "task":
-        say("the run's fine-tuning data is unknown: ranking columns by safety cost alone", 0.6)
-        settings.ranking = "paper"
+    task_sensitivity, task_cached = _task_sensitivity(site, task_rows, say)
     auto = None
     if settings.budget == "auto":
-        say("budget from the measured safety loss: whole delta first, then stronger defences", 0.7)
-        check_rows = rows[:settings.check_rows]
-        checks = _check_batches(check_rows, loaded.tokenizer, loaded.device, settings.check_tokens)
-        key = safedelta.hessian_cache_key(f"{model_id}|check|{settings.check_tokens}|{arithmetic}",
-                                          texts(check_rows), settings)
-        base, _ = _layer_tensors(home() / "cache" / "safety-check" / f"{key}.safetensors",
-                                 lambda: safedelta.answer_start_loss(peft_model, checks, None))
-
-        def tell(rung: dict) -> None:
-            keep = "the whole delta" if rung["keep"] is None else f"keep {rung['keep']:g}"
-            verdict = "accepted" if rung["rise"] <= settings.tolerance else "too unsafe"
-            say(f"{keep}, exclude {100 * rung['exclude_frac']:.3g} % of columns: held-in safety loss {rung['rise']:+.3f} "
-                f"nats/token ({verdict})", 0.8)
-
-        new_state, stats, auto = safedelta.apply_auto(peft_model, "ft", hessians, settings, task_sensitivity,
-                                                      checks, on_rung=tell, base=base)
+        new_state, stats, auto = _auto_budget(site, rows, hessians, task_sensitivity, say)
     else:
         say("selecting and compensating the delta, layer by layer", 0.7)
-        new_state, stats = safedelta.apply_to_adapter(peft_model, "ft", hessians, settings, task_sensitivity)
-
-    tmp = runs.staging_dir(out)
-    safedelta.save_adapter(peft_model, "ft", new_state, tmp / "adapter")
-    summary = {"status": "finished", "seconds": time.time() - start, "hessian_cached": cached, "task_cached": task_cached,
-               "kept_energy_frac": _mean([s["kept_energy_frac"] for s in stats]), "kept_columns_frac": _mean([s["kept_columns_frac"] for s in stats]),
-               "cost_before": sum(s["cost_before"] for s in stats), "cost_after": sum(s["cost_after"] for s in stats),
-               "layers": stats, "calibration_rows": len(rows), "task_rows": len(task_rows)}
-    if auto is not None:
-        summary["auto"] = auto
+        new_state, stats = safedelta.apply_to_adapter(site.peft_model, "ft", hessians, settings, task_sensitivity)
+    summary = {"status": "finished", "seconds": time.time() - start, "hessian_cached": cached,
+               "task_cached": task_cached, "calibration_rows": len(rows), "task_rows": len(task_rows),
+               **_kept_summary(stats), **({"auto": auto} if auto is not None else {})}
     config = {"kind": "safedelta", "model": source.model, "quantization": source.config.get("quantization"),
-              "source_run": str(source.path), "data": source.config.get("data"),
-              "safedelta": {k: v for k, v in vars(settings).items()}}
+              "source_run": str(source.path), "data": source.config.get("data"), "safedelta": dict(vars(settings))}
+    tmp = runs.staging_dir(out)
+    safedelta.save_adapter(site.peft_model, "ft", new_state, tmp / "adapter")
     runs.atomic_write_json(tmp / "config.json", config)
     runs.atomic_write_json(tmp / "summary.json", summary)
     say("done", 1.0)
     return runs.load_run(runs.publish(tmp, out))
+
+
+class _SafetySite:
+    """The fine-tuned model Safe Delta works on, and its per-layer tensors cached by what they depend
+    on: the base weights and their quantisation, the LoRA layers, the rows and the settings."""
+
+    def __init__(self, loaded: models.Loaded, peft_model, settings):
+        self.loaded, self.peft_model, self.settings = loaded, peft_model, settings
+        self.layer_names = list(safedelta.lora_layers(peft_model, "ft"))
+        self.model_id = f"{models.fingerprint(loaded)}|{sorted(self.layer_names)}"
+        self.arithmetic = "bf16" if models.cpu_bf16(loaded.device) else "fp32"   # of "auto" passes (models.autocast)
+
+    def hessians(self, rows: list, tokens: str, precision: str) -> dict:
+        return safedelta.collect_hessians(self.peft_model, self.layer_names, _calibration_batches(
+            rows, self.loaded.tokenizer, self.loaded.device, tokens), precision=precision)
+
+    def cached(self, kind: str, key_extra: str, rows: list, compute: Callable[[], dict]) -> tuple[dict, bool]:
+        texts = [data_mod.prompt_text(r, self.loaded.tokenizer) + r.response for r in rows]
+        key = safedelta.hessian_cache_key(self.model_id + key_extra, texts, self.settings)
+        return _layer_tensors(home() / "cache" / kind / f"{key}.safetensors", compute)
+
+
+def _task_sensitivity(site: _SafetySite, task_rows: list, say) -> tuple[dict | None, bool]:
+    """Per-column task sensitivity from every token of the run's own rows (docs/safedelta.md), or None
+    (and the paper's ranking) when the run's data is unknown."""
+    settings = site.settings
+    if settings.ranking != "task":
+        return None, False
+    if not task_rows:
+        say("the run's fine-tuning data is unknown: ranking columns by safety cost alone", 0.6)
+        settings.ranking = "paper"
+        return None, False
+    say(f"task sensitivity from {len(task_rows)} rows of the fine-tuning data", 0.6)
+    return site.cached("task-sensitivity", f"|task|all tokens|{settings.percdamp}|{site.arithmetic}", task_rows,
+                       lambda: safedelta.task_sensitivities(site.hessians(task_rows, "all", "auto"),
+                                                            settings.percdamp))
+
+
+def _auto_budget(site: _SafetySite, rows: list, hessians: dict, task_sensitivity, say) -> tuple:
+    """The automatic budget: the first rung whose held-in safety loss stays within the tolerance."""
+    settings = site.settings
+    say("budget from the measured safety loss: whole delta first, then stronger defences", 0.7)
+    check_rows = rows[:settings.check_rows]
+    checks = _check_batches(check_rows, site.loaded.tokenizer, site.loaded.device, settings.check_tokens)
+    base, _ = site.cached("safety-check", f"|check|{settings.check_tokens}|{site.arithmetic}", check_rows,
+                          lambda: safedelta.answer_start_loss(site.peft_model, checks, None))
+
+    def tell(rung: dict) -> None:
+        keep = "the whole delta" if rung["keep"] is None else f"keep {rung['keep']:g}"
+        verdict = "accepted" if rung["rise"] <= settings.tolerance else "too unsafe"
+        say(f"{keep}, exclude {100 * rung['exclude_frac']:.3g} % of columns: held-in safety loss "
+            f"{rung['rise']:+.3f} nats/token ({verdict})", 0.8)
+
+    return safedelta.apply_auto(site.peft_model, "ft", hessians, settings, task_sensitivity, checks,
+                                on_rung=tell, base=base)
+
+
+def _kept_summary(stats: list[dict]) -> dict:
+    return {"kept_energy_frac": _mean([s["kept_energy_frac"] for s in stats]),
+            "kept_columns_frac": _mean([s["kept_columns_frac"] for s in stats]),
+            "cost_before": sum(s["cost_before"] for s in stats), "cost_after": sum(s["cost_after"] for s in stats),
+            "layers": stats}
 
 
 def _mean(values: list) -> float:

@@ -294,6 +294,23 @@ class SafeDeltaSettings:
         if self.budget not in ("auto", "relative", "paper"):
             raise ValueError(f"unknown Safe Delta budget {self.budget!r}; use 'auto', 'relative' or 'paper'")
 
+    @classmethod
+    def for_budget(cls, keep: float | None = None, scale: float | None = None, tolerance: float | None = None,
+                   **others) -> "SafeDeltaSettings":
+        """Settings from one budget: scale (the paper's rule), keep (relative), else automatic."""
+        if keep is not None and not 0 < keep <= 1:     # inside, 0 and inf are the base and the whole delta
+            raise ValueError(f"keep must be in (0, 1] (the share of the full update's estimated safety cost kept), "
+                             f"got {keep}")
+        if tolerance is not None and not 0 <= tolerance < math.inf:
+            raise ValueError(f"tolerance must be >= 0 (nats per answer token the held-in safety loss may rise), "
+                             f"got {tolerance}")
+        if scale is not None and not 0 < scale < math.inf:
+            raise ValueError(f"scale must be > 0 (the paper's budget scale s), got {scale}")
+        budget = (dict(budget="paper", scale=scale) if scale is not None else
+                  dict(budget="relative", keep=keep) if keep is not None else
+                  dict(budget="auto", tolerance=tolerance) if tolerance is not None else {})
+        return cls(**budget, **others)
+
     def rule(self) -> BudgetRule:
         if self.budget == "paper":
             return paper_budget(self.scale)

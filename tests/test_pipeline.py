@@ -6,6 +6,7 @@ import torch
 
 from safespace import config as config_mod, pipeline, runs
 from safespace.config import ConfigError
+from safespace.variants import VARIANTS
 
 SMOKE = config_mod.EXAMPLES_DIR / "configs" / "smoke.yaml"
 
@@ -19,17 +20,17 @@ def smoke_run(tmp_path_factory):
 
 def test_run_writes_every_variant_results_and_report(smoke_run):
     out, results = smoke_run
-    for name in ["base", "sft", "safegrad", "safedelta"]:
-        run = runs.load_run(out / name)          # each is usable as --run DIR/<variant>
-        assert run.kind == {"base": "base", "safedelta": "safedelta"}.get(name, "train")
+    for name, spec in VARIANTS.items():         # every registered variant, each usable as --run DIR/<variant>
+        assert runs.load_run(out / name).kind == {"base": "base", "derived": spec.defence}.get(spec.made, "train")
     saved = json.loads((out / "results.json").read_text())
-    assert set(saved["variants"]) == {"base", "sft", "safegrad", "safedelta"}
+    assert set(saved["variants"]) == set(VARIANTS)
+    assert runs.load_run(out / "mix").config["data"]["safety_examples"] > 0
     for v in saved["variants"].values():
         assert 0 <= v["refusal"]["value"] <= 1 and v["refusal"]["n"] == 4
         assert v["utility"]["metric"] == "accuracy" and v["utility"]["n"] == 4
         assert v["over_refusal"]["n"] == 3
     html = (out / "report.html").read_text()
-    for label in ["Aligned base", "Fine-tuned", "+ SafeGrad", "+ Safe Delta"]:       # the registry's labels
+    for label in [v.label for v in VARIANTS.values()]:       # the registry's labels
         assert f"</span>{label}<" in html
     assert runs.load_run(out / "safegrad").metrics()[0]["align_loss"] is not None
     assert runs.load_run(out / "safedelta").summary["layers"]
