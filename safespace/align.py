@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import sys
 import threading
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ from . import data as data_mod
 from . import evaluate, locks, models, runs, train
 from .judge import KeywordJudge
 from .config import LoraSettings, TrainSettings, home
+from .log import say
 from .progress import console_progress
 
 # The recipe and the measurements that chose it (refusal against over-refusal): docs/stage0.md.
@@ -42,8 +42,7 @@ _LIVE: dict = {}     # the latest start/step event of the build running in this 
 log = logging.getLogger(__name__)
 
 
-def _say(message: str) -> None:
-    print(f"[safespace] {message}", file=sys.stderr, flush=True)
+_say = say     # console lines through the "safespace" logger
 
 
 def build_key(settings: TrainSettings = ALIGN_SETTINGS) -> str:

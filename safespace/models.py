@@ -16,7 +16,6 @@ import logging
 import os
 import re
 import shutil
-import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from pathlib import Path
 import torch
 
 from .config import ConfigError, LoraSettings, ModelError, home
+from .log import say
 
 # bitsandbytes warns on import that the optional `kernels` package (a faster CPU 4-bit matmul) is absent:
 # its own kernel works, so the line is noise in every command's output
@@ -67,8 +67,7 @@ REGISTRY: dict[str, ModelSpec] = {s.key: s for s in [
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 
 
-def _say(message: str) -> None:
-    print(f"[safespace] {message}", file=sys.stderr, flush=True)
+_say = say     # console lines through the "safespace" logger
 
 
 # ---------------------------------------------------------------------------------------------
@@ -459,7 +458,8 @@ def describe() -> list[dict]:
     rows = []
     for spec in REGISTRY.values():
         if spec.source == "aligned":
-            ready = (aligned_checkpoint() / "config.json").exists()
+            from . import align   # noqa: PLC0415 - align imports this module
+            ready = align.is_built()   # a folder from an older recipe is rebuilt, so it is not ready
             status = "ready" if ready else "built on first use (about 15 min on a 2-core CPU)"
         elif spec.source == "embedded":
             status = "embedded (offline)" if importlib.util.find_spec(GGUF_PACKAGE) else "missing package"

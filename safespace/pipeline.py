@@ -18,6 +18,7 @@ import torch
 
 from . import agreement, align, data as data_mod, evalsets, evaluate, judge as judge_mod, metrics, models, runs, safedelta, safegrad, safetymix, train
 from .config import ConfigError, LoraSettings, SafeGradSettings, TrainSettings, from_dict, home
+from .log import say
 from .progress import throttled
 from .variants import VARIANTS, keys_of
 
@@ -578,8 +579,7 @@ def load_config(path) -> DemoConfig:
     return config
 
 
-def _stage(message: str) -> None:
-    print(f"[safespace] {message}", flush=True)
+_stage = say   # the run's stages, through the "safespace" logger (stderr; stdout stays for results)
 
 
 def run_variants(config: DemoConfig, harmful_ratio: float, out: Path, say=_stage) -> tuple[dict, list, dict]:
