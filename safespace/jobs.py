@@ -165,15 +165,56 @@ class StopCheck:
         return self.channel.stop_requested()
 
 
+# A SafeGrad step costs about 2.5 plain ones (two backward passes and a projection; measured on the
+# embedded model on CPU): the ETA of "Train all" weighs the variants still to come by it.
+SAFEGRAD_STEP_COST = 2.5
+
+
+def step_cost(settings) -> float:
+    """What one training step of `settings` costs, in plain fine-tuning steps."""
+    return SAFEGRAD_STEP_COST if settings.safegrad.mode != "off" else 1.0
+
+
+def plan_cost(plan) -> float:
+    """A training plan's length in plain fine-tuning steps (what the queue's estimate multiplies)."""
+    return sum(step_cost(settings) * settings.steps for _, settings in plan)
+
+
+_WORKER: list[str] = []
+
+
+def worker_name() -> str:
+    """What the one worker slot runs on, as the page names it: a GPU where there is one, else the
+    machine (the word accelerator only where there is one)."""
+    if not _WORKER:
+        name = "the shared machine"
+        if os.environ.get("SPACES_ZERO_GPU"):
+            name = "the shared GPU"
+        else:
+            try:
+                import torch  # noqa: PLC0415 - only to name the device
+                if torch.cuda.is_available():
+                    name = "the shared GPU"
+                elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+                    name = "the shared accelerator"
+            except ImportError:
+                pass
+        _WORKER.append(name)
+    return _WORKER[0]
+
+
 @dataclass
 class TrainReporter:
-    """`on_event` for training: one record per step, progress over all variants of the job."""
+    """`on_event` for training: one record per step, progress over all variants of the job. `after`:
+    the plain-step-equivalents the job still trains after this variant (its ETA includes them)."""
     channel: Channel
     variant: str
     index: int = 0
     count: int = 1
     phase: str = "train"
     label: str = ""
+    after: float = 0.0
+    cost: float = 1.0
 
     def __call__(self, event) -> None:
         total = max(1, int(getattr(event, "total", 0) or 0))
@@ -184,6 +225,8 @@ class TrainReporter:
         record = dict(type=f"{self.phase}.{kind}", variant=self.variant, step=step, total=total, metrics=metrics)
         if self.phase == "train":  # building the aligned base comes before the job's own progress
             record["progress"] = progress
+        if self.phase == "align":  # its own bar: the job's progress starts once training does
+            record["progress"] = min(step, total) / total
         if kind == "step":
             eta = metrics.get("eta")
             loss = metrics.get("loss")
@@ -191,10 +234,18 @@ class TrainReporter:
             parts = [f"{where}{self.label or self.variant}: step {step}/{total}"]
             if loss is not None:
                 parts.append(f"loss {loss:.3f}")
-            if eta is not None:
-                parts.append(f"about {format_seconds(eta)} left")
-            record["message"] = " · ".join(parts) if self.phase == "train" else \
-                f"building the aligned base: step {step}/{total}"
+            left = self.time_left(eta, step, total, metrics.get("seconds"))
+            record.update(cost=self.cost, **({"left": left} if left is not None else {}))
+            if left is not None:
+                more = self.count - self.index - 1
+                rest = f" ({more} more variant{'s' if more != 1 else ''} included)" if self.after > 0 else ""
+                parts.append(f"about {format_seconds(left)} left{rest}")
+            if self.phase == "align":
+                parts[0] = f"building the aligned base (once, then training): step {step}/{total}"
+            record["message"] = " · ".join(parts)
+        elif kind == "start" and self.phase == "align":
+            record["message"] = (f"building the aligned base (once, then training): {total} steps, "
+                                 "the first the slowest...")
         elif kind == "start" and self.phase == "train":
             where = f"[{self.index + 1}/{self.count}] " if self.count > 1 else ""
             record["message"] = f"{where}{self.label or self.variant}: first step (the slowest one)..."
@@ -204,6 +255,15 @@ class TrainReporter:
         elif getattr(event, "message", "") and kind != "end":
             record["message"] = event.message
         self.channel.emit(**record)
+
+    def time_left(self, eta, step: int, total: int, seconds=None) -> float | None:
+        """This variant's ETA plus the variants after it at this variant's measured pace."""
+        if not isinstance(eta, (int, float)):
+            return None
+        per_step = eta / (total - step) if total > step else seconds
+        if not self.after or not isinstance(per_step, (int, float)):
+            return float(eta)
+        return float(eta) + self.after * per_step / self.cost
 
 
 @dataclass
@@ -299,6 +359,7 @@ class JobInfo:
     ahead: int                      # jobs before this one (0 once it runs)
     stop_requested: bool
     meta: dict = field(default_factory=dict)   # what the page said about the job when it queued it
+    wait: float | None = None       # a queued job's estimated seconds until it starts (None: unknown)
 
     @property
     def active(self) -> bool:
@@ -414,6 +475,8 @@ class JobManager:
         self._worker: threading.Thread | None = None
         self._closed = False
         self._last_cleanup = 0.0
+        self._paces: deque[float] = deque(maxlen=50)   # measured seconds per plain training step, here
+        self._took: dict[str, float] = {}              # the last finished job of each kind: its seconds
 
     # visitors and workspaces -------------------------------------------------------------------
     def workspace(self, visitor: str) -> Workspace:
@@ -437,8 +500,8 @@ class JobManager:
                 raise JobError(f"you already have {len(mine)} jobs queued or running; "
                                "wait for one to finish or stop it")
             if len(self._queue) >= self.max_queue:
-                raise QueueFull(f"the queue is full ({len(self._queue)} jobs waiting for the one shared "
-                                "accelerator); please try again in a few minutes")
+                raise QueueFull(f"the queue is full ({len(self._queue)} jobs waiting for {worker_name()}); "
+                                "please try again in a few minutes")
             job_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
             job = Job(id=job_id, visitor=visitor, kind=kind, title=title or kind,
                       channel=Channel(ws.jobs / job_id), fn=fn, args=args, kwargs=kwargs,
@@ -500,7 +563,55 @@ class JobManager:
         return JobInfo(id=job.id, kind=job.kind, title=job.title, status=job.status, progress=job.progress,
                        message=job.message, events=tuple(job.events), result=job.result, error=job.error,
                        created=job.created, started=job.started, finished=job.finished,
-                       ahead=self._ahead(job), stop_requested=job.stop_flag.is_set(), meta=dict(job.meta))
+                       ahead=self._ahead(job), stop_requested=job.stop_flag.is_set(), meta=dict(job.meta),
+                       wait=self._wait(job))
+
+    # how long the line is -------------------------------------------------------------------------
+    def _wait(self, job: Job) -> float | None:
+        """Seconds until a queued job starts: what the running job has left plus the jobs ahead of it;
+        None when one of them cannot be estimated yet (nothing like it has run on this machine)."""
+        if job.status != "queued" or job not in self._queue:
+            return None
+        total = 0.0
+        if self._running is not None:
+            left = self._left(self._running)
+            if left is None:
+                return None
+            total += left
+        for other in self._queue:
+            if other is job:
+                return total
+            need = self._need(other)
+            if need is None:
+                return None
+            total += need
+        return total
+
+    def _left(self, job: Job) -> float | None:
+        """What a running job has left: its latest reported ETA (a training job reports one each step),
+        else its expected duration less the time it has run."""
+        self._sync(job)
+        now = time.time()
+        last = next((e for e in reversed(job.events) if isinstance(e.get("left"), (int, float))), None)
+        if last is not None:
+            left = max(0.0, last["left"] - (now - last.get("time", now)))
+            if not str(last.get("type", "")).startswith("align."):
+                return left
+            need = self._need(job)                       # building the base: the training comes after it
+            return None if need is None else left + need
+        need = self._need(job)
+        return None if need is None else max(0.0, need - (now - (job.started or now)))
+
+    def _need(self, job: Job) -> float | None:
+        """How long a job runs on this machine, as far as measured: a training job its plain-step
+        equivalents (meta "cost") at the measured pace; any other the last finished job of its kind."""
+        if job.kind == "train":
+            cost = job.meta.get("cost")
+            if not isinstance(cost, (int, float)) or not self._paces:
+                return None
+            paces = sorted(self._paces)
+            return cost * paces[len(paces) // 2]
+        return self._took.get(job.kind)
 
     def _ahead(self, job: Job) -> int:
         if job.status != "queued":
@@ -518,6 +629,9 @@ class JobManager:
         records, job.offset = job.channel.read(job.offset)
         for record in records:
             job.events.append(record)
+            seconds = (record.get("metrics") or {}).get("seconds") if record.get("type") == "train.step" else None
+            if isinstance(seconds, (int, float)) and seconds > 0:
+                self._paces.append(seconds / (record.get("cost") or 1.0))
             if isinstance(record.get("progress"), (int, float)):
                 job.progress = max(0.0, min(1.0, float(record["progress"])))
             if record.get("message") and job.status == "running":
@@ -564,7 +678,10 @@ class JobManager:
             result = job.context.run(job.fn, ctx, *job.args, **job.kwargs) if job.context else \
                 job.fn(ctx, *job.args, **job.kwargs)
         except BaseException as exc:  # noqa: BLE001 - a job must never take the worker down
-            log.exception("job %s (%s) failed", job.id, job.kind)
+            if expected_error(exc):   # e.g. the hub is offline: one line says it all, no traceback
+                log.warning("job %s (%s) failed: %s", job.id, job.kind, short_error(exc).replace("\n", "; "))
+            else:
+                log.exception("job %s (%s) failed", job.id, job.kind)
             with self._lock:
                 self._sync(job)
                 job.status, job.error = "failed", short_error(exc)
@@ -579,8 +696,10 @@ class JobManager:
             job.status = "stopped" if stopped else "finished"
             job.progress = job.progress if stopped else 1.0
             summary = result.get("message") if isinstance(result, dict) else None
-            job.message = ("stopped; what was done so far is saved" if stopped else summary or "done")
+            job.message = (stopped_message(job.events) if stopped else summary or "done")
             job.finished = time.time()
+            if not stopped:
+                self._took[job.kind] = job.finished - job.started
 
     def close(self, wait: float = 0.0) -> None:
         """Stop taking jobs and ask the running one to stop (tests, server shutdown)."""
@@ -649,12 +768,27 @@ class JobContext:
         return self.stop_flag.is_set() or self.channel.stop_requested()
 
 
+def stopped_message(events) -> str:
+    """What a stopped job's card says: where training stopped, when it was training."""
+    last = next((e for e in reversed(events) if e.get("type") == "train.step"), None)
+    if last is None:
+        return "stopped; what was done so far is saved"
+    return (f"stopped at step {last.get('step')}/{last.get('total')} of {label_of(last.get('variant'))}; "
+            "what was done so far is saved")
+
+
+def expected_error(exc: BaseException) -> bool:
+    """One of SafeSpace's own errors (a model that cannot be loaded, bad data or settings): its message
+    is the whole story. Anything else is a bug and keeps its traceback in the server log."""
+    return isinstance(exc, Exception) and type(exc).__module__.startswith("safespace")
+
+
 def short_error(exc: BaseException) -> str:
     """One line for the page: our own errors speak for themselves; others get their type and the
     first line of their message. Never a traceback (the server log has it)."""
     text = str(exc).strip()
     first = text.splitlines()[0] if text else ""
-    if type(exc).__module__.startswith("safespace"):
+    if expected_error(exc):
         lines = [line for line in text.splitlines() if line.strip()][:6]
         return "\n".join(lines)[:800] or type(exc).__name__
     if "out of memory" in text.lower():
@@ -754,16 +888,21 @@ def train_job(ctx: JobContext, plan: list[tuple[str, Any]], source: str, harmful
                  n_val=len(prepared.val))
     model = plan[0][1].model
     if model == models.ALIGNED_KEY and not align.is_built():
-        ctx.progress(0.0, f"building the aligned base {model} (once; about 15 min on a 2-core CPU)...")
+        started = time.time()
+        ctx.progress(0.0, f"building the aligned base {model} (once; about 15 min on a 2-core CPU)...",
+                     type="align.begin")
         gpu_align(model, TrainReporter(ctx.channel, "aligned base", phase="align"))
+        ctx.progress(0.0, "the aligned base is ready", type="align.done", seconds=time.time() - started)
+    costs = [step_cost(settings) * settings.steps for _, settings in plan]
     done: dict[str, dict] = {}
     for index, (variant, settings) in enumerate(plan):
         if ctx.should_stop():
             break
         name = label_of(variant)
         ctx.progress(index / len(plan), f"{name}: loading {settings.model}...")
-        run = gpu_train(settings, prepared, str(ctx.workspace.run_path(variant)),
-                        TrainReporter(ctx.channel, variant, index, len(plan), label=name), StopCheck(ctx.channel))
+        reporter = TrainReporter(ctx.channel, variant, index, len(plan), label=name, after=sum(costs[index + 1:]),
+                                 cost=step_cost(settings))
+        run = gpu_train(settings, prepared, str(ctx.workspace.run_path(variant)), reporter, StopCheck(ctx.channel))
         ctx.workspace.forget_results()
         for derived in derived_of(variant):  # made from the previous run, it no longer matches this one
             shutil.rmtree(ctx.workspace.run_path(derived), ignore_errors=True)

@@ -28,7 +28,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from . import evalsets
-from .variants import get as registered, in_order, label_of
+from .variants import VARIANTS, get as registered, in_order, label_of
 
 __all__ = [
     "variant_color",
@@ -45,10 +45,10 @@ __all__ = [
 ]
 
 #: Colours for any other variant name, picked by a stable hash of the name.
-FALLBACK_COLORS: tuple[str, ...] = (
+FALLBACK_COLORS: tuple[str, ...] = tuple(c for c in (
     "#E69F00", "#56B4E9", "#8C564B", "#7F7F7F", "#BCBD22",
     "#17BECF", "#9467BD", "#1F3A93", "#A0522D", "#2E8B57",
-)
+) if c not in {v.colour for v in VARIANTS.values()})      # never a registered variant's colour
 
 TEMPLATE = "plotly_white"
 FONT = dict(family="Inter, -apple-system, Segoe UI, Helvetica, Arial, sans-serif", size=13)
@@ -199,12 +199,15 @@ def safety_utility_bars(results: Mapping[str, Any]) -> go.Figure:
                 x=[label_of(name)], y=[100 * r[0]], name=label_of(name), legendgroup=name, showlegend=col == 1,
                 marker=dict(color=variant_color(name)),
                 error_y=_pct_error([r]),
-                # the number at the bar's foot, clear of the interval; a short bar's is in its hover
-                text=[f"{100 * r[0]:.0f}" if r[0] >= 0.12 else ""], textposition="inside",
-                insidetextanchor="start", textangle=0,
                 hovertemplate=_hover(label_of(name), axis, r, n) + "<extra></extra>",
             ), row=1, col=col)
-        fig.update_yaxes(title_text=axis, range=[0, 105], row=1, col=col)
+            # the number above the interval's top, where no error bar crosses it
+            top = max(r[0], r[2] if r[2] is not None else r[0])
+            fig.add_annotation(x=label_of(name), y=100 * top, xref=f"x{col if col > 1 else ''}",
+                               yref=f"y{col if col > 1 else ''}", text=f"{100 * r[0]:.0f}", showarrow=False,
+                               yanchor="bottom", yshift=2, font=dict(color=NEUTRAL))
+        # room above 100 for the numbers; the ticks stop at 100
+        fig.update_yaxes(title_text=axis, range=[0, 112], tickvals=[0, 20, 40, 60, 80, 100], row=1, col=col)
         fig.update_xaxes(title_text="Variant", row=1, col=col)
     # the variant names are on the x axes already, so the legend would only repeat them
     _layout(fig, title, height=460, bargap=0.25, showlegend=False)
@@ -392,7 +395,7 @@ def _rolling_mean(values: Sequence[float], window: int) -> list[float]:
 
 
 def conflict_plot(metrics: Sequence[Mapping[str, Any]], window: int = 20,
-                  variant: str = "safegrad") -> go.Figure:
+                  variant: str = "safegrad", empty: str = "No gradient statistics (SafeGrad was off)") -> go.Figure:
     """SafeGrad's gradient conflict: cosine(g_u, g_a) per step (left axis) and the rolling
     share of steps where the gradients conflicted (right axis, %)."""
     title = "Gradient conflict between the task and alignment objectives"
@@ -411,7 +414,7 @@ def conflict_plot(metrics: Sequence[Mapping[str, Any]], window: int = 20,
         steps_c.append(step if step is not None else float(i))
         conflict.append(1.0 if c else 0.0)
     if not steps_cos and not steps_c:
-        return empty_figure(title, "No gradient statistics (SafeGrad was off)")
+        return empty_figure(title, empty)
     fig = make_subplots(specs=[[{"secondary_y": True}]])
     color = variant_color(variant)
     if steps_cos:
@@ -430,8 +433,10 @@ def conflict_plot(metrics: Sequence[Mapping[str, Any]], window: int = 20,
     fig.add_hline(y=0, line=dict(color="#999999", width=1), secondary_y=False)
     _layout(fig, title)
     fig.update_xaxes(title_text="Optimizer step")
-    fig.update_yaxes(title_text="Cosine similarity", range=[-1.05, 1.05], secondary_y=False)
-    fig.update_yaxes(title_text="Steps in conflict (%)", range=[0, 105], secondary_y=True,
+    # headroom above 100 % (and cosine 1), so a rate of 100 % is a line of its own, not the frame's edge
+    fig.update_yaxes(title_text="Cosine similarity", range=[-1.2, 1.2], tickvals=[-1, -0.5, 0, 0.5, 1],
+                     secondary_y=False)
+    fig.update_yaxes(title_text="Steps in conflict (%)", range=[-10, 110], secondary_y=True,
                      showgrid=False, tickvals=[0, 25, 50, 75, 100])
     return fig
 
@@ -519,7 +524,8 @@ def _rung_label(rung: Mapping[str, Any]) -> str:
     return excluded if keep is not None and keep >= 1 else f"{excluded}, keep {keep:g}"
 
 
-def budget_search_plot(auto: Mapping[str, Any] | None) -> go.Figure:
+def budget_search_plot(auto: Mapping[str, Any] | None,
+                       empty: str = "No automatic budget: a fixed budget measures no safety loss") -> go.Figure:
     """How Safe Delta's automatic budget was chosen: the held-in safety-loss rise (nats per answer
     token above the aligned model) of every budget the search measured, against the share of the
     most safety-sensitive input columns it excluded; the tolerance as a dashed line, budgets within
@@ -530,7 +536,7 @@ def budget_search_plot(auto: Mapping[str, Any] | None) -> go.Figure:
     rungs = [(i, r) for i, r in enumerate(auto.get("rungs") or []) if isinstance(r, Mapping)
              and _num(r.get("rise")) is not None and _num(r.get("exclude_frac")) is not None]
     if not rungs:
-        return empty_figure(title, "No automatic budget: a fixed budget measures no safety loss")
+        return empty_figure(title, empty)
     tolerance = _num(auto.get("tolerance"))
     chosen = auto.get("chosen")
     color = variant_color("safedelta")
@@ -548,16 +554,17 @@ def budget_search_plot(auto: Mapping[str, Any] | None) -> go.Figure:
             parts.append(f"update energy kept: {100 * energy:.1f} %")
         parts.append("chosen" if i == chosen else "within tolerance" if ok else "too unsafe")
         hovers.append("<br>".join(parts))
+    picked = [k for k, (i, _) in enumerate(rungs) if i == chosen]
     fig = go.Figure()
     fig.add_trace(go.Scatter(
         x=xs, y=ys, mode="lines+markers+text", name="measured (filled: within tolerance)",
+        showlegend=len(rungs) > len(picked),          # a lone measured point lies under the star
         line=dict(color=NEUTRAL, width=1, dash="dot"),
         marker=dict(size=11, color=[color if ok else "white" for ok in within],
                     line=dict(color=color, width=2)),
         text=[f"keep {_num(r['keep']):g}" if _num(r.get("keep")) is not None and _num(r["keep"]) < 1 else ""
               for _, r in rungs],                      # past the last exclusion rung x stays put: say so
         textposition="middle right", textfont=dict(size=11), hovertext=hovers, hoverinfo="text"))
-    picked = [k for k, (i, _) in enumerate(rungs) if i == chosen]
     if picked:
         k = picked[0]
         fig.add_trace(go.Scatter(
@@ -568,8 +575,9 @@ def budget_search_plot(auto: Mapping[str, Any] | None) -> go.Figure:
         fig.add_hline(y=tolerance, line=dict(color=NEUTRAL, dash="dash"),
                       annotation_text=f"tolerance {tolerance:g}", annotation_position="top left")
     _layout(fig, title, height=440, legend=dict(orientation="h", y=-0.22))
-    fig.update_xaxes(title_text="Most safety-sensitive input columns excluded (%)",
-                     range=[-0.04 * max(max(xs), 1), 1.08 * max(max(xs), 1)])
+    # at least 0-5 %, each tick with its unit: a search that stopped at 0 % must not read as a 0-1 fraction
+    fig.update_xaxes(title_text="Most safety-sensitive input columns excluded (%)", ticksuffix=" %",
+                     range=[-0.04 * max(max(xs), 5), 1.08 * max(max(xs), 5)])
     fig.update_yaxes(title_text="Held-in safety loss rise (nats/token)", zeroline=True)
     return fig
 

@@ -93,11 +93,51 @@ def format_rate(entry: Any, digits: int = 1) -> str:
     return text
 
 
-def _badge(label: str | None) -> str:
+BADGE_STYLE = {  # kind -> (colour, background, title): the app's and the report's badges alike
+    "answered": ("#0b6e4f", "#e3f4ec", "answered a harmless request"),
+    "over": ("#8a5a00", "#fff3d6", "refused a harmless request"),
+    "neutral": ("#0b57d0", "#e8f0fe", ""),
+}
+
+
+def badge(label: str | None, harmful: bool | None = True, css: str = "badge") -> str:
+    """Refused/complied badge. For a harmful prompt refusing is good; for a benign one (or a task row)
+    complying is "answered" and refusing is flagged; harmful=None (a free prompt) marks the label
+    without judging it. `css`: the class prefix (the app's stylesheet or the report's)."""
     if not label:
         return ""
-    fg, bg, text = LABEL_STYLE.get(label, ("#333333", "#f0f0f0", label))
-    return f'<span class="badge" style="color:{fg};background:{bg}">{_e(text)}</span>'
+    kind, text = label, label
+    if harmful is None and label in ("refused", "complied"):
+        kind, text = "neutral", "refused" if label == "refused" else "answered"
+    elif harmful is False and label == "complied":
+        kind, text = "answered", "answered"
+    elif harmful is False and label == "refused":
+        kind = "over"
+    if kind in BADGE_STYLE:
+        fg, bg, title = BADGE_STYLE[kind]
+    else:
+        fg, bg, text = LABEL_STYLE.get(label, ("#333333", "#f0f0f0", label))
+        title = ""
+    title = f' title="{_e(title)}"' if title else ""
+    return (f'<span class="{css} {css}-{_e(kind)}" style="color:{fg};background:{bg}"{title}>'
+            f'{_e(text)}</span>')
+
+
+def answer_kind(row: Mapping[str, Any]) -> str:
+    """Which prompts an answer row answers: "harmful", "benign" or "task" (its set's kind in the
+    registry; older rows name the kind itself, or only a category)."""
+    name = str(row.get("set_key") or row.get("set") or "")
+    if name in evalsets.SETS:
+        return evalsets.get(name).kind
+    lowered = name.lower()
+    if "harm" in lowered:
+        return "harmful"
+    if "benign" in lowered or "tricky" in lowered:
+        return "benign"
+    if name:
+        return "task"
+    category = str(row.get("category") or "")
+    return "benign" if category in ("benign", "tricky-benign") else "harmful"
 
 
 def _variant_head(name: str) -> str:
@@ -184,7 +224,8 @@ def _answers_table(answers: Sequence[Mapping[str, Any]]) -> str:
                 cells.append('<td><span class="ci">–</span></td>')
                 continue
             title = f' title="{_e(ans.get("reason"))}"' if ans.get("reason") else ""
-            cells.append(f"<td><div{title}>{_badge(ans.get('label'))}</div>"
+            mark = badge(ans.get("label"), harmful=answer_kind(row) == "harmful")
+            cells.append(f"<td><div{title}>{mark}</div>"
                          + (f'<pre class="answer">{_e(ans.get("response"))}</pre>'
                             if (ans.get("response") or "").strip()
                             else '<span class="ci">(no answer)</span>') + "</td>")
@@ -267,7 +308,8 @@ def _disagreements(record: Any) -> str:
         if rows:
             body = "".join(f"<tr><td>{_e(r.get('set_key'))}</td><td>{_variant_head(str(r.get('variant')))}</td>"
                            f"<td>{_e(r.get('prompt'))}</td><td><pre>{_e(r.get('response'))}</pre></td>"
-                           f"<td>{_badge(r.get(primary))}</td><td>{_badge(r.get(key))}</td></tr>" for r in rows)
+                           f"<td>{badge(r.get(primary), answer_kind(r) == 'harmful')}</td>"
+                           f"<td>{badge(r.get(key), answer_kind(r) == 'harmful')}</td></tr>" for r in rows)
             out.append(f'<div class="scroll"><table><thead><tr><th>Set</th><th>Variant</th><th>Prompt</th>'
                        f'<th>Answer</th><th>{_e(primary)}</th><th>{_e(key)}</th></tr></thead><tbody>{body}'
                        f'</tbody></table></div>')

@@ -62,3 +62,37 @@ def test_key_ignores_safegrad_settings_that_do_not_act():
     assert align.build_key(off_every_5) == align.build_key()
     on = replace(align.ALIGN_SETTINGS, safegrad=replace(align.ALIGN_SETTINGS.safegrad, mode="kl"))
     assert align.build_key(on) != align.build_key()
+
+
+def test_a_job_waiting_for_the_warm_up_build_shows_its_steps(tmp_path, monkeypatch):
+    from safespace import jobs
+    from safespace.train import Event
+
+    monkeypatch.setenv("SAFESPACE_HOME", str(tmp_path))
+    started = threading.Event()
+
+    def fake_build(key, on_event):      # the app's warm-up build, three slow steps
+        on_event(Event("start", 0, 3))
+        started.set()
+        for step in range(1, 4):
+            on_event(Event("step", step, 3, {"loss": 1.0, "eta": 10.0 * (3 - step)}))
+            assert align.live_step() == (step, 3)
+            time.sleep(0.3)
+        folder = models.aligned_checkpoint()
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "safespace_align.json").write_text(json.dumps({"key": key}))
+        return folder
+
+    monkeypatch.setattr(align, "_build", fake_build)
+    warm_up = threading.Thread(target=align.ensure, args=(models.ALIGNED_KEY,))
+    warm_up.start()
+    started.wait(5)
+    channel = jobs.Channel(tmp_path / "job")
+    align.ensure(models.ALIGNED_KEY, jobs.TrainReporter(channel, "aligned base", phase="align"), every=0.05)
+    warm_up.join()
+    records, _ = channel.read()
+    steps = [r for r in records if r["type"] == "align.step"]
+    assert [r["step"] for r in steps] == sorted({r["step"] for r in steps}) and steps    # each step once, in order
+    assert steps[0]["message"].startswith("building the aligned base (once, then training): step ")
+    assert "left" in steps[0]["message"] and steps[-1]["progress"] == steps[-1]["step"] / 3
+    assert align.live_step() is None                   # the build is over

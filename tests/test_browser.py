@@ -33,6 +33,7 @@ except ImportError:
 
 from conftest import launch_app  # noqa: E402
 from safespace import jobs  # noqa: E402
+from safespace.variants import VARIANTS  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +136,8 @@ def test_click_through_the_whole_story(page):
     table = page.locator("#ss-answers table")
     table.wait_for()
     headers = table.locator("thead th").all_inner_texts()
-    assert [h.strip() for h in headers] == ["Prompt", "Base (smollm2-135m)", "Fine-tuned", "+ SafeGrad", "+ Safe Delta"]
+    assert [h.strip() for h in headers] == ["Prompt", "Base (smollm2-135m)",
+                                            *(v.label for v in VARIANTS.values() if v.made != "base")]
     assert table.locator(".ss-prompt").count() == 12
     assert table.locator(".ss-badge").count() == 48
     page.locator("#ss-prompt textarea").fill("Give me one tip for <b>better</b> sleep.")

@@ -206,6 +206,28 @@ def test_a_failing_job_becomes_a_short_message_and_the_worker_goes_on(manager):
     assert wait_done(manager, A, good.id).result == "fine"
 
 
+def test_an_expected_failure_is_one_log_line_a_bug_keeps_its_traceback(manager, monkeypatch):
+    import logging
+    from safespace.config import ModelError
+
+    def offline(ctx):
+        raise ModelError("the model hub is not reachable, so Qwen/Qwen3-0.6B cannot be downloaded")
+
+    def bug(ctx):
+        raise KeyError("missing piece")
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append                     # on the jobs logger itself, whatever propagates above it
+    monkeypatch.setattr(jobs.log, "handlers", [handler])
+    expected = manager.submit(A, "train", offline)
+    wait_done(manager, A, expected.id)
+    wait_done(manager, A, manager.submit(A, "train", bug).id)
+    assert len(records) == 2                          # each failure logged once
+    assert "the model hub is not reachable" in records[0].getMessage() and records[0].exc_info is None
+    assert records[1].exc_info is not None            # an unexpected error keeps its traceback
+
+
 def test_short_error_shapes():
     assert jobs.short_error(RuntimeError("CUDA out of memory. Tried to allocate")).startswith("out of memory")
     assert jobs.short_error(ValueError("")) == "ValueError (details are in the server log)"
@@ -275,6 +297,98 @@ def test_reporters_are_picklable_and_write_progress(tmp_path):
     assert records[0]["metrics"]["loss"] == 1.25
     assert [r["progress"] for r in records[1:]] == [0.25, 0.75, 0.5]
     assert records[1]["message"] == "answering: harmful prompts, base: 2/4 prompts"
+
+
+def test_train_all_eta_covers_the_variants_still_to_come(tmp_path, monkeypatch):
+    from safespace import align, pipeline
+    from safespace.config import TrainSettings
+
+    channel = jobs.Channel(tmp_path / "job")
+    # plain variant 1 of 2, 20 s per step so far, then a 10-step SafeGrad variant (2.5 plain steps each)
+    first = jobs.TrainReporter(channel, "sft", 0, 2, label="Fine-tuned", after=10 * jobs.SAFEGRAD_STEP_COST)
+    first(Event("step", 5, 10, {"loss": 1.0, "eta": 100.0}))
+    last = jobs.TrainReporter(channel, "safegrad", 1, 2, label="+ SafeGrad", cost=jobs.SAFEGRAD_STEP_COST)
+    last(Event("step", 10, 10, {"loss": 1.0, "eta": 0.0, "seconds": 50.0}))
+    records, _ = channel.read()
+    assert records[0]["message"].endswith("about 10 min 00 s left (1 more variant included)")   # 100 s + 10 × 2.5 × 20 s
+    assert records[1]["message"].endswith("about 0 s left")
+    # train_job hands each variant the weighted steps that follow it
+    seen = []
+
+    def fake_train(settings, prepared, out, *, on_event=None, should_stop=None, align_progress=None):
+        seen.append((on_event.after, on_event.cost))
+        return fake_run(out)
+
+    monkeypatch.setattr(pipeline, "train_variant", fake_train)
+    monkeypatch.setattr(align, "is_built", lambda *a: True)
+    m = jobs.JobManager(tmp_path / "sessions")
+    try:
+        plan = [("sft", TrainSettings(model="smollm2-135m", steps=4, warmup=0)),
+                ("safegrad", TrainSettings(model="smollm2-135m", steps=6, warmup=0, safegrad={"mode": "kl"}))]
+        wait_done(m, A, m.submit(A, "train", jobs.train_job, plan, "bundled:sentiment_train", 0.0, 0).id)
+        assert seen == [(6 * jobs.SAFEGRAD_STEP_COST, 1.0), (0.0, jobs.SAFEGRAD_STEP_COST)]
+    finally:
+        m.close(wait=5)
+
+
+def test_a_stopped_training_says_where_it_stopped(manager):
+    def training(ctx):
+        report = jobs.TrainReporter(ctx.channel, "safegrad", 1, 2, label="+ SafeGrad")
+        for step in range(1, 1000):
+            if ctx.should_stop():
+                return {"runs": {}}
+            report(Event("step", step, 999, {"loss": 1.0}))
+            time.sleep(0.01)
+
+    info = manager.submit(A, "train", training)
+    wait_status(manager, A, info.id, "running")
+    time.sleep(0.1)
+    manager.stop(A, info.id)
+    done = wait_done(manager, A, info.id)
+    last = [e for e in done.events if e.get("type") == "train.step"][-1]["step"]
+    assert done.message == f"stopped at step {last}/999 of + SafeGrad; what was done so far is saved"
+
+
+def test_a_queued_job_knows_roughly_when_it_starts(manager):
+    gate, first_step = threading.Event(), threading.Event()
+
+    def training(ctx):   # 2 s per step measured, 40 s left
+        first_step.wait(10)
+        jobs.TrainReporter(ctx.channel, "sft")(Event("step", 1, 21, {"loss": 1.0, "eta": 40.0, "seconds": 2.0}))
+        gate.wait(10)
+
+    first = manager.submit(A, "train", training, meta={"cost": 21})
+    wait_status(manager, A, first.id, "running")
+    unknown = manager.submit(B, "train", lambda ctx: None, meta={"cost": 10})
+    assert unknown.wait is None                   # no step measured yet: the page says "time unknown"
+    first_step.set()
+    while not manager.get(A, first.id).events:
+        time.sleep(0.01)
+    second = manager.get(B, unknown.id)           # 10 plain steps at 2 s behind the 40 s left
+    third = manager.submit(A, "defend", lambda ctx: None)
+    fourth = manager.submit(B, "ask", lambda ctx: None)
+    assert second.wait == pytest.approx(40.0, abs=1.0)
+    assert manager.get(A, third.id).wait == pytest.approx(60.0, abs=1.0)
+    assert fourth.wait is None                    # a Safe Delta run ahead and none has run here yet
+    gate.set()
+    for visitor, info in ((A, first), (B, second), (A, third), (B, fourth)):
+        wait_done(manager, visitor, info.id)
+    gate.clear()
+    blocked = manager.submit(A, "train", lambda ctx: gate.wait(10), meta={"cost": 1})
+    wait_status(manager, A, blocked.id, "running")
+    queued = manager.submit(B, "defend", lambda ctx: None)
+    assert manager.get(B, queued.id).wait == pytest.approx(2.0, abs=1.0)    # measured now: one step at 2 s
+    gate.set()
+    wait_done(manager, B, queued.id)
+
+
+def test_the_worker_is_named_for_what_it_runs_on(monkeypatch):
+    import torch
+
+    for cuda, name in ((False, "the shared machine"), (True, "the shared GPU")):
+        monkeypatch.setattr(jobs, "_WORKER", [])
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+        assert jobs.worker_name() == name
 
 
 def test_space_limits(monkeypatch):

@@ -109,9 +109,13 @@ def test_safety_utility_bars():
     assert bar.x == ("Aligned base",) and "<b>Aligned base</b>" in bar.hovertemplate
     assert bar.y[0] == pytest.approx(95.0)
     assert bar.error_y.array[0] == pytest.approx(5.0) and bar.error_y.arrayminus[0] == pytest.approx(10.0)
-    assert bar.text == ("95",) and bar.insidetextanchor == "start"      # at the foot, clear of the interval
-    short = [tr for tr in fig.data if tr.legendgroup == "sft"][1]                # over-refusal 2 %: no room for text
-    assert short.y[0] == pytest.approx(2.0) and short.text == ("",)
+    # every value is written once, above its interval's top, where no error bar crosses it
+    values = [a for a in fig.layout.annotations if a.yref != "paper"]         # not the panel titles
+    assert len(values) == len(fig.data) and not any(tr.text for tr in fig.data)
+    for tr, a in zip(fig.data, values):
+        assert (a.x, a.text) == (tr.x[0], f"{tr.y[0]:.0f}")
+        assert a.y >= tr.y[0] + tr.error_y.array[0] and a.y <= 100     # at the upper end, inside the frame
+    assert fig.layout.yaxis.range[1] > 100 and max(fig.layout.yaxis.tickvals) == 100   # room for the number
     assert "%" in fig.layout.yaxis.title.text
     assert sum(1 for tr in fig.data if tr.showlegend is not False) == 5
 
@@ -172,6 +176,9 @@ def test_conflict_plot():
     rate = fig.data[1]
     assert rate.yaxis == "y2"
     assert rate.y[0] == pytest.approx(100.0) and rate.y[3] == pytest.approx(50.0)
+    assert fig.layout.yaxis2.range[1] >= 105 and max(fig.layout.yaxis2.tickvals) == 100   # 100 % off the edge
+    (c0, c1), (r0, r1) = fig.layout.yaxis.range, fig.layout.yaxis2.range       # cosine 1 level with 100 %
+    assert (1 - c0) / (c1 - c0) == pytest.approx((100 - r0) / (r1 - r0))
     # conflict derived from cos when the flag is absent
     fig2 = conflict_plot([{"step": 1, "cos": -0.5}, {"step": 2, "cos": 0.5}], window=10)
     assert list(fig2.data[1].y) == [100.0, 50.0]
@@ -220,6 +227,12 @@ def test_budget_search_plot_marks_the_tolerance_and_the_chosen_budget():
     assert [s.y0 for s in fig.layout.shapes] == [0.1]                # the tolerance line
     none_chosen = budget_search_plot({"rungs": rungs[:2], "chosen": 7, "tolerance": 0.1})
     assert len(none_chosen.data) == 1                                # no star for a chosen rung it lacks
+    assert fig.layout.xaxis.ticksuffix == " %" and fig.layout.xaxis.range[1] > 40
+    # kept whole: one rung, under the star; the legend names only what can be seen, on a percent axis
+    whole = budget_search_plot({"rungs": [{"keep": None, "exclude_frac": 0.0, "rise": 0.01}], "chosen": 0,
+                                "tolerance": 0.07})
+    assert [tr.name for tr in whole.data if tr.showlegend is not False] == ["chosen: whole update, +0.010"]
+    assert whole.layout.xaxis.range[1] >= 5 and whole.layout.xaxis.ticksuffix == " %"
 
 
 def test_sweep_plot_shapes():

@@ -17,6 +17,7 @@ from safespace import jobs, runs
 from safespace.train import Event
 from safespace.ui import common, compare, data, defend, export, train
 from safespace import ui
+from safespace.variants import keys_of
 
 REPO = Path(__file__).resolve().parents[1]
 A, B = "visitor-aaaa", "visitor-bbbb"
@@ -110,7 +111,7 @@ def test_bundled_example_is_checked_previewed_and_selected(manager):
     assert len(rows) == 10 and rows[0][1] == "A Walk in the Park on a Sunny Day"
     ws = manager.workspace(A)
     assert data.source_of(data.selection(ws), ws).endswith("demo_upload.jsonl")
-    assert "36 rows" in note                            # 40 rows minus the 10 % validation split
+    assert "36 training rows" in note                   # 40 rows minus the 10 % validation split
 
 
 def test_broken_example_lists_problems_and_keeps_the_previous_choice(manager):
@@ -157,6 +158,36 @@ def test_upload_limits_and_types_are_enforced(manager, tmp_path):
     assert list(manager.workspace(A).uploads.iterdir()) == []    # refused files are not kept
 
 
+def test_a_failed_upload_keeps_the_last_good_upload_selected(manager, tmp_path):
+    good = tmp_path / "reviews.csv"
+    good.write_text("prompt,response\n" + "".join(f"review {i},positive\n" for i in range(20)))
+    assert "ready to train" in data.upload(str(good), 0.0, A, REQ)[0]
+    ws = manager.workspace(A)
+    kept = data.source_of(data.selection(ws), ws)
+    broken = tmp_path / "broken.csv"
+    broken.write_text("question,answer\nhi,there\n")
+    same_name = tmp_path / "sub" / "reviews.csv"             # a broken file under the good one's name
+    same_name.parent.mkdir()
+    same_name.write_text("question,answer\nhi,there\n")
+    for bad in (broken, same_name):
+        card, rows, _ = data.upload(str(bad), 0.0, A, REQ)
+        assert "cannot be used" in card and rows == []
+        assert "Training keeps using: your file reviews.csv" in card
+        assert data.source_of(data.selection(ws), ws) == kept      # still selected, the file still there
+        assert Path(kept).read_text() == good.read_text()
+    _, card, rows = data.restore(ws)                              # and still there when the visitor returns
+    assert "reviews.csv: ready to train" in card and rows[0] == ["review 0", "positive"]
+    assert sorted(p.name for p in ws.uploads.iterdir()) == ["reviews.csv"]
+
+
+def test_the_data_card_explains_the_held_out_rows(manager):
+    card, _, note = data.choose_example("demo_upload.jsonl", 0.0, A, REQ)
+    assert "rows: 40" in card and "40 rows: 36 for training, 4 held out to measure your task" in card
+    assert "your 36 training rows" in note
+    card, _, _ = data.choose_example(data.SENTIMENT, 0.0, A, REQ)
+    assert "480 rows for training; the task is measured on" in card
+
+
 def test_harmful_rows_formula():
     assert data.harmful_rows(0.1, 480) == 53
     assert data.harmful_rows(0.5, 10) == 10
@@ -181,13 +212,27 @@ def test_model_choices_put_the_aligned_base_first():
     assert keys[:2] == ["smollm2-135m-safe", "smollm2-135m"]
 
 
+def test_the_model_list_says_where_the_aligned_base_stands(tmp_path, monkeypatch):
+    from safespace import align, models
+    monkeypatch.setenv("SAFESPACE_HOME", str(tmp_path))
+    folder = models.aligned_checkpoint()
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text("{}")
+    (folder / "safespace_align.json").write_text(json.dumps({"key": "an older recipe"}))
+    status = dict((v, label) for label, v in train.model_choices())[models.ALIGNED_KEY]
+    assert status.endswith("built on first use (about 15 min on a 2-core CPU)")   # rebuilt, so not "ready"
+    monkeypatch.setitem(align._LIVE, "event", Event("step", 40, 250))
+    status = dict((v, label) for label, v in train.model_choices())[models.ALIGNED_KEY]
+    assert status.endswith("being built now, step 40 of 250")
+
+
 def test_train_both_queues_a_job_and_polling_shows_live_curves(manager, monkeypatch):
     monkeypatch.setattr(jobs, "train_job", fake_train_job)
     card, timer, train_btn, both_btn, stop_btn = train.train_both(A, 0.0, *FORM.values(), request=REQ)
     assert 'data-status="queued"' in card or 'data-status="running"' in card
     assert timer.active is True and train_btn.interactive is False and stop_btn.interactive is True
     info = manager.latest(A, "train")
-    assert info.meta["variants"] == ["sft", "safegrad"]
+    assert info.meta["variants"] == list(keys_of("train"))
     wait_idle(manager, A)
     key, updates, active = train.poll(A, None)
     card, curves, conflict = updates[:3]
@@ -198,6 +243,48 @@ def test_train_both_queues_a_job_and_polling_shows_live_curves(manager, monkeypa
     assert updates[3].interactive is True and updates[5].interactive is False
     # nothing changed: every output is skipped
     assert train.poll(A, key)[1] == [SKIP] * train.N_POLL
+
+
+def job(status="running", events=(), started=1000.0, finished=None, **extra):
+    """A job snapshot as the manager hands it to the page."""
+    fields = dict(id="j1", kind="train", title="Train all", status=status, progress=0.0, message="working",
+                  events=tuple(events), result=None, error=None, created=started, started=started,
+                  finished=finished, ahead=0, stop_requested=False)
+    return jobs.JobInfo(**{**fields, **extra})
+
+
+def test_the_card_says_how_much_time_went_into_the_aligned_base(monkeypatch):
+    monkeypatch.setattr(common.time, "time", lambda: 1000.0 + 900)
+    building = job(events=[{"type": "align.begin", "time": 1010.0}])
+    assert "15 min 00 s, 14 min 50 s of it building the aligned base" in common.job_card(building)
+    built = job(status="finished", finished=1000.0 + 1200, events=[
+        {"type": "align.begin", "time": 1010.0}, {"type": "align.done", "time": 1600.0, "seconds": 590.0}])
+    assert "20 min 00 s, 9 min 50 s of it building the aligned base" in common.job_card(built)
+    assert "building" not in common.job_card(job(status="finished", finished=1100.0))   # a base already there
+
+
+def test_a_waiting_card_says_how_long_the_line_is(monkeypatch):
+    monkeypatch.setattr(jobs, "_WORKER", ["the shared machine"])     # a CPU: no accelerator to speak of
+    card = common.job_card(job(status="queued", started=None, ahead=2, wait=250.0))
+    assert "Waiting for the shared machine: <b>2 jobs ahead of you, about 4 min 10 s</b>" in card
+    assert "accelerator" not in card
+    assert "1 job ahead of you, time unknown" in common.job_card(job(status="queued", started=None, ahead=1))
+    assert "next in line</b>" in common.job_card(job(status="queued", started=None, ahead=0))
+
+
+def test_a_running_cards_clock_moves_without_new_events(manager, monkeypatch):
+    gate = __import__("threading").Event()
+    monkeypatch.setattr(jobs, "train_job", lambda ctx, *a: gate.wait(10) and {"runs": {}})
+    train.train(A, 0.0, *FORM.values(), request=REQ)
+    assert manager.latest(A, "train").meta["cost"] == FORM["steps"]   # plain steps: what the queue's estimate uses
+    while manager.latest(A, "train").status != "running":
+        time.sleep(0.02)
+    key, _, _ = train.poll(A, None)
+    earlier = key[:-1] + [key[-1] - 1]                # the page's last key, one tick of the clock ago
+    _, updates, _ = train.poll(A, earlier)            # a quiet phase: no event, yet the elapsed time moves
+    assert 'data-status="running"' in updates[0] and updates[1:] == [SKIP] * (train.N_POLL - 1)
+    gate.set()
+    wait_idle(manager, A)
 
 
 def test_a_second_training_job_is_refused_and_stop_really_stops(manager, monkeypatch):
@@ -285,6 +372,60 @@ def test_safe_delta_automatic_budget_passes_no_keep_and_shows_the_chosen_rung(ma
     assert "keep 1" in html and "5 %" in html and "+0.070" in html and "2 tried" in html
     whole = defend.summary_html({"auto": {"rungs": [dict(rungs[0], rise=0.01)], "chosen": 0}})
     assert "kept whole" in whole
+
+
+def note_of(figure) -> str:
+    """The message an empty figure shows."""
+    return " ".join(a.text for a in figure.layout.annotations)
+
+
+def test_empty_charts_say_what_is_going_on(manager, monkeypatch):
+    _, (_, _, conflict, *_), _ = train.poll(A, None)
+    assert note_of(conflict).startswith("Nothing trained yet")          # not "SafeGrad was off"
+    ws = manager.workspace(A)
+    fake_run(ws.run_path("sft"))
+    assert "SafeGrad was off" in note_of(train.poll(A, None)[1][2])
+    _, (_, _, search, _), _ = defend.poll(A, None)
+    assert note_of(search) == "No Safe Delta run yet"
+    gate = __import__("threading").Event()
+
+    def slow_defend(ctx, keep):
+        gate.wait(10)
+        fake_run(ctx.workspace.run_path("safedelta"), kind="safedelta", summary={"status": "finished", "layers": []})
+        return {}
+
+    monkeypatch.setattr(jobs, "defend_job", slow_defend)
+    defend.start(True, 0.2, A, REQ)                    # an automatic budget, still searching
+    _, (_, _, search, _), active = defend.poll(A, None)
+    assert active and note_of(search).startswith(("Safe Delta is running", "Safe Delta is waiting in line"))
+    gate.set()
+    wait_idle(manager, A)
+    _, (_, _, search, _), _ = defend.poll(A, None)     # done, without an automatic search: a fixed budget
+    assert "fixed budget" in note_of(search)
+    layers = [{"name": f"model.layers.{i}.self_attn.{m}"} for i in range(2) for m in ("q_proj", "v_proj")]
+    assert "4</div><div class=\"ss-kpi-l\">modules edited" in defend.summary_html({"layers": layers})
+
+
+def test_steps_are_ticked_only_once_their_work_exists(manager):
+    assert ui.done_classes(A) == []                    # Next with nothing trained ticks nothing
+    assert ui.on_load(A, REQ)[-14].elem_classes == []
+    ws = manager.workspace(A)
+    fake_run(ws.run_path("sft"))
+    assert ui.step_marks(A, REQ).elem_classes == ["ss-done-train"]
+    fake_run(ws.run_path("safedelta"), kind="safedelta")
+    ws.write_json("results.json", {"variants": {}})
+    assert ui.done_classes(A) == ["ss-done-train", "ss-done-defend", "ss-done-compare"]
+    assert ui.done_classes(B) == []
+    for step, number in ui.MARKED.items():             # the page draws a step without its class as pending
+        assert f"#ss-flow:not(.ss-done-{step}):not(.compact) #ss-step-{step}-button.completed" in ui.CSS
+        assert f'content: "{number}"' in ui.CSS
+    demo = ui.build_app()
+    on_change = [d for d in demo.fns.values()     # what runs whenever the walkthrough changes step
+                 if any(event == "change" and isinstance(demo.blocks.get(block), gr.Walkthrough)
+                        for block, event in d.targets)]
+    assert {d.fn for d in on_change} >= {ui.step_marks} and ui.CLOSE_TOASTS in {d.js for d in on_change}
+    notes = [b.value for b in demo.blocks.values() if isinstance(b, gr.Markdown)]
+    assert compare.CHART_NOTE in notes and "95 % intervals (Wilson" in compare.CHART_NOTE
 
 
 # ------------------------------------------------------------------------------ compare step
@@ -410,6 +551,27 @@ def test_report_contains_results_answers_and_curves(manager):
     html = Path(export.build_report(A, REQ)).read_text()
     assert html.startswith("<!DOCTYPE html>") and "Training loss" in html
     assert "<script>alert(1)</script>" not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+
+
+def test_report_badges_answers_as_the_app_does(manager):
+    import re
+    ws = manager.workspace(A)
+    fake_run(ws.run_path("sft"))
+    ws.write_json("results.json", {"variants": {"base": {"refusal": {"value": 1.0, "n": 1}}}})
+    # as the evaluation writes them: the set's kind and its registry key
+    rows = [{"set": kind, "set_key": key, "prompt": f"{key} prompt", "category": None,
+             "answers": {"base": {"response": "I can't.", "label": "refused"},
+                         "sft": {"response": "Sure.", "label": "complied"}}}
+            for kind, key in (("harmful", "advbench"), ("benign", "xstest-safe"), ("task", "task"))]
+    ws.write_json("answers.json", rows)
+
+    def marks(html):    # (badge text, colour) per answer, in row order
+        return re.findall(r'<span class="(?:ss-)?badge [^"]*" style="color:(#\w+);[^"]*"[^>]*>(\w+)</span>', html)
+    app = marks(compare.answers_html(rows, "all"))
+    report = marks(Path(export.build_report(A, REQ)).read_text())
+    assert app == report == [("#0b6e4f", "refused"), ("#b3261e", "complied"),      # AdvBench: refusing is good
+                             ("#8a5a00", "refused"), ("#0b6e4f", "answered"),      # XSTest safe: answering is
+                             ("#8a5a00", "refused"), ("#0b6e4f", "answered")]      # the task, too
 
 
 # ------------------------------------------------------------------------------ the app as a whole

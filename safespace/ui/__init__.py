@@ -14,11 +14,11 @@ import gradio as gr
 
 from .. import jobs
 from ..config import home
+from ..variants import keys_of
 from . import common, compare, data, defend, export, train
 
 __all__ = ["build_app", "theme", "CSS", "launch_kwargs"]
 
-CSS = common.CSS
 theme = common.theme
 
 HERO = """
@@ -98,6 +98,44 @@ def resume_step(visitor: str) -> int:
     return 1
 
 
+# The walkthrough ticks every step before the current one. These steps keep the tick only while their
+# work exists (a class "ss-done-<step>" on the walkthrough, from done_classes); else they show their number.
+MARKED = {"train": 2, "defend": 3, "compare": 4}
+# an error toast belongs to the step it came from: leaving the step closes it
+CLOSE_TOASTS = "() => { document.querySelectorAll('.toast-close').forEach((button) => button.click()); }"
+
+
+def done_classes(visitor: str) -> list[str]:
+    """"ss-done-<step>" for each marked step whose work exists: a trained run, a defended run, a comparison."""
+    ws = common.manager().workspace(visitor)
+    done = {"train": any(ws.run(v) is not None for v in keys_of("train")),
+            "defend": any(ws.run(v) is not None for v in keys_of("derived")),
+            "compare": (ws.root / "results.json").exists()}
+    return [f"ss-done-{step}" for step in MARKED if done[step]]
+
+
+def step_marks(stored, request: gr.Request = None):
+    """On every step change: which of the steps behind the visitor may show a tick."""
+    return gr.Walkthrough(elem_classes=done_classes(common.visitor_id(stored, request)))
+
+
+def _marks_css() -> str:
+    """A marked step without its work looks pending: its number instead of the tick (in the narrow
+    layout, where steps are bars, a pending bar's colour)."""
+    rules = []
+    for step, number in MARKED.items():
+        at = f"#ss-flow:not(.ss-done-{step}):not(.compact) #ss-step-{step}-button.completed .step-number"
+        bar = f"#ss-flow.compact:not(.ss-done-{step}) #ss-step-{step}-button.completed .step-number"
+        rules.append(f"{at} {{ background-color: var(--button-secondary-background-fill) !important; "
+                     f"color: var(--button-secondary-text-color) !important; }}\n"
+                     f"{at} > * {{ display: none; }}\n{at}::after {{ content: \"{number}\"; }}\n"
+                     f"{bar} {{ background-color: var(--body-text-color-subdued) !important; }}")
+    return "\n".join(rules) + "\n"
+
+
+CSS = common.CSS + _marks_css()
+
+
 def on_load(stored, request: gr.Request = None):
     """Page (re)load: make sure the visitor has an id, restore the data step, reattach to jobs and
     land on the step the visitor was at."""
@@ -109,7 +147,7 @@ def on_load(stored, request: gr.Request = None):
     form = train.restore_form(visitor)       # the harmful-mix slider first, then the train form
     ratio = form[0] if isinstance(form[0], (int, float)) else 0.0
     return [visitor, *state, choice, card, rows, data.mix_note(ratio, visitor, request), table, picker,
-            gr.Walkthrough(selected=resume_step(visitor)), *form]
+            gr.Walkthrough(selected=resume_step(visitor), elem_classes=done_classes(visitor)), *form]
 
 
 def job_status(visitor: str | None, kind: str, request: gr.Request) -> dict:
@@ -169,6 +207,8 @@ def build_app() -> gr.Blocks:
         timer.tick(poll, [visitor, view, compare_ui["which"]], [view, timer, *polled],
                    trigger_mode="always_last", show_progress="hidden", api_visibility="private",
                    concurrency_limit=None)
+        flow.change(step_marks, [visitor], flow, api_visibility="private", show_progress="hidden")
+        flow.change(None, js=CLOSE_TOASTS)
         fn, inputs, outputs = export_ui["refresh"]
         # the runs list is fresh whenever the visitor reaches the export step, by click or Next button
         export_step.select(fn, inputs, outputs, api_visibility="private", show_progress="hidden")

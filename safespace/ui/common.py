@@ -10,8 +10,7 @@ from typing import Any
 
 import gradio as gr
 
-from .. import jobs
-from ..report import LABEL_STYLE
+from .. import jobs, report
 from ..variants import keys_of, label_of
 
 POLL_SECONDS = 1.5
@@ -74,7 +73,7 @@ def job_card(info: jobs.JobInfo | None, idle: str = "Nothing running.") -> str:
     elapsed = ""
     if info.started:
         end = info.finished or time.time()
-        elapsed = f" · {jobs.format_seconds(end - info.started)}"
+        elapsed = f" · {jobs.format_seconds(end - info.started)}{base_build(info, end)}"
     head = (f'<div class="ss-card-head"><span class="ss-pill ss-pill-{status}">{STATUS_TEXT.get(status, status)}</span>'
             f'<b>{esc(info.title)}</b><span class="ss-muted">{esc(elapsed)}</span></div>')
     body = ""
@@ -82,7 +81,10 @@ def job_card(info: jobs.JobInfo | None, idle: str = "Nothing running.") -> str:
         ahead = info.ahead
         line = ("next in line" if ahead == 0 else
                 f"{ahead} job{'s' if ahead != 1 else ''} ahead of you")
-        body = (f'<div class="ss-msg">Waiting for the shared accelerator: <b>{esc(line)}</b>. '
+        if ahead:   # from the jobs ahead: their steps at this machine's measured pace, or their kind's last run
+            line += (f", about {jobs.format_seconds(info.wait)}" if info.wait is not None else
+                     f", time unknown (nothing like {'it' if ahead == 1 else 'them'} has run on this machine yet)")
+        body = (f'<div class="ss-msg">Waiting for {esc(jobs.worker_name())}: <b>{esc(line)}</b>. '
                 'You can close this tab; the job keeps its place and this page finds it again.</div>')
     elif status == "running":
         pct = max(0.0, min(100.0, 100 * info.progress))
@@ -97,25 +99,26 @@ def job_card(info: jobs.JobInfo | None, idle: str = "Nothing running.") -> str:
     return f'<div class="ss-card ss-{status}" data-status="{status}">{head}{body}</div>'
 
 
+def base_build(info: jobs.JobInfo, end: float) -> str:
+    """The part of a job's time spent building the aligned base (once per machine), said apart."""
+    start = next((e.get("time") for e in info.events if e.get("type") == "align.begin"), None)
+    if not isinstance(start, (int, float)):
+        return ""
+    done = next((e for e in info.events if e.get("type") == "align.done"), None)
+    seconds = done.get("seconds") if done is not None else end - start
+    if not isinstance(seconds, (int, float)):
+        return ""
+    return f", {jobs.format_seconds(seconds)} of it building the aligned base"
+
+
 def note_card(text: str, kind: str = "info") -> str:
     """kind: info | ok | warn | error. `text` is escaped; line breaks are kept."""
     return f'<div class="ss-card ss-note ss-note-{kind}">{esc(text)}</div>'
 
 
 def badge(label: str | None, harmful: bool | None = True) -> str:
-    """Refused/complied badge. For a harmful prompt refusing is good; for a benign one it is not;
-    harmful=None (a free prompt) marks the label without judging it."""
-    if not label:
-        return ""
-    if harmful is None and label in ("refused", "complied"):
-        text = "refused" if label == "refused" else "answered"
-        return f'<span class="ss-badge ss-badge-neutral">{text}</span>'
-    if harmful is False and label == "complied":
-        return '<span class="ss-badge ss-badge-answered" title="answered a harmless request">answered</span>'
-    if harmful is False and label == "refused":
-        return '<span class="ss-badge ss-badge-over" title="refused a harmless request">refused</span>'
-    fg, bg, text = LABEL_STYLE.get(label, ("#333333", "#f0f0f0", label))
-    return f'<span class="ss-badge" style="color:{fg};background:{bg}">{esc(text)}</span>'
+    """The report's badge rule (one rule for both), styled by this page's stylesheet."""
+    return report.badge(label, harmful, css="ss-badge")
 
 
 @dataclass
@@ -143,6 +146,9 @@ def check_tokenizer():
 
 CSS = """
 .gradio-container { max-width: 1280px !important; margin: 0 auto; }
+/* tables and code fix their widths from their content (the preview its columns' as first measured):
+   contained, they scroll inside the page instead of holding it at 520-690 px on a 390 px phone */
+#ss-preview, #ss-runs, #ss-usage, #ss-answers, #ss-ask-answers { contain: inline-size; }
 .ss-hero { padding: 18px 22px 14px; border-radius: 14px; margin-bottom: 6px;
   background: linear-gradient(120deg, #0f3d3e 0%, #145c5e 55%, #1f7a6d 100%); color: #f4fbfa; }
 .ss-hero h1 { margin: 0 0 4px; font-size: 28px; color: #fff; display: flex; align-items: center; gap: 10px; }

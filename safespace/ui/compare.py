@@ -5,7 +5,7 @@ import gradio as gr
 
 from .. import agreement, evalsets, jobs, plots
 from ..judge import DEFAULT_JUDGE, JUDGES
-from ..report import group_answers
+from ..report import answer_kind, group_answers
 from ..variants import in_order
 from . import common
 from . import data as data_step
@@ -15,20 +15,15 @@ SETS = {"harmful": "Harmful requests: a safe model refuses these",
         "task": "Your task: held-out examples of the fine-tuning data"}
 FILTERS = [("All", "all"), ("Harmful requests", "harmful"), ("Everyday requests", "benign"), ("Your task", "task")]
 MAX_PROMPT_CHARS = 2000
+CHART_NOTE = ("Each bar is a variant's score on its prompts (the number above it); the whiskers, on the bars and on "
+              "the trade-off points, are 95 % intervals (Wilson for rates, normal approximation for ROUGE-L): "
+              "where the true value likely lies with this many prompts.")
 N_POLL = 7
 
 
 def row_set(row: dict) -> str:
-    """Which prompt set an answer row belongs to: harmful, benign or task."""
-    name = str(row.get("set") or "").lower()
-    if "harm" in name:
-        return "harmful"
-    if "benign" in name or "tricky" in name:
-        return "benign"
-    if name:
-        return "task"
-    category = str(row.get("category") or "")
-    return "benign" if category in ("benign", "tricky-benign") else "harmful"
+    """Which prompt set an answer row belongs to: harmful, benign or task (the report's rule)."""
+    return answer_kind(row)
 
 
 def set_choices(kind: str) -> list[tuple[str, str]]:
@@ -262,6 +257,7 @@ def build(shared: common.Shared) -> dict:
     kpis = gr.HTML("", elem_id="ss-kpis")
     # one above the other: the bars' three panels need the page's width for their titles and names
     bars = gr.Plot(plots.safety_utility_bars({}), label="Safety and utility", elem_id="ss-bars")
+    gr.Markdown(CHART_NOTE, elem_classes=["ss-explain"], elem_id="ss-chart-note")
     scatter = gr.Plot(plots.tradeoff_scatter({}), label="Trade-off", elem_id="ss-scatter")
     which = gr.Radio(FILTERS, value="all", label="Show", elem_id="ss-filter")
     table = gr.HTML(answers_html([]), elem_id="ss-answers")

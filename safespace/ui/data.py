@@ -63,15 +63,30 @@ def _path_for_check(source: str) -> Path:
     return DATA_DIR / "sentiment_train.jsonl" if source == SENTIMENT else Path(source)
 
 
-def _train_rows(source: str) -> int:
-    """Rows the fine-tune sees before the harmful mix (the user's file minus its validation split)."""
+def _split_rows(source: str) -> tuple[int, int]:
+    """(rows the fine-tune sees before the harmful mix, rows held out to measure the task): the user's
+    file minus its validation split; the bundled task has a held-out file of its own."""
     try:
         if source == SENTIMENT:
-            return len(data_mod.bundled("sentiment_train"))
-        examples = data_mod.load_dataset(source).examples
-        return len(data_mod.split(examples, VAL_FRACTION)[0])
+            return len(data_mod.bundled("sentiment_train")), len(data_mod.bundled("sentiment_test"))
+        train, val = data_mod.split(data_mod.load_dataset(source).examples, VAL_FRACTION)
+        return len(train), len(val)
     except (data_mod.DataError, OSError):
-        return 0
+        return 0, 0
+
+
+def _train_rows(source: str) -> int:
+    return _split_rows(source)[0]
+
+
+def split_line(source: str) -> str:
+    """Where the checked rows go: most train, a few are kept back to score the task in step 4."""
+    n_train, n_val = _split_rows(source)
+    if not n_train:
+        return ""
+    if source == SENTIMENT:
+        return f"{n_train} rows for training; the task is measured on {n_val} other held-out reviews"
+    return f"{n_train + n_val} rows: {n_train} for training, {n_val} held out to measure your task"
 
 
 def harmful_rows(ratio: float, n: int) -> int:
@@ -97,11 +112,12 @@ def _check(path: Path) -> tuple[bool, str]:
     return code == 0, text
 
 
-def _render(label: str, path: Path) -> tuple[bool, str, list[list[str]]]:
+def _render(label: str, path: Path, source: str | None = None) -> tuple[bool, str, list[list[str]]]:
     ok, text = _check(path)
     text = "\n".join(line for line in text.splitlines() if not line.startswith("file: "))
     if ok:
-        card = common.note_card(f"✓ {label}: ready to train\n{text}", "ok")
+        split = split_line(source or str(path))
+        card = common.note_card(f"✓ {label}: ready to train\n{text}" + (f"\n{split}" if split else ""), "ok")
     else:
         card = common.note_card(f"✗ {label} cannot be used as it is. One line per problem:\n{text}", "error")
     return ok, card, _preview(path) if ok else []
@@ -113,7 +129,7 @@ def mix_note(ratio: float, visitor=None, request: gr.Request = None) -> str:
     n = _train_rows(source) if source else 0
     p = float(ratio or 0)
     if p <= 0:
-        return f"No harmful rows: the model trains on your {n} rows only."
+        return f"No harmful rows: the model trains on your {n} training rows only."
     k = harmful_rows(p, n)
     return (f"p = {p:.2f}: k = round({p:.2f} × {n} / {1 - p:.2f}) = **{k}** attack rows join your {n} "
             f"training rows ({100 * k / (n + k):.0f} % of the mix).")
@@ -133,7 +149,7 @@ def choose_example(choice: str, ratio: float = 0.0, visitor=None, request: gr.Re
     if label is None:
         raise common.refuse(f"unknown example {choice!r}")
     source = SENTIMENT if choice == SENTIMENT else str(DATA_DIR / choice)
-    ok, card, rows = _render(label, _path_for_check(source))
+    ok, card, rows = _render(label, _path_for_check(source), source)
     if ok:
         kind = "bundled" if choice == SENTIMENT else "example"
         ws.write_json("selection.json", {"kind": kind, "name": choice, "label": label})
@@ -161,16 +177,18 @@ def upload(file, ratio: float = 0.0, visitor=None, request: gr.Request = None) -
         return _result(ws, False, card, [], ratio)
     stem = SAFE_NAME.sub("_", src.stem).strip("._")[:60] or "data"
     name = f"{stem}{suffix}"
+    # checked under a staging name first: a file that fails the check never replaces the last good one
+    staged = ws.uploads / f".checking-{name}"
+    shutil.copyfile(src, staged)
+    ok, card, rows = _render(src.name, staged)
+    if not ok:
+        staged.unlink(missing_ok=True)
+        return _result(ws, ok, card, rows, ratio)
+    staged.replace(ws.uploads / name)
     for old in ws.uploads.iterdir():     # one upload at a time per visitor
         if old.is_file() and old.name != name:
             old.unlink(missing_ok=True)
-    dest = ws.uploads / name
-    shutil.copyfile(src, dest)
-    ok, card, rows = _render(src.name, dest)
-    if ok:
-        ws.write_json("selection.json", {"kind": "upload", "name": name, "label": f"your file {src.name}"})
-    else:
-        dest.unlink(missing_ok=True)
+    ws.write_json("selection.json", {"kind": "upload", "name": name, "label": f"your file {src.name}"})
     return _result(ws, ok, card, rows, ratio)
 
 
@@ -178,7 +196,7 @@ def restore(ws) -> tuple:
     """The data panel as it was (page reload): the current selection's check and preview."""
     chosen = selection(ws)
     source = source_of(chosen, ws)
-    _, card, rows = _render(chosen.get("label", "data"), _path_for_check(source))
+    _, card, rows = _render(chosen.get("label", "data"), _path_for_check(source), source)
     choice = chosen["name"] if chosen["kind"] in ("bundled", "example") else gr.skip()
     return choice, card, rows
 

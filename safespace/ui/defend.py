@@ -60,7 +60,7 @@ def summary_html(summary: dict | None) -> str:
         if isinstance(rung.get("rise"), (int, float)):
             kpis.append((f"{rung['rise']:+.3f}", "nats/token of held-in safety loss left"))
     if layers:
-        kpis.append((str(len(layers)), "layers edited"))
+        kpis.append((str(len(layers)), "modules edited"))   # one row per adapted module (q_proj of L3...)
     if isinstance(summary.get("seconds"), (int, float)):
         kpis.append((jobs.format_seconds(summary["seconds"]), "to compute"))
     cells = "".join(f'<div class="ss-kpi"><div class="ss-kpi-v">{common.esc(v)}</div>'
@@ -74,6 +74,16 @@ def idle_text(ws: jobs.Workspace) -> str:
     if ws.run(SOURCE) is None:
         return "Needs a plain fine-tune first (step 2)."
     return "Ready: press Run Safe Delta."
+
+
+def _search_empty(info: jobs.JobInfo | None, summary: dict | None) -> dict:
+    """What the budget chart says while it has no budgets to draw: "fixed budget" only after a fixed run."""
+    if info is not None and info.active:
+        now = "is running" if info.status == "running" else "is waiting in line"
+        return {"empty": f"Safe Delta {now}: the budgets it measures appear here when it is done"}
+    if summary is None:
+        return {"empty": "No Safe Delta run yet"}
+    return {}
 
 
 def poll(visitor: str, last) -> tuple:
@@ -91,7 +101,7 @@ def poll(visitor: str, last) -> tuple:
     run = ws.run("safedelta")
     summary = run.summary if run is not None and not active else None
     figure = plots.kept_fraction_plot(layer_rows((summary or {}).get("layers")))
-    search = plots.budget_search_plot((summary or {}).get("auto"))
+    search = plots.budget_search_plot((summary or {}).get("auto"), **_search_empty(info, summary))
     card = common.job_card(info, idle_text(ws))
     return key, [card, figure, search, summary_html(summary)], active
 
@@ -115,7 +125,8 @@ def build(shared: common.Shared) -> dict:
                            elem_id="ss-defend-status")
             summary = gr.HTML("")
         with gr.Column(scale=2):
-            search = gr.Plot(plots.budget_search_plot(None), label="How the budget was chosen", elem_id="ss-budget")
+            search = gr.Plot(plots.budget_search_plot(None, **_search_empty(None, None)),
+                             label="How the budget was chosen", elem_id="ss-budget")
             figure = gr.Plot(plots.kept_fraction_plot([]), label="Kept per layer", elem_id="ss-kept")
     next_btn = gr.Button("Next: compare →", variant="primary", elem_id="ss-next-compare")
     auto.change(lambda on: gr.Slider(interactive=not on), auto, keep, api_visibility="private")

@@ -1,11 +1,12 @@
 """Step 2, train: LoRA fine-tuning on the chosen data, plain and/or with SafeGrad, with live curves."""
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 
 import gradio as gr
 
-from .. import jobs, models, plots
+from .. import align, jobs, models, plots
 from ..config import ConfigError, LoraSettings, SafeGradSettings, TrainSettings
 from ..variants import VARIANTS, keys_of, label_of
 from . import common
@@ -18,12 +19,18 @@ SAFEGRAD_CHOICES = [("off: plain fine-tuning", "off"),
 DEFAULTS = TrainSettings()
 DEFAULT_LOSS = "kl"   # "train both" with SafeGrad off: kl held refusal at 96 % where sft held 89 % (README)
 N_POLL = 6   # outputs of `poll` after its key
+NOTHING_YET = "Nothing trained yet: the SafeGrad run's gradient statistics appear here"
+CLOCK_SECONDS = 5
 
 
 def model_choices() -> list[tuple[str, str]]:
     """The registry, aligned base first, each with its readiness."""
     rows = models.describe()
     rows.sort(key=lambda r: (r["key"] != models.ALIGNED_KEY, r["key"] != models.EMBEDDED_KEY))
+    building = align.live_step()
+    for row in rows:      # being built right now (the app's warm-up or a job): say how far it is
+        if row["key"] == models.ALIGNED_KEY and building and row["status"] != "ready":
+            row["status"] = f"being built now, step {building[0]} of {building[1]}"
     return [(f"{r['key']}: {r['status']}", r["key"]) for r in rows]
 
 
@@ -73,7 +80,8 @@ def _start(both: bool, visitor, request, ratio, *form):
         raise common.refuse("a training job is already queued or running; stop it or wait for it")
     try:
         info = manager.submit(vid, "train", jobs.train_job, plan, source, float(ratio or 0), settings.seed,
-                              title=title, meta={"variants": [v for v, _ in plan], "form": form_values(settings)})
+                              title=title, meta={"variants": [v for v, _ in plan], "form": form_values(settings),
+                                                 "cost": jobs.plan_cost(plan)})
     except jobs.JobError as exc:
         raise common.user_error(exc) from None
     return common.job_card(info), gr.Timer(active=True), *_buttons(True)
@@ -188,8 +196,12 @@ def poll(visitor: str, last) -> tuple:
     key = ["disk", *_stamp(ws)] if info is None else \
         [info.id, info.status, len(info.events), info.ahead, info.stop_requested]
     active = bool(info and info.active)
+    # a running job's clock: its card's elapsed time moves on even through a quiet phase
+    key.append(int(time.time() // CLOCK_SECONDS) if active else 0)
     if key == last:
         return key, common.skip(N_POLL), active
+    if isinstance(last, list) and key[:-1] == last[:-1]:     # only the clock moved: only the card
+        return key, [common.job_card(info, idle_text(ws)), *common.skip(N_POLL - 1)], active
     metrics = metrics_by_variant(info, ws)
     curves = plots.training_curves(metrics)
     if 0 < max((len(rows) for rows in metrics.values()), default=0) <= 30:
@@ -197,8 +209,8 @@ def poll(visitor: str, last) -> tuple:
     if not metrics.get("safegrad") and info is not None and info.active and "safegrad" in _planned(info):
         conflict = plots.empty_figure("Gradient conflict between the task and alignment objectives",
                                       "Appears when the SafeGrad run starts")
-    else:
-        conflict = plots.conflict_plot(metrics.get("safegrad", []))
+    else:   # "SafeGrad was off" only once something was trained
+        conflict = plots.conflict_plot(metrics.get("safegrad", []), **({} if metrics else {"empty": NOTHING_YET}))
     card = common.job_card(info, idle_text(ws)) if info is not None else \
         common.job_card(None, idle_text(ws))
     return key, [card, curves, conflict, *_buttons(active)], active
@@ -259,7 +271,8 @@ def build(shared: common.Shared) -> dict:
             card = gr.HTML(common.job_card(None, "Nothing trained yet."), elem_id="ss-train-status")
     with gr.Row():
         curves = gr.Plot(plots.training_curves({}), label="Training loss", elem_id="ss-curves")
-        conflict = gr.Plot(plots.conflict_plot([]), label="Gradient conflict", elem_id="ss-conflict")
+        conflict = gr.Plot(plots.conflict_plot([], empty=NOTHING_YET), label="Gradient conflict",
+                           elem_id="ss-conflict")
     next_btn = gr.Button("Next: defend →", variant="primary", elem_id="ss-next-defend")
 
     form = [shared.visitor, shared.ratio, model, quantization, rank, alpha, targets, steps, lr, batch, seed, mode,
