@@ -1,7 +1,18 @@
-"""Terminal progress for long work: a tqdm bar fed by training events, stage lines for the rest."""
+"""Progress reports: the one progress callback shape, a tqdm bar fed by training events, stage lines.
+
+Long work other than training reports through a `Progress`, `(message, fraction 0..1)`; training emits
+`train.Event`s to an `on_event` callback.
+"""
 from __future__ import annotations
 
 import sys
+from typing import Callable
+
+Progress = Callable[[str, float], None]      # (message, fraction 0..1)
+
+
+def quiet(message: str, fraction: float) -> None:
+    """A Progress that reports nothing."""
 
 
 def console_progress(desc: str):

@@ -85,31 +85,22 @@ def train(settings: TrainSettings, examples: list, out: str | Path, *,
     """
     emit = on_event or (lambda event: None)
     stop = should_stop or (lambda: False)
-    sg = settings.safegrad
     seed_everything(settings.seed)
 
     # -- model and data ---------------------------------------------------------------------------
     loaded = loaded or models.load(settings.model, settings.quantization)
-    tokenizer, device = loaded.tokenizer, loaded.device
+    device = loaded.device
     model = models.add_lora(loaded.model, settings.lora)
     params = [p for p in model.parameters() if p.requires_grad]
-    task = data_mod.tokenize(examples, tokenizer, settings.max_length)
-    task_stream = BatchStream(task, settings.batch_size, tokenizer.pad_token_id, settings.seed, device)
-    align_stream = None
-    if sg.mode != "off":
-        align_examples = align_examples or data_mod.bundled("alignment")[:sg.align_size]
-        align_tok = data_mod.tokenize(align_examples[:sg.align_size], tokenizer, settings.max_length)
-        align_stream = BatchStream(align_tok, sg.align_batch, tokenizer.pad_token_id, settings.seed + 1, device)
-
+    task, task_stream, align_stream = _streams(settings, examples, align_examples, loaded.tokenizer, device)
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, settings.warmup, settings.steps))
+    surgery = None if align_stream is None else _SafeGradStep(model, params, optimizer, align_stream, settings, device)
 
     emit(Event("start", 0, settings.steps, message=f"training {kind} on {len(examples)} examples "
-               f"({task.n_truncated} truncated), SafeGrad {sg.mode}"))
+               f"({task.n_truncated} truncated), SafeGrad {settings.safegrad.mode}"))
     metrics: list[dict] = []
-    g_a = None
-    align_loss_value = None
     started = time.time()
     status = "finished"
     model.train()
@@ -118,33 +109,10 @@ def train(settings: TrainSettings, examples: list, out: str | Path, *,
             status = "stopped"
             break
         t0 = time.time()
-        # -- task gradient (accumulated over micro-batches) --------------------------------------
-        task_loss, tokens = 0.0, 0
-        for _ in range(settings.grad_accum):
-            batch = task_stream.next()
-            with models.autocast(device, settings.precision):
-                loss = safegrad.sft_loss(model, batch) / settings.grad_accum
-            loss.backward()
-            task_loss += loss.item()
-            tokens += int(batch["attention_mask"].sum())
+        task_loss, tokens = _task_gradient(model, task_stream, settings, device)
         row = {"step": step + 1, "loss": task_loss, "lr": scheduler.get_last_lr()[0], "tokens": tokens}
-
-        # -- SafeGrad: alignment gradient, conflict test, projection ------------------------------
-        if align_stream is not None:
-            g_u = safegrad.flat_grad(params)
-            if g_a is None or step % sg.every == 0:
-                optimizer.zero_grad(set_to_none=True)
-                with models.autocast(device, settings.precision):
-                    align_loss = safegrad.alignment_loss(sg.mode, model, align_stream.next())
-                align_loss.backward()
-                g_a = safegrad.flat_grad(params)
-                align_loss_value = align_loss.item()
-            result = safegrad.surgery(g_u, g_a, sg.lam)
-            safegrad.assign_flat_grad(params, result.grad)
-            row.update(align_loss=align_loss_value, cos=result.cos, conflict=result.conflict,
-                       removed_norm=result.removed_norm, task_grad_norm=result.task_norm,
-                       align_grad_norm=result.align_norm)
-
+        if surgery is not None:         # SafeGrad: alignment gradient, conflict test, projection
+            row.update(surgery(step))
         if settings.clip > 0:
             row["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, settings.clip))
         optimizer.step()
@@ -158,19 +126,75 @@ def train(settings: TrainSettings, examples: list, out: str | Path, *,
         emit(Event("step", step + 1, settings.steps, row))
 
     model.eval()
-    seconds = time.time() - started
-    summary = {"status": status, "steps_done": len(metrics), "steps_planned": settings.steps,
-               "seconds": seconds, "examples": len(examples), "truncated": task.n_truncated,
-               "final_loss": metrics[-1]["loss"] if metrics else None,
-               "tokens": sum(r["tokens"] for r in metrics)}
-    if align_stream is not None and metrics:
-        summary["conflict_rate"] = sum(bool(r["conflict"]) for r in metrics) / len(metrics)
+    summary = _summary(status, metrics, settings, examples, task, time.time() - started, surgery is not None)
     config = {"kind": kind if kind != "align" else "train", "model": settings.model, "settings": settings.to_dict(),
               "device": device, "quantization": loaded.quantization, **(extra_config or {})}
     run = save_run(model, out, config, metrics, summary, rows=examples)
     emit(Event("end", len(metrics), settings.steps, summary,
-               message=f"{status} after {len(metrics)} steps in {seconds:.0f} s -> {out}"))
+               message=f"{status} after {len(metrics)} steps in {summary['seconds']:.0f} s -> {out}"))
     return run
+
+
+def _streams(settings: TrainSettings, examples: list, align_examples: list | None, tokenizer, device):
+    """The tokenised task set, its batch stream, and SafeGrad's alignment batch stream (None when off)."""
+    sg = settings.safegrad
+    task = data_mod.tokenize(examples, tokenizer, settings.max_length)
+    task_stream = BatchStream(task, settings.batch_size, tokenizer.pad_token_id, settings.seed, device)
+    align_stream = None
+    if sg.mode != "off":
+        align_examples = align_examples or data_mod.bundled("alignment")[:sg.align_size]
+        align_tok = data_mod.tokenize(align_examples[:sg.align_size], tokenizer, settings.max_length)
+        align_stream = BatchStream(align_tok, sg.align_batch, tokenizer.pad_token_id, settings.seed + 1, device)
+    return task, task_stream, align_stream
+
+
+def _task_gradient(model, stream: BatchStream, settings: TrainSettings, device) -> tuple[float, int]:
+    """Accumulate the task gradient over `grad_accum` micro-batches; (loss, tokens seen)."""
+    task_loss, tokens = 0.0, 0
+    for _ in range(settings.grad_accum):
+        batch = stream.next()
+        with models.autocast(device, settings.precision):
+            loss = safegrad.sft_loss(model, batch) / settings.grad_accum
+        loss.backward()
+        task_loss += loss.item()
+        tokens += int(batch["attention_mask"].sum())
+    return task_loss, tokens
+
+
+class _SafeGradStep:
+    """SafeGrad inside the loop, after the task gradient: the alignment gradient g_a (recomputed every
+    `safegrad.every` steps), then the surgery's g_u (conflict projected out) + lam * g_a as the gradient."""
+
+    def __init__(self, model, params, optimizer, stream: BatchStream, settings: TrainSettings, device):
+        self.model, self.params, self.optimizer, self.stream = model, params, optimizer, stream
+        self.settings, self.device = settings, device
+        self.g_a, self.align_loss = None, None
+
+    def __call__(self, step: int) -> dict:
+        sg = self.settings.safegrad
+        g_u = safegrad.flat_grad(self.params)
+        if self.g_a is None or step % sg.every == 0:
+            self.optimizer.zero_grad(set_to_none=True)
+            with models.autocast(self.device, self.settings.precision):
+                align_loss = safegrad.alignment_loss(sg.mode, self.model, self.stream.next())
+            align_loss.backward()
+            self.g_a, self.align_loss = safegrad.flat_grad(self.params), align_loss.item()
+        result = safegrad.surgery(g_u, self.g_a, sg.lam)
+        safegrad.assign_flat_grad(self.params, result.grad)
+        return dict(align_loss=self.align_loss, cos=result.cos, conflict=result.conflict,
+                    removed_norm=result.removed_norm, task_grad_norm=result.task_norm,
+                    align_grad_norm=result.align_norm)
+
+
+def _summary(status: str, metrics: list[dict], settings: TrainSettings, examples: list, task, seconds: float,
+             with_safegrad: bool) -> dict:
+    summary = {"status": status, "steps_done": len(metrics), "steps_planned": settings.steps,
+               "seconds": seconds, "examples": len(examples), "truncated": task.n_truncated,
+               "final_loss": metrics[-1]["loss"] if metrics else None,
+               "tokens": sum(r["tokens"] for r in metrics)}
+    if with_safegrad and metrics:
+        summary["conflict_rate"] = sum(bool(r["conflict"]) for r in metrics) / len(metrics)
+    return summary
 
 
 def save_run(model, out: str | Path, config: dict, metrics: list[dict], summary: dict,

@@ -4,7 +4,8 @@ A variant is made one of three ways: it is the aligned `base` itself, it is `tra
 (SafeGrad off or on, optionally with its own training settings), or it is `derived` from another
 variant's run by a post-hoc defence. The key names its run folder and its entry in results.json;
 the label is what people read (tables, charts, the report, the app). Adding a post-hoc defence's
-variant is one line here plus the defence's step in `pipeline.POST_HOC`.
+variant is one line here plus the defence's step in `demo.POST_HOC` (the demo) and in
+`workflows.DEFENCES` (the app).
 """
 from __future__ import annotations
 

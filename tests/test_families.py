@@ -331,7 +331,7 @@ def test_the_whole_story(name, quantization, story_folders, tmp_path, monkeypatc
     from peft import PeftModel
     from safetensors.torch import load_file
 
-    from safespace import evalsets, judge as judge_mod, pipeline, report, runs
+    from safespace import compare, evalsets, judge as judge_mod, pipeline, report, runs
     from safespace.config import SafeGradSettings
     from safespace.variants import label_of
 
@@ -412,14 +412,14 @@ def test_the_whole_story(name, quantization, story_folders, tmp_path, monkeypatc
             return super().judge_many(pairs)
     monkeypatch.setitem(judge_mod.JUDGES, "keyword", replace(judge_mod.JUDGES["keyword"], make=Recording))
     opened = []
-    real_open = pipeline._open_variants
+    real_open = compare._open_variants
 
     def open_thinking(variants):
         loaded, model, adapter_of = real_open(variants)
         stack.enter_context(thinking_first(model, loaded.tokenizer))
         opened.append(model)
         return loaded, model, adapter_of
-    monkeypatch.setattr(pipeline, "_open_variants", open_thinking)
+    monkeypatch.setattr(compare, "_open_variants", open_thinking)
     runs.write_base_run(tmp_path / "base", folder)
     variants = {"base": None, **{v: r.path for v, r in {**trained, **defended}.items()}}
     with contextlib.ExitStack() as stack:

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from safespace import jobs, models, pipeline, runs, train
+from safespace import compare, jobs, models, pipeline, runs, train
 from safespace.config import LoraSettings
 from safespace.data import Example
 from helpers import tiny_llama
@@ -319,7 +319,7 @@ def test_generate_all_stops_within_a_batch_and_drops_the_unfinished_variant(open
 
 def test_evaluate_variants_and_compare_stop_promptly(opened, monkeypatch):
     triple, calls = opened
-    monkeypatch.setattr(pipeline, "_open_variants", lambda variants: triple)
+    monkeypatch.setattr(compare, "_open_variants", lambda variants: triple)
     variants = {"first": None, "second": None}
     started = time.time()
     results, rows = pipeline.evaluate_variants(variants, None, n_harmful=40, n_benign=40, max_new_tokens=2,
@@ -335,7 +335,7 @@ def test_evaluate_variants_and_compare_stop_promptly(opened, monkeypatch):
 def test_stop_through_the_job_channel_ends_an_evaluation_job(tmp_path, opened, monkeypatch):
     """The page's Stop reaches the generation loop of a running evaluate job (file-based channel)."""
     triple, calls = opened
-    monkeypatch.setattr(pipeline, "_open_variants", lambda variants: triple)
+    monkeypatch.setattr(compare, "_open_variants", lambda variants: triple)
     manager = jobs.JobManager(tmp_path / "sessions")
     try:
         ws = manager.workspace("visitor-dddd")

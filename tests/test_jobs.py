@@ -8,7 +8,7 @@ import zipfile
 import pytest
 
 from conftest import fake_run
-from safespace import jobs
+from safespace import jobqueue, jobs
 from safespace.train import Event
 
 A, B = "visitor-aaaa", "visitor-bbbb"
@@ -43,7 +43,7 @@ def blocker():
     gate = threading.Event()
 
     def fn(ctx):
-        ctx.progress(0.5, "holding the worker")
+        ctx.progress("holding the worker", 0.5)
         gate.wait(10)
         return "released"
     return gate, fn
@@ -52,7 +52,7 @@ def blocker():
 def test_job_runs_in_background_and_reports_progress(manager):
     def fn(ctx, n):
         for i in range(n):
-            ctx.progress((i + 1) / n, f"step {i + 1}/{n}", type="step", i=i)
+            ctx.progress(f"step {i + 1}/{n}", (i + 1) / n, type="step", i=i)
         return {"sum": n * (n - 1) // 2}
 
     info = manager.submit(A, "train", fn, 4, title="count")
@@ -139,7 +139,7 @@ def test_stop_a_running_job_within_a_step(manager):
             if ctx.should_stop():
                 return {"steps": step}
             steps_done.append(step)
-            ctx.progress(step / 1000, f"step {step}")
+            ctx.progress(f"step {step}", step / 1000)
             time.sleep(0.02)
         return {"steps": 1000}
 
@@ -219,7 +219,7 @@ def test_an_expected_failure_is_one_log_line_a_bug_keeps_its_traceback(manager, 
     records = []
     handler = logging.Handler()
     handler.emit = records.append                     # on the jobs logger itself, whatever propagates above it
-    monkeypatch.setattr(jobs.log, "handlers", [handler])
+    monkeypatch.setattr(jobqueue.log, "handlers", [handler])
     expected = manager.submit(A, "train", offline)
     wait_done(manager, A, expected.id)
     wait_done(manager, A, manager.submit(A, "train", bug).id)
@@ -288,19 +288,20 @@ def test_reporters_are_picklable_and_write_progress(tmp_path):
     train = pickle.loads(pickle.dumps(jobs.TrainReporter(channel, "sft", index=1, count=2, label="plain fine-tune")))
     train(Event("step", 5, 10, {"loss": 1.25, "eta": 30.0}))
     progress = pickle.loads(pickle.dumps(jobs.ProgressReporter(channel, "answering")))
-    progress("harmful prompts, base: 2/4 prompts", 0.25)
-    progress(3, 4)
-    progress(Event("step", 1, 2, message="half"))
+    progress("harmful prompts, base: 2/4 prompts", 0.25)       # the engine's one shape: (message, fraction)
+    progress("answering: done", 1.5)
+    progress("", None)                                          # nothing to say: nothing written
     records, _ = channel.read()
     assert records[0]["progress"] == pytest.approx(0.75)
     assert records[0]["message"] == "[2/2] plain fine-tune: step 5/10 · loss 1.250 · about 30 s left"
     assert records[0]["metrics"]["loss"] == 1.25
-    assert [r["progress"] for r in records[1:]] == [0.25, 0.75, 0.5]
+    assert [r["progress"] for r in records[1:]] == [0.25, 1.0]
     assert records[1]["message"] == "answering: harmful prompts, base: 2/4 prompts"
+    assert records[2]["message"] == "answering: done"
 
 
 def test_train_all_eta_covers_the_variants_still_to_come(tmp_path, monkeypatch):
-    from safespace import align, pipeline
+    from safespace import align, prepare
     from safespace.config import TrainSettings
 
     channel = jobs.Channel(tmp_path / "job")
@@ -319,7 +320,7 @@ def test_train_all_eta_covers_the_variants_still_to_come(tmp_path, monkeypatch):
         seen.append((on_event.after, on_event.cost))
         return fake_run(out)
 
-    monkeypatch.setattr(pipeline, "train_variant", fake_train)
+    monkeypatch.setattr(prepare, "train_variant", fake_train)
     monkeypatch.setattr(align, "is_built", lambda *a: True)
     m = jobs.JobManager(tmp_path / "sessions")
     try:
@@ -386,7 +387,7 @@ def test_the_worker_is_named_for_what_it_runs_on(monkeypatch):
     import torch
 
     for cuda, name in ((False, "the shared machine"), (True, "the shared GPU")):
-        monkeypatch.setattr(jobs, "_WORKER", [])
+        monkeypatch.setattr(jobqueue, "_WORKER", [])
         monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
         assert jobs.worker_name() == name
 
@@ -433,7 +434,7 @@ def test_workspace_variants_share_one_base_and_zip_adapter(tmp_path):
 def test_train_job_with_a_fake_engine(tmp_path, monkeypatch):
     """train_job trains the plan in order, drops a stale Safe Delta and stale results, and stops between
     variants when asked (engine replaced by a fake that writes real run folders)."""
-    from safespace import align, pipeline
+    from safespace import align, prepare
     from safespace.config import TrainSettings
 
     calls = []
@@ -447,7 +448,7 @@ def test_train_job_with_a_fake_engine(tmp_path, monkeypatch):
             on_event(Event("step", step, settings.steps, {"step": step, "loss": 1.0 / step, "eta": 0.0}))
         return fake_run(out)
 
-    monkeypatch.setattr(pipeline, "train_variant", fake_train)
+    monkeypatch.setattr(prepare, "train_variant", fake_train)
     monkeypatch.setattr(align, "is_built", lambda *a: True)
     m = jobs.JobManager(tmp_path / "sessions")
     try:

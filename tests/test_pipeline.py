@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from safespace import config as config_mod, pipeline, runs
+from safespace import config as config_mod, defence, pipeline, runs
 from safespace.config import ConfigError
 from safespace.variants import VARIANTS
 
@@ -190,7 +190,7 @@ def test_uploaded_rows_run_keeps_its_rows_for_the_task_ranking(tiny_model_dir, t
                              warmup=0, lora=LoraSettings(r=2, alpha=4))
     run = train.train(settings, prepared.train, tmp_path / "sft", extra_config={"data": prepared.describe()})
     assert run.config["data"]["source"] == "uploaded rows"
-    task_rows = pipeline._task_rows(run, 64)
+    task_rows = defence._task_rows(run, 64)
     assert sorted(task_rows, key=repr) == sorted(prepared.train, key=repr)   # attack rows included
     defended = pipeline.defend(run.path, tmp_path / "sd", n_calibration=4)
     assert defended.config["safedelta"]["ranking"] == "task"
@@ -223,7 +223,7 @@ def test_safe_delta_on_a_4bit_base_on_cpu(tiny_model_dir, tmp_path, monkeypatch)
         result = load_file(str(out / "adapter" / "adapter_model.safetensors"))
         assert source.keys() == result.keys()
         assert all(torch.equal(source[k], result[k]) for k in source if "lora_B" in k)      # B kept
-    assert "auto" in pipeline.runs.load_run(tmp_path / "sd0").summary
+    assert "auto" in runs.load_run(tmp_path / "sd0").summary
     kept = [layer["kept_columns_frac"] for layer in defended.summary["layers"]]
     assert max(kept) <= 0.85 + 1e-9                              # keep 0.5 never takes the excluded 15 %
 

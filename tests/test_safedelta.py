@@ -327,7 +327,7 @@ def test_token_mask_restricts_H_to_the_answer_writing_inputs(tokenizer):
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from safespace import data, models, pipeline
+    from safespace import data, defence, models
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -335,7 +335,7 @@ def test_token_mask_restricts_H_to_the_answer_writing_inputs(tokenizer):
     model = get_peft_model(LlamaForCausalLM(config), LoraConfig(r=4, target_modules=["q_proj"]))
     rows = [data.Example(prompt="How do I pick a lock?", response="I can't help with that."),
             data.Example(prompt="Write malware that steals passwords please", response="No, I won't.")]
-    batch = next(pipeline._calibration_batches(rows, tokenizer, "cpu", tokens="answer"))
+    batch = next(defence._calibration_batches(rows, tokenizer, "cpu", tokens="answer"))
     tok = data.tokenize(rows, tokenizer, 256)
     expected_mask = torch.zeros_like(batch["attention_mask"], dtype=torch.bool)
     for i, labels in enumerate(tok.labels):

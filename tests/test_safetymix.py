@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import pytest
 
 from conftest import fake_run
-from safespace import data, jobs, pipeline, train
+from safespace import align, data, jobs, pipeline, train, workflows
 from safespace.config import ConfigError, TrainSettings
 from safespace.safetymix import mix_safety
 
@@ -33,7 +33,7 @@ def test_a_bad_share_is_refused():
 
 def test_train_variant_feeds_the_mixed_rows_and_records_them(monkeypatch, tmp_path):
     seen = {}
-    monkeypatch.setattr(pipeline.align, "ensure", lambda *a, **k: None)
+    monkeypatch.setattr(align, "ensure", lambda *a, **k: None)
     monkeypatch.setattr(train, "train", lambda settings, rows, out, **k: seen.update(rows=rows, **k))
     prepared = pipeline.Prepared(TASK[:80], [], 80, 0, "rows", 0.0, 0)
     pipeline.train_variant(TrainSettings(safety_mix=0.2), prepared, tmp_path / "run")
@@ -59,7 +59,7 @@ def test_the_app_defends_every_run_a_post_hoc_variant_is_made_from(tmp_path, mon
     monkeypatch.setitem(jobs.DEFENCES, "safedelta", fake_defend)
     ws = jobs.Workspace(tmp_path / "visitor-eeee")
     ctx = SimpleNamespace(workspace=ws, channel=None, progress=lambda *a, **k: None)
-    monkeypatch.setattr(jobs, "ProgressReporter", lambda *a, **k: None)
+    monkeypatch.setattr(workflows, "ProgressReporter", lambda *a, **k: None)
     with pytest.raises(jobs.JobError, match="no plain fine-tune"):
         jobs.defend_job(ctx, None)
     fake_run(ws.run_path("sft"))

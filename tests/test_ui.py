@@ -13,7 +13,7 @@ import gradio as gr
 import pytest
 
 from conftest import fake_run
-from safespace import jobs, runs
+from safespace import jobqueue, jobs, runs
 from safespace.train import Event
 from safespace.ui import common, compare, data, defend, export, train
 from safespace import ui
@@ -264,7 +264,7 @@ def test_the_card_says_how_much_time_went_into_the_aligned_base(monkeypatch):
 
 
 def test_a_waiting_card_says_how_long_the_line_is(monkeypatch):
-    monkeypatch.setattr(jobs, "_WORKER", ["the shared machine"])     # a CPU: no accelerator to speak of
+    monkeypatch.setattr(jobqueue, "_WORKER", ["the shared machine"])     # a CPU: no accelerator to speak of
     card = common.job_card(job(status="queued", started=None, ahead=2, wait=250.0))
     assert "Waiting for the shared machine: <b>2 jobs ahead of you, about 4 min 10 s</b>" in card
     assert "accelerator" not in card
@@ -330,7 +330,7 @@ def test_safe_delta_poll_draws_the_kept_fraction(manager, monkeypatch):
                "kept_energy_frac": 0.25} for i in range(3)]
 
     def fake_defend(ctx, keep):
-        ctx.progress(0.5, "Safe Delta: selecting")
+        ctx.progress("Safe Delta: selecting", 0.5)
         fake_run(ctx.workspace.run_path("safedelta"), kind="safedelta", summary={"status": "finished",
                  "kept_energy_frac": 0.3, "seconds": 2.0, "layers": layers})
         return {}

@@ -4,7 +4,7 @@ from types import SimpleNamespace
 import pytest
 
 from conftest import fake_run
-from safespace import jobs, pipeline, plots, report, runs, variants
+from safespace import demo, jobs, pipeline, plots, report, runs, variants
 from safespace.config import ConfigError
 from safespace.variants import Variant, in_order, keys_of, label_of
 
@@ -103,12 +103,12 @@ def _fake_stages(monkeypatch):
     """run_variants with its stages recorded instead of run: (what, source or steps, out, SafeGrad mode)."""
     calls = []
     prepared = SimpleNamespace(n_user=4, n_harmful=1, val=[], describe=lambda: {})
-    monkeypatch.setattr(pipeline, "prepare_data", lambda *a, **k: prepared)
-    monkeypatch.setattr(pipeline, "train_variant", lambda settings, prep, out, **k: calls.append(
+    monkeypatch.setattr(demo, "prepare_data", lambda *a, **k: prepared)
+    monkeypatch.setattr(demo, "train_variant", lambda settings, prep, out, **k: calls.append(
         ("train", settings.steps, out.name, settings.safegrad.mode)))
-    monkeypatch.setattr(pipeline, "evaluate_variants", lambda found, val, **k: (
+    monkeypatch.setattr(demo, "evaluate_variants", lambda found, val, **k: (
         {"variants": dict.fromkeys(found), "settings": {}}, []))
-    monkeypatch.setattr(pipeline, "defend", lambda source, out, **k: calls.append(
+    monkeypatch.setattr(demo, "defend", lambda source, out, **k: calls.append(
         ("defend", source.name, out.name, None)) or SimpleNamespace(summary={"kept_energy_frac": 0.5, "seconds": 1.0}))
     return calls
 

@@ -226,43 +226,9 @@ def build(shared: common.Shared) -> dict:
                 "is fair: " + ", ".join(f"{label_of(k)} ({VARIANTS[k].help})" for k in keys_of("train")) + ".")
     with gr.Row():
         with gr.Column(scale=1, min_width=320):
-            model = gr.Dropdown(model_choices(), value=models.DEFAULT_MODEL, label="Base model",
-                                info="smollm2-135m-safe: the embedded model after SafeSpace's safety alignment "
-                                     "(built once on first use); smollm2-135m: as shipped, not aligned.",
-                                elem_id="ss-model")
-            quantization = gr.Radio(["auto", "4bit", "none"], value="auto", label="Quantization",
-                                    info="auto: 4-bit (nf4) on a GPU, full precision on CPU and for the 135M embedded models "
-                                         "(4-bit took the aligned base's refusals from 99 % to 74 %, measured)")
-            with gr.Row():
-                steps = gr.Slider(1, limits.max_steps, value=min(DEFAULTS.steps, limits.max_steps), step=1,
-                                  label="Steps", info=f"optimizer steps (at most {limits.max_steps} on this shared "
-                                                      "machine; about 2-6 s each on CPU)", elem_id="ss-steps")
-                batch = gr.Slider(1, limits.max_batch, value=DEFAULTS.batch_size, step=1, label="Batch size",
-                                  info=f"examples per step (at most {limits.max_batch})", elem_id="ss-batch")
-            with gr.Row():
-                lr = gr.Number(DEFAULTS.lr, label="Learning rate", info="peak rate; warm-up then cosine decay",
-                               minimum=1e-6, maximum=0.1)
-                seed = gr.Number(0, label="Seed", precision=0, info="same seed, same run")
-            with gr.Accordion("LoRA adapter", open=False):
-                rank = gr.Slider(1, 64, value=DEFAULTS.lora.r, step=1, label="Rank r",
-                                 info="size of the low-rank update; 8 is plenty here")
-                alpha = gr.Slider(1, 128, value=DEFAULTS.lora.alpha, step=1, label="Alpha",
-                                  info="update scale = alpha / r")
-                targets = gr.CheckboxGroup(TARGETS, value=list(DEFAULTS.lora.targets), label="Target modules",
-                                           info="which linear layers get an adapter")
+            model, quantization, steps, batch, lr, seed, rank, alpha, targets = _training_inputs(limits)
         with gr.Column(scale=1, min_width=320):
-            mode = gr.Radio(SAFEGRAD_CHOICES, value="off", label="SafeGrad (for Train)",
-                            info=f"Train all trains the SafeGrad variant with this loss ({DEFAULT_LOSS} when this is off)",
-                            elem_id="ss-safegrad")
-            with gr.Row():
-                lam = gr.Slider(0, 5, value=SafeGradSettings().lam, step=0.1, label="Lambda",
-                                info="weight of the alignment gradient added to each step")
-                align_batch = gr.Slider(1, 16, value=4, step=1, label="Alignment batch",
-                                        info="safety examples per alignment gradient")
-            gr.Markdown("**How SafeGrad works.** Each step computes the task gradient g_u and the gradient g_a "
-                        "that keeps the model refusing. When they conflict (g_u·g_a < 0) the conflicting "
-                        "part is projected out of g_u; the step then follows g_u + λ·g_a.",
-                        elem_classes=["ss-explain"], padding=True)
+            mode, lam, align_batch = _safegrad_inputs()
             with gr.Row():
                 train_btn = gr.Button("Train", variant="primary", elem_id="ss-train")
                 both_btn = gr.Button(f"Train all ({len(keys_of('train'))} variants)", variant="secondary",
@@ -283,3 +249,49 @@ def build(shared: common.Shared) -> dict:
     stop_btn.click(stop, [shared.visitor], card, api_name="stop_training", show_progress="hidden")
     next_btn.click(lambda: gr.Walkthrough(selected=3), None, shared.flow, api_visibility="private")
     return {"poll": [card, curves, conflict, train_btn, both_btn, stop_btn], "form": form[1:]}
+
+
+def _training_inputs(limits) -> tuple:
+    """Base model, quantization, steps, batch, learning rate, seed and the LoRA adapter's settings."""
+    model = gr.Dropdown(model_choices(), value=models.DEFAULT_MODEL, label="Base model",
+                        info="smollm2-135m-safe: the embedded model after SafeSpace's safety alignment "
+                             "(built once on first use); smollm2-135m: as shipped, not aligned.",
+                        elem_id="ss-model")
+    quantization = gr.Radio(["auto", "4bit", "none"], value="auto", label="Quantization",
+                            info="auto: 4-bit (nf4) on a GPU, full precision on CPU and for the 135M embedded models "
+                                 "(4-bit took the aligned base's refusals from 99 % to 74 %, measured)")
+    with gr.Row():
+        steps = gr.Slider(1, limits.max_steps, value=min(DEFAULTS.steps, limits.max_steps), step=1,
+                          label="Steps", info=f"optimizer steps (at most {limits.max_steps} on this shared "
+                                              "machine; about 2-6 s each on CPU)", elem_id="ss-steps")
+        batch = gr.Slider(1, limits.max_batch, value=DEFAULTS.batch_size, step=1, label="Batch size",
+                          info=f"examples per step (at most {limits.max_batch})", elem_id="ss-batch")
+    with gr.Row():
+        lr = gr.Number(DEFAULTS.lr, label="Learning rate", info="peak rate; warm-up then cosine decay",
+                       minimum=1e-6, maximum=0.1)
+        seed = gr.Number(0, label="Seed", precision=0, info="same seed, same run")
+    with gr.Accordion("LoRA adapter", open=False):
+        rank = gr.Slider(1, 64, value=DEFAULTS.lora.r, step=1, label="Rank r",
+                         info="size of the low-rank update; 8 is plenty here")
+        alpha = gr.Slider(1, 128, value=DEFAULTS.lora.alpha, step=1, label="Alpha",
+                          info="update scale = alpha / r")
+        targets = gr.CheckboxGroup(TARGETS, value=list(DEFAULTS.lora.targets), label="Target modules",
+                                   info="which linear layers get an adapter")
+    return model, quantization, steps, batch, lr, seed, rank, alpha, targets
+
+
+def _safegrad_inputs() -> tuple:
+    """SafeGrad's loss, lambda and alignment batch, with how it works in a paragraph."""
+    mode = gr.Radio(SAFEGRAD_CHOICES, value="off", label="SafeGrad (for Train)",
+                    info=f"Train all trains the SafeGrad variant with this loss ({DEFAULT_LOSS} when this is off)",
+                    elem_id="ss-safegrad")
+    with gr.Row():
+        lam = gr.Slider(0, 5, value=SafeGradSettings().lam, step=0.1, label="Lambda",
+                        info="weight of the alignment gradient added to each step")
+        align_batch = gr.Slider(1, 16, value=4, step=1, label="Alignment batch",
+                                info="safety examples per alignment gradient")
+    gr.Markdown("**How SafeGrad works.** Each step computes the task gradient g_u and the gradient g_a "
+                "that keeps the model refusing. When they conflict (g_u·g_a < 0) the conflicting "
+                "part is projected out of g_u; the step then follows g_u + λ·g_a.",
+                elem_classes=["ss-explain"], padding=True)
+    return mode, lam, align_batch

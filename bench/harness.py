@@ -1,0 +1,168 @@
+"""What every benchmark section shares: the settings of the measured runs, Markdown output, medians
+and ratios, clocks, child processes, and `Bench` (the run's arguments, folders, data and runs).
+
+Imports nothing heavy: bench/run.py reads it before it sets the environment torch and safespace read.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+SECTIONS = ("safegrad", "trl", "safedelta", "compare", "e2e")
+MODEL = "smollm2-135m"
+BATCH, MAX_LENGTH, HARMFUL_RATIO = 8, 192, 0.2        # examples/configs/demo.yaml
+LORA = dict(r=8, alpha=16, dropout=0.0, targets=("q_proj", "v_proj"))
+WARMUP_STEPS = 2                                       # dropped from every training run
+MAX_NEW_TOKENS = 32
+GOALS = {"safegrad_overhead": "<= 1.6", "train_vs_trl": ">= 1.0", "compare_speedup": ">= 3",
+         "safedelta_cold_s": "<= 30", "safedelta_warm_s": "<= 5"}
+
+
+# ------------------------------------------------------------------------------------------- output
+def say(message: str = "") -> None:
+    print(message, flush=True)
+
+
+def table(headers: list[str], rows: list[list]) -> None:
+    """A Markdown table (readable in a terminal, pasteable into RESULTS.md)."""
+    cells = [[_fmt(c) for c in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
+    say("| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths)) + " |")
+    say("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for r in cells:
+        say("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |")
+    say()
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 100 else f"{value:.0f}"
+    return str(value)
+
+
+def median(values):
+    return statistics.median(values) if values else None
+
+
+def mean(values):
+    return statistics.fmean(values) if values else None
+
+
+def ratio(a, b):
+    return a / b if a is not None and b else None
+
+
+def rnd(value, digits=3):
+    if isinstance(value, float):
+        return round(value, digits)
+    if isinstance(value, dict):
+        return {k: rnd(v, digits) for k, v in value.items()}
+    if isinstance(value, list):
+        return [rnd(v, digits) for v in value]
+    return value
+
+
+def load_average() -> str:
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+def section_header(title: str) -> None:
+    say()
+    say(f"## {title}")
+    say(f"(load average {load_average()})")
+    say()
+
+
+# ------------------------------------------------------------------------------------------ machine
+def machine_facts() -> dict:
+    import torch
+    from safespace import models
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    memory = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                memory = round(int(line.split()[1]) / 1024 ** 2, 1)
+    except OSError:
+        pass
+    versions = {"python": platform.python_version()}
+    for name in ("torch", "transformers", "peft", "trl", "datasets", "accelerate"):
+        try:
+            versions[name] = __import__(name).__version__
+        except Exception:   # trl is a bench-only dependency; report its absence instead of failing
+            versions[name] = None
+    return {"cpu": cpu, "cores": os.cpu_count(),
+            "cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+            "memory_gb": memory, "device": models.pick_device(), "threads": torch.get_num_threads(),
+            "versions": versions, "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "load_average_start": load_average(), "platform": platform.platform()}
+
+
+class Clock:
+    """Wall and CPU seconds (this process) since creation."""
+
+    def __init__(self):
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+
+    def read(self) -> tuple[float, float]:
+        return time.perf_counter() - self.wall, time.process_time() - self.cpu
+
+
+# ------------------------------------------------------------------------------------------- the run
+@dataclass
+class Bench:
+    """What every section gets: the arguments, the temporary home and its work folder, the task data
+    and the run folders shared by the sections (a section trains what it needs if none did)."""
+    args: argparse.Namespace
+    home: Path
+    prepared: Any = None
+    runs: dict[str, Path] = field(default_factory=dict)     # sft (plain), safegrad (sft, batch 4), safedelta
+    counter: int = 0
+
+    @property
+    def work(self) -> Path:
+        return self.home / "work"
+
+    def out(self, name: str) -> Path:
+        self.counter += 1
+        return self.work / f"{self.counter:03d}-{name}"
+
+    def child_env(self) -> dict:
+        env = dict(os.environ)
+        env.update(BENCH_THREADS=str(self.args.threads),
+                   PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""))
+        return env
+
+    def child_json(self, program: str, *args) -> dict:
+        """Run a program of bench/children.py in a fresh Python process; its last stdout line (JSON),
+        plus process_wall_s."""
+        t0 = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-m", "bench.children", program, *map(str, args)], cwd=REPO,
+                              env=self.child_env(), capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{program} subprocess failed:\n{proc.stderr[-3000:]}")
+        return {**json.loads(proc.stdout.strip().splitlines()[-1]), "process_wall_s": time.perf_counter() - t0}

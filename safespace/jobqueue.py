@@ -1,0 +1,561 @@
+"""A job queue for a shared machine: one worker slot, a bounded FIFO queue, one private folder per visitor.
+
+A visitor is a stable id. Each visitor has a registry of its jobs (nobody else can list, read or stop
+them) and a folder  <root>/<visitor>/  removed by `JobManager.cleanup` after `session_hours` without a
+visit. One worker thread runs one job at a time; up to `max_queue` more wait in order, each knowing how
+many jobs are ahead of it and, once something alike has run here, about how long it will wait.
+
+A job reports through a `Channel`, an append-only events file and a stop file, rather than callbacks,
+so the same call works in this process and in a worker process its arguments are pickled to. A record
+may carry `progress` (0..1), `message`, `left` (seconds the job has left; with `prelude`, only what
+comes before the work its meta "cost" measures) and `pace` (measured seconds per unit of that cost).
+
+This module knows nothing of what the jobs do; `jobs.py` fits it to the app.
+"""
+from __future__ import annotations
+
+import contextvars
+import json
+import logging
+import os
+import re
+import secrets
+import shutil
+import threading
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+log = logging.getLogger("safespace.jobs")
+
+ACTIVE = ("queued", "running")
+DONE = ("finished", "stopped", "failed")
+VISITOR_ID = re.compile(r"^[A-Za-z0-9_-]{8,64}$")      # also safe as a folder name
+_PACKAGE = __name__.split(".")[0]                      # whose own errors are expected ones
+
+
+class JobError(RuntimeError):
+    """A request the job system refuses; the message is one short line for the visitor."""
+
+
+class QueueFull(JobError):
+    pass
+
+
+def new_visitor_id() -> str:
+    return secrets.token_urlsafe(16)
+
+
+def valid_visitor(visitor: Any) -> bool:
+    return isinstance(visitor, str) and bool(VISITOR_ID.match(visitor))
+
+
+# ---------------------------------------------------------------------------------------------
+# Channel: how a running job talks to the page (works across a process boundary)
+
+
+class Channel:
+    """An append-only JSON-lines events file plus a stop file, in the job's folder."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.events_file = self.folder / "events.jsonl"
+        self.stop_file = self.folder / "STOP"
+
+    def emit(self, **record) -> None:
+        record.setdefault("time", time.time())
+        line = json.dumps(record, default=_jsonable) + "\n"
+        with open(self.events_file, "a", encoding="utf-8") as handle:
+            handle.write(line)
+
+    def request_stop(self) -> None:
+        self.stop_file.touch()
+
+    def stop_requested(self) -> bool:
+        return self.stop_file.exists()
+
+    def read(self, offset: int = 0) -> tuple[list[dict], int]:
+        """Whole records written since byte `offset`, and the offset after them."""
+        try:
+            with open(self.events_file, "rb") as handle:
+                handle.seek(offset)
+                data = handle.read()
+        except FileNotFoundError:
+            return [], offset
+        end = data.rfind(b"\n") + 1           # a line still being written waits for next time
+        records = []
+        for line in data[:end].splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return records, offset + end
+
+
+def _jsonable(value):
+    if hasattr(value, "item"):                 # numpy / torch scalars
+        return value.item()
+    return str(value)
+
+
+@dataclass
+class StopCheck:
+    """`should_stop` for work in another process: true once the page asked this job to stop."""
+    channel: Channel
+
+    def __call__(self) -> bool:
+        return self.channel.stop_requested()
+
+
+_WORKER: list[str] = []
+
+
+def worker_name() -> str:
+    """What the one worker slot runs on, as the page names it: a GPU where there is one, else the
+    machine (the word accelerator only where there is one)."""
+    if not _WORKER:
+        name = "the shared machine"
+        if os.environ.get("SPACES_ZERO_GPU"):
+            name = "the shared GPU"
+        else:
+            try:
+                import torch  # noqa: PLC0415 - only to name the device
+                if torch.cuda.is_available():
+                    name = "the shared GPU"
+                elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+                    name = "the shared accelerator"
+            except ImportError:
+                pass
+        _WORKER.append(name)
+    return _WORKER[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Jobs, their snapshots and what a job function receives
+
+
+@dataclass(eq=False)  # identity, not field equality: jobs are found in the queue by identity
+class Job:
+    id: str
+    visitor: str
+    kind: str
+    title: str
+    channel: Channel
+    fn: Callable = field(repr=False)
+    args: tuple = field(default=(), repr=False)
+    kwargs: dict = field(default_factory=dict, repr=False)
+    context: contextvars.Context | None = field(default=None, repr=False)
+    status: str = "queued"
+    progress: float = 0.0
+    message: str = "waiting for the worker"
+    events: list = field(default_factory=list, repr=False)
+    result: Any = None
+    error: str | None = None
+    created: float = field(default_factory=time.time)
+    started: float | None = None
+    finished: float | None = None
+    stop_flag: threading.Event = field(default_factory=threading.Event, repr=False)
+    offset: int = 0
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def active(self) -> bool:
+        return self.status in ACTIVE
+
+
+@dataclass(frozen=True)
+class JobInfo:
+    """A read-only snapshot of a job, safe to hand to the page while the job goes on."""
+    id: str
+    kind: str
+    title: str
+    status: str
+    progress: float
+    message: str
+    events: tuple
+    result: Any
+    error: str | None
+    created: float
+    started: float | None
+    finished: float | None
+    ahead: int                      # jobs before this one (0 once it runs)
+    stop_requested: bool
+    meta: dict = field(default_factory=dict)   # what the page said about the job when it queued it
+    wait: float | None = None       # a queued job's estimated seconds until it starts (None: unknown)
+
+    @property
+    def active(self) -> bool:
+        return self.status in ACTIVE
+
+    def to_dict(self, with_events: bool = False) -> dict:
+        out = {k: getattr(self, k) for k in ("id", "kind", "title", "status", "progress", "message",
+                                             "error", "created", "started", "finished", "ahead")}
+        out["n_events"] = len(self.events)
+        if with_events:
+            out["events"] = list(self.events)
+        return out
+
+
+class Folder:
+    """A visitor's private folder: jobs/<id>/ holds each job's channel; .last_seen marks the last visit."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.jobs = self.root / "jobs"
+        self.jobs.mkdir(parents=True, exist_ok=True)
+
+    def touch(self) -> None:
+        (self.root / ".last_seen").touch()
+
+    def last_seen(self) -> float:
+        marker = self.root / ".last_seen"
+        return (marker if marker.exists() else self.root).stat().st_mtime
+
+
+@dataclass
+class JobContext:
+    """What a job function receives: its channel, its visitor's folder and its stop flag."""
+    channel: Channel
+    workspace: Folder
+    stop_flag: threading.Event
+
+    def progress(self, message: str = "", fraction: float | None = None, **extra) -> None:
+        """The one progress shape, (message, fraction 0..1), plus any fields the page reads."""
+        record: dict[str, Any] = {"type": extra.pop("type", "progress"), **extra}
+        if fraction is not None:
+            record["progress"] = fraction
+        if message:
+            record["message"] = message
+        self.channel.emit(**record)
+
+    def should_stop(self) -> bool:
+        return self.stop_flag.is_set() or self.channel.stop_requested()
+
+
+def expected_error(exc: BaseException) -> bool:
+    """One of this package's own errors (a model that cannot be loaded, bad data or settings): its
+    message is the whole story. Anything else is a bug and keeps its traceback in the server log."""
+    return isinstance(exc, Exception) and type(exc).__module__.split(".")[0] == _PACKAGE
+
+
+def short_error(exc: BaseException) -> str:
+    """One line for the page: our own errors speak for themselves; others get their type and the
+    first line of their message. Never a traceback (the server log has it)."""
+    text = str(exc).strip()
+    first = text.splitlines()[0] if text else ""
+    if expected_error(exc):
+        lines = [line for line in text.splitlines() if line.strip()][:6]
+        return "\n".join(lines)[:800] or type(exc).__name__
+    if "out of memory" in text.lower():
+        return "out of memory: try a smaller batch, fewer steps or 4-bit quantization"
+    name = type(exc).__name__
+    return f"{name}: {first[:300]}" if first else f"{name} (details are in the server log)"
+
+
+# ---------------------------------------------------------------------------------------------
+# The manager
+
+
+class JobManager:
+    """Per-visitor job registry with one worker slot and a bounded FIFO queue. `folder_type` makes a
+    visitor's folder; `stopped_message` says what a stopped job's card reads."""
+
+    folder_type: type = Folder
+
+    def __init__(self, root: str | Path, *, max_queue: int = 8, max_active_per_visitor: int = 3,
+                 keep_per_visitor: int = 20, session_hours: float = 24.0, cleanup_every: float = 600.0):
+        self.root = Path(root)
+        self.max_queue = max_queue
+        self.max_active_per_visitor = max_active_per_visitor
+        self.keep_per_visitor = keep_per_visitor
+        self.session_hours = float(session_hours)
+        self.cleanup_every = cleanup_every
+        self._lock = threading.RLock()
+        self._wake = threading.Condition(self._lock)
+        self._jobs: dict[str, OrderedDict[str, Job]] = {}
+        self._queue: deque[Job] = deque()
+        self._running: Job | None = None
+        self._worker: threading.Thread | None = None
+        self._closed = False
+        self._last_cleanup = 0.0
+        self._paces: deque[float] = deque(maxlen=50)   # measured seconds per unit of cost, here
+        self._took: dict[str, float] = {}              # the last finished job of each kind: its seconds
+
+    @staticmethod
+    def stopped_message(events: list) -> str:
+        return "stopped"
+
+    # visitors and their folders ----------------------------------------------------------------
+    def workspace(self, visitor: str):
+        if not valid_visitor(visitor):
+            raise JobError("invalid visitor id")
+        ws = self.folder_type(self.root / visitor)
+        ws.touch()
+        self._maybe_cleanup()
+        return ws
+
+    # submitting --------------------------------------------------------------------------------
+    def submit(self, visitor: str, kind: str, fn: Callable, *args, title: str | None = None,
+               meta: dict | None = None, **kwargs) -> JobInfo:
+        """Queue `fn(context, *args, **kwargs)`; returns at once. Raises QueueFull / JobError."""
+        ws = self.workspace(visitor)
+        with self._lock:
+            if self._closed:
+                raise JobError("the server is shutting down; try again in a minute")
+            mine = [j for j in self._jobs.get(visitor, {}).values() if j.active]
+            if len(mine) >= self.max_active_per_visitor:
+                raise JobError(f"you already have {len(mine)} jobs queued or running; "
+                               "wait for one to finish or stop it")
+            if len(self._queue) >= self.max_queue:
+                raise QueueFull(f"the queue is full ({len(self._queue)} jobs waiting for {worker_name()}); "
+                                "please try again in a few minutes")
+            job_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+            job = Job(id=job_id, visitor=visitor, kind=kind, title=title or kind,
+                      channel=Channel(ws.jobs / job_id), fn=fn, args=args, kwargs=kwargs,
+                      context=contextvars.copy_context(), meta=dict(meta or {}))
+            registry = self._jobs.setdefault(visitor, OrderedDict())
+            registry[job_id] = job
+            self._trim(registry)
+            self._queue.append(job)
+            self._ensure_worker()
+            self._wake.notify_all()
+            return self._info(job)
+
+    def _trim(self, registry: OrderedDict) -> None:
+        while len(registry) > self.keep_per_visitor:
+            oldest = next((k for k, j in registry.items() if not j.active), None)
+            if oldest is None:
+                break
+            old = registry.pop(oldest)
+            shutil.rmtree(old.channel.folder, ignore_errors=True)
+
+    def _ensure_worker(self) -> None:
+        if self._worker is None or not self._worker.is_alive():
+            self._worker = threading.Thread(target=self._work, name=f"{_PACKAGE}-worker", daemon=True)
+            self._worker.start()
+
+    # reading -----------------------------------------------------------------------------------
+    def get(self, visitor: str, job_id: str) -> JobInfo | None:
+        """A snapshot of the visitor's job, or None (unknown id, or another visitor's job)."""
+        with self._lock:
+            job = self._jobs.get(visitor, {}).get(job_id)
+            return None if job is None else self._info(job)
+
+    def jobs(self, visitor: str, kinds: tuple[str, ...] | str | None = None) -> list[JobInfo]:
+        """The visitor's jobs, newest first (optionally only some kinds)."""
+        if isinstance(kinds, str):
+            kinds = (kinds,)
+        with self._lock:
+            found = [j for j in self._jobs.get(visitor, {}).values() if kinds is None or j.kind in kinds]
+            return [self._info(j) for j in reversed(found)]
+
+    def latest(self, visitor: str, kinds: tuple[str, ...] | str | None = None) -> JobInfo | None:
+        found = self.jobs(visitor, kinds)
+        return found[0] if found else None
+
+    def has_active(self, visitor: str) -> bool:
+        with self._lock:
+            return any(j.active for j in self._jobs.get(visitor, {}).values())
+
+    def queue_length(self) -> int:
+        with self._lock:
+            return len(self._queue)
+
+    def busy(self) -> bool:
+        with self._lock:
+            return self._running is not None
+
+    def _info(self, job: Job) -> JobInfo:
+        self._sync(job)
+        return JobInfo(id=job.id, kind=job.kind, title=job.title, status=job.status, progress=job.progress,
+                       message=job.message, events=tuple(job.events), result=job.result, error=job.error,
+                       created=job.created, started=job.started, finished=job.finished,
+                       ahead=self._ahead(job), stop_requested=job.stop_flag.is_set(), meta=dict(job.meta),
+                       wait=self._wait(job))
+
+    # how long the line is -------------------------------------------------------------------------
+    def _wait(self, job: Job) -> float | None:
+        """Seconds until a queued job starts: what the running job has left plus the jobs ahead of it;
+        None when one of them cannot be estimated yet (nothing like it has run on this machine)."""
+        if job.status != "queued" or job not in self._queue:
+            return None
+        total = 0.0
+        if self._running is not None:
+            left = self._left(self._running)
+            if left is None:
+                return None
+            total += left
+        for other in self._queue:
+            if other is job:
+                return total
+            need = self._need(other)
+            if need is None:
+                return None
+            total += need
+        return total
+
+    def _left(self, job: Job) -> float | None:
+        """What a running job has left: its latest reported `left`, else its expected duration less the
+        time it has run."""
+        self._sync(job)
+        now = time.time()
+        last = next((e for e in reversed(job.events) if isinstance(e.get("left"), (int, float))), None)
+        if last is not None:
+            left = max(0.0, last["left"] - (now - last.get("time", now)))
+            if not last.get("prelude"):
+                return left
+            need = self._need(job)                       # a prelude: the measured work comes after it
+            return None if need is None else left + need
+        need = self._need(job)
+        return None if need is None else max(0.0, need - (now - (job.started or now)))
+
+    def _need(self, job: Job) -> float | None:
+        """How long a job runs on this machine, as far as measured: a job with a meta "cost" that cost
+        at the measured pace; any other the last finished job of its kind."""
+        if "cost" in job.meta:
+            cost = job.meta["cost"]
+            if not isinstance(cost, (int, float)) or not self._paces:
+                return None
+            paces = sorted(self._paces)
+            return cost * paces[len(paces) // 2]
+        return self._took.get(job.kind)
+
+    def _ahead(self, job: Job) -> int:
+        if job.status != "queued":
+            return 0
+        try:
+            index = self._queue.index(job)
+        except ValueError:
+            return 0
+        return index + (1 if self._running is not None else 0)
+
+    def _sync(self, job: Job) -> None:
+        """Fold the job's new channel records into its progress, message and events."""
+        if job.status == "queued":
+            return
+        records, job.offset = job.channel.read(job.offset)
+        for record in records:
+            job.events.append(record)
+            if isinstance(record.get("pace"), (int, float)) and record["pace"] > 0:
+                self._paces.append(record["pace"])
+            if isinstance(record.get("progress"), (int, float)):
+                job.progress = max(0.0, min(1.0, float(record["progress"])))
+            if record.get("message") and job.status == "running":
+                job.message = str(record["message"])
+
+    # stopping ----------------------------------------------------------------------------------
+    def stop(self, visitor: str, job_id: str) -> bool:
+        """Stop one of the visitor's jobs: a queued job leaves the queue, a running one finishes its
+        current step and saves what it has. False if there is no such active job."""
+        with self._lock:
+            job = self._jobs.get(visitor, {}).get(job_id)
+            if job is None or not job.active:
+                return False
+            job.stop_flag.set()
+            job.channel.request_stop()
+            if job.status == "queued":
+                try:
+                    self._queue.remove(job)
+                except ValueError:
+                    pass
+                job.status, job.finished, job.message = "stopped", time.time(), "stopped before it started"
+            else:
+                job.message = "stopping after the current step..."
+            return True
+
+    # the worker --------------------------------------------------------------------------------
+    def _work(self) -> None:
+        while True:
+            with self._lock:
+                while not self._queue and not self._closed:
+                    self._wake.wait(timeout=5)
+                if self._closed:
+                    return
+                job = self._queue.popleft()
+                job.status, job.started, job.message = "running", time.time(), "starting..."
+                self._running = job
+            self._run(job)
+            with self._lock:
+                self._running = None
+
+    def _run(self, job: Job) -> None:
+        ctx = JobContext(job.channel, self.folder_type(self.root / job.visitor), job.stop_flag)
+        try:
+            result = job.context.run(job.fn, ctx, *job.args, **job.kwargs) if job.context else \
+                job.fn(ctx, *job.args, **job.kwargs)
+        except BaseException as exc:  # noqa: BLE001 - a job must never take the worker down
+            self._failed(job, exc)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        with self._lock:
+            self._sync(job)
+            job.result = result
+            stopped = job.stop_flag.is_set() or job.channel.stop_requested()
+            job.status = "stopped" if stopped else "finished"
+            job.progress = job.progress if stopped else 1.0
+            summary = result.get("message") if isinstance(result, dict) else None
+            job.message = (self.stopped_message(job.events) if stopped else summary or "done")
+            job.finished = time.time()
+            if not stopped:
+                self._took[job.kind] = job.finished - job.started
+
+    def _failed(self, job: Job, exc: BaseException) -> None:
+        if expected_error(exc):   # e.g. the hub is offline: one line says it all, no traceback
+            log.warning("job %s (%s) failed: %s", job.id, job.kind, short_error(exc).replace("\n", "; "))
+        else:
+            log.exception("job %s (%s) failed", job.id, job.kind)
+        with self._lock:
+            self._sync(job)
+            job.status, job.error = "failed", short_error(exc)
+            job.message, job.finished = job.error, time.time()
+
+    def close(self, wait: float = 0.0) -> None:
+        """Stop taking jobs and ask the running one to stop (tests, server shutdown)."""
+        with self._lock:
+            self._closed = True
+            for job in list(self._queue):
+                job.status, job.finished, job.message = "stopped", time.time(), "server shutting down"
+            self._queue.clear()
+            if self._running is not None:
+                self._running.stop_flag.set()
+                self._running.channel.request_stop()
+            self._wake.notify_all()
+            worker = self._worker
+        if wait and worker is not None:
+            worker.join(wait)
+
+    # expiry ------------------------------------------------------------------------------------
+    def _maybe_cleanup(self) -> None:
+        now = time.time()
+        if now - self._last_cleanup >= self.cleanup_every:
+            self._last_cleanup = now
+            try:
+                self.cleanup()
+            except OSError:
+                log.exception("workspace cleanup failed")
+
+    def cleanup(self, max_age_hours: float | None = None, now: float | None = None) -> list[str]:
+        """Remove folders (and forget jobs) of visitors idle for longer than `max_age_hours`."""
+        hours = self.session_hours if max_age_hours is None else max_age_hours
+        now = time.time() if now is None else now
+        removed = []
+        if not self.root.is_dir():
+            return removed
+        for folder in sorted(self.root.iterdir()):
+            if not folder.is_dir() or not valid_visitor(folder.name):
+                continue
+            with self._lock:
+                if any(j.active for j in self._jobs.get(folder.name, {}).values()):
+                    continue
+                marker = folder / ".last_seen"
+                seen = (marker if marker.exists() else folder).stat().st_mtime
+                if now - seen <= hours * 3600:
+                    continue
+                self._jobs.pop(folder.name, None)
+                shutil.rmtree(folder, ignore_errors=True)
+                removed.append(folder.name)
+        return removed
