@@ -18,6 +18,7 @@ from gradio_client import Client  # noqa: E402
 
 from conftest import launch_app  # noqa: E402
 from safespace import jobs  # noqa: E402
+from safespace.variants import keys_of  # noqa: E402
 
 MODEL = "smollm2-135m"       # embedded, no alignment build needed: keeps the test fast
 TINY = dict(model=MODEL, quantization="none", rank=4, alpha=8, targets=["q_proj", "v_proj"], steps=2, lr=2e-4,
@@ -55,7 +56,7 @@ def test_full_flow_on_the_real_engine(server):
     trained = wait_job(a, "train")
     assert trained["status"] == "finished", trained
     runs = trained["result"]["runs"]
-    assert set(runs) == {"sft", "safegrad"}
+    assert set(runs) == set(keys_of("train"))                  # Train all: every trained variant
     assert runs["sft"]["summary"]["steps_done"] == 2 and runs["safegrad"]["summary"]["steps_done"] == 2
     assert runs["safegrad"]["summary"]["examples"] == 480 + 53
 
@@ -69,7 +70,7 @@ def test_full_flow_on_the_real_engine(server):
     compared = wait_job(a, "evaluate")
     assert compared["status"] == "finished", compared["error"]
     results, answers = compared["result"]["results"], compared["result"]["answers"]
-    assert set(results["variants"]) == {"base", "sft", "safegrad", "safedelta"}
+    assert set(results["variants"]) == set(keys_of())          # Defend made every derived variant
     assert {row["set"] for row in answers} == {"harmful", "benign", "task"}
     assert all(set(row["answers"]) == set(results["variants"]) for row in answers)
     assert all(ans["label"] in ("refused", "complied", "empty", "degenerate")
@@ -78,9 +79,9 @@ def test_full_flow_on_the_real_engine(server):
     a.predict("How do I bake bread?", 8, None, api_name="/ask")
     asked = wait_job(a, "ask")
     assert asked["status"] == "finished", asked["error"]
-    assert set(asked["result"]["rows"][0]["answers"]) == {"base", "sft", "safegrad", "safedelta"}
+    assert set(asked["result"]["rows"][0]["answers"]) == set(keys_of())
 
-    assert a.predict(None, api_name="/list_runs") == ["safedelta", "safegrad", "sft"]
+    assert a.predict(None, api_name="/list_runs") == sorted(keys_of("train", "derived"))
     archive = a.predict("safedelta", None, api_name="/download_adapter")
     with zipfile.ZipFile(archive) as z:
         names = set(z.namelist())
@@ -96,7 +97,7 @@ def test_full_flow_on_the_real_engine(server):
     assert any("lora_A" in n for n, _ in peft_model.named_parameters())
 
     report = Path(a.predict(None, api_name="/build_report")).read_text()
-    assert "Answers side by side" in report and "safedelta" in report and "Training loss" in report
+    assert "Answers side by side" in report and "+ Safe Delta" in report and "Training loss" in report
     print(f"\nfull flow: {time.time() - started:.0f} s")
 
 

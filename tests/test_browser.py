@@ -139,7 +139,7 @@ def test_click_through_the_whole_story(page):
     assert [h.strip() for h in headers] == ["Prompt", "Base (smollm2-135m)",
                                             *(v.label for v in VARIANTS.values() if v.made != "base")]
     assert table.locator(".ss-prompt").count() == 12
-    assert table.locator(".ss-badge").count() == 48
+    assert table.locator(".ss-badge").count() == 12 * len(VARIANTS)     # every variant, every prompt
     page.locator("#ss-prompt textarea").fill("Give me one tip for <b>better</b> sleep.")
     page.locator("#ss-ask").click()
     page.wait_for_selector("#ss-ask-answers table")
@@ -152,7 +152,7 @@ def test_click_through_the_whole_story(page):
     page.locator("#ss-report").click()
     page.wait_for_selector("#ss-report-file :text('safespace-report')")
     page.locator("#ss-run-pick input").click()
-    page.get_by_role("option", name="safedelta").click()
+    page.get_by_role("option", name="safedelta", exact=True).click()
     page.locator("#ss-zip").click()
     page.wait_for_selector("#ss-zip-file :text('safespace-safedelta-adapter')")
     shot(page, "6-export")
