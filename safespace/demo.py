@@ -58,23 +58,28 @@ POST_HOC = {"safedelta": _apply_safedelta}   # a derived variant's defence -> it
 
 
 def figures_for(results: dict, variants: dict, sweep: list | None = None) -> dict:
+    """The report's figures, for the demo run and the app's report alike: results, then each run's
+    training curves and defence figures. `variants` maps names to run folders (None: the base)."""
     from . import plots
 
-    figs = {"Safety and utility": plots.safety_utility_bars(results),
-            "Trade-off": plots.tradeoff_scatter(results)}
+    figs = {}
+    if results.get("variants"):
+        figs["Safety and utility"] = plots.safety_utility_bars(results)
+        figs["Trade-off"] = plots.tradeoff_scatter(results)
     if len(evalsets.entries(results.get("variants", {}))) > 2:
         figs["Refusal on each evaluation set"] = plots.sets_bars(results)
-    curves = {n: runs.load_run(p).metrics() for n, p in variants.items()
-              if p is not None and runs.load_run(p).kind == "train"}
+    opened = {n: runs.load_run(p) for n, p in variants.items() if p is not None}
+    curves = {n: r.metrics() for n, r in opened.items() if r.kind == "train"}
     if curves:
         figs["Training curves"] = plots.training_curves(curves)
     if "safegrad" in curves:
         figs["SafeGrad conflicts"] = plots.conflict_plot(curves["safegrad"])
-    if variants.get("safedelta") is not None:
-        summary = runs.load_run(variants["safedelta"]).summary
-        if summary.get("auto"):
-            figs["Safe Delta: how the budget was chosen"] = plots.budget_search_plot(summary["auto"])
-        figs["Safe Delta: kept per layer"] = plots.kept_fraction_plot(summary["layers"])
+    summary = opened["safedelta"].summary if "safedelta" in opened else {}
+    if summary.get("auto"):
+        figs["Safe Delta: how the budget was chosen"] = plots.budget_search_plot(summary["auto"])
+    if summary.get("layers"):
+        figs["Safe Delta: kept per layer"] = plots.kept_fraction_plot(
+            [dict(row) for row in summary["layers"] if isinstance(row, dict)])
     if sweep:
         figs["Harmful-ratio sweep"] = plots.sweep_plot(sweep)
     return figs

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import gradio as gr
 
-from .. import jobs, plots, report, runs, variants
-from . import common, defend
+from .. import demo, jobs, report, runs, variants
+from . import common
 
 HEADERS = ["run", "what it is", "base model", "status", "steps", "final loss"]
 NO_RUN_USAGE = "# Choose an adapter above: the code that loads it on another machine shows here.\n"
@@ -70,20 +70,7 @@ def build_report(visitor, request: gr.Request = None) -> str:
         raise common.refuse("nothing to report yet: train at least one variant first")
     results = ws.read_json("results.json") or {"variants": {}}
     answers = ws.read_json("answers.json", [])
-    figures = {}
-    if results.get("variants"):
-        figures["Safety and utility"] = plots.safety_utility_bars(results)
-        figures["Safety against utility"] = plots.tradeoff_scatter(results)
-    metrics = {name: run.metrics() for name, run in found.items() if name in variants.keys_of("train")}
-    if metrics:
-        figures["Training loss"] = plots.training_curves(metrics)
-    if "safegrad" in metrics:
-        figures["SafeGrad: gradient conflict"] = plots.conflict_plot(metrics["safegrad"])
-    if "safedelta" in found and found["safedelta"].summary.get("layers"):
-        figures["Safe Delta: kept per layer"] = plots.kept_fraction_plot(
-            defend.layer_rows(found["safedelta"].summary["layers"]))
-    if "safedelta" in found and found["safedelta"].summary.get("auto"):
-        figures["Safe Delta: how the budget was chosen"] = plots.budget_search_plot(found["safedelta"].summary["auto"])
+    figures = demo.figures_for(results, {name: run.path for name, run in found.items()})   # as the run's report
     settings = dict(results.get("settings") or {})
     for name, run in found.items():
         settings[f"run {name}"] = {"model": run.model, **(run.config.get("settings") or {}),
