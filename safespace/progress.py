@@ -8,6 +8,8 @@ from __future__ import annotations
 import sys
 from typing import Callable
 
+from .log import say
+
 Progress = Callable[[str, float], None]      # (message, fraction 0..1)
 
 
@@ -40,9 +42,9 @@ def console_progress(desc: str):
         elif event.kind == "end" and bar is not None:
             bar.close()
             if event.message:
-                print(f"[safespace] {event.message}", file=sys.stderr)
+                say(event.message)
         elif event.kind == "wait" and event.message:   # e.g. another process is building what this one needs
-            print(f"[safespace] {event.message}", file=sys.stderr, flush=True)
+            say(event.message)
     return on_event
 
 
@@ -67,5 +69,5 @@ def console_stages(every: float = 0.0):
     def show(message: str, fraction: float) -> None:
         if message != last[0]:
             last[0] = message
-            print(f"[safespace] {100 * fraction:3.0f} % {message}", file=sys.stderr, flush=True)
+            say(f"{100 * fraction:3.0f} % {message}")
     return throttled(show, every) if every else show
