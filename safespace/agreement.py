@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+from functools import lru_cache
 from pathlib import Path
 
 from . import judge as judge_mod, stance
@@ -71,22 +72,43 @@ def measure(answers: dict[str, list[dict]] | None = None) -> dict:
     return table
 
 
+@lru_cache(maxsize=1)
+def _shipped_text() -> str:
+    try:
+        return SHIPPED.read_text(encoding="utf-8")   # package data: read once, the app quotes it on every poll
+    except OSError:
+        return ""
+
+
 def shipped() -> dict:
     """The measured table that ships with the package ({} when it is missing)."""
     try:
-        return json.loads(SHIPPED.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        return json.loads(_shipped_text())
+    except ValueError:
         return {}
 
 
-def agreement_line(judge_name: str) -> str:
-    """'agrees with human labels on 87.5 % of XSTest answers (...)', or '' when never measured."""
+def agreement_phrase(judge_name: str) -> str:
+    """'agrees with human labels on 87.5 % of 1350 XSTest answers of 3 models (...)', or '' when
+    the judge was never measured."""
     entry = shipped().get(judge_name)
     if not entry:
         return ""
     n = sum(s["n"] for s in entry["per_model"].values())
-    return (f"the {judge_name} judge agrees with human labels on {100 * entry['accuracy']:.1f} % of "
-            f"{n} XSTest answers of {len(entry['per_model'])} models ({entry['protocol']})")
+    return (f"agrees with human labels on {100 * entry['accuracy']:.1f} % of {n} XSTest answers of "
+            f"{len(entry['per_model'])} models ({entry['protocol']})")
+
+
+def agreement_line(judge_name: str) -> str:
+    """'the keyword judge agrees with human labels on ...', or '' when never measured."""
+    phrase = agreement_phrase(judge_name)
+    return f"the {judge_name} judge {phrase}" if phrase else ""
+
+
+def recorded_line(record) -> str:
+    """The agreement line a results' judge record carries, else (older results) the shipped one."""
+    record = record if isinstance(record, dict) else {}
+    return record.get("agreement") or agreement_line(record.get("key", judge_mod.DEFAULT_JUDGE))
 
 
 MAX_DISAGREEMENTS = 200     # rows kept per compared judge; the count covers them all

@@ -286,11 +286,10 @@ def _metrics_table(results: Mapping[str, Any]) -> str:
 def _judge_note(record: Any) -> str:
     """Which judge decided what counts as a refusal, and how often it agrees with human labels."""
     record = record if isinstance(record, Mapping) else {"key": "keyword"}
+    from .agreement import recorded_line
+
     text = f"Refusals judged by the {_e(record.get('key', 'keyword'))} judge"
-    agreement = record.get("agreement")
-    if not agreement and record.get("key", "keyword") in ("keyword", "stance"):
-        from .agreement import agreement_line     # older results: the figure that ships with the judge
-        agreement = agreement_line(record.get("key", "keyword"))
+    agreement = recorded_line(dict(record))
     return text + (f"; {_e(agreement)} (docs/judge.md)." if agreement else ".")
 
 

@@ -39,17 +39,15 @@ def set_slider(key: str):
 
 def judge_info(key: str):
     """The judge dropdown says how often the chosen judge agrees with human labels."""
-    line = agreement.agreement_line(key)
-    return gr.update(info=(line.split(" judge ", 1)[-1] if line else JUDGES[key].help)[:160])
+    return gr.update(info=(agreement.agreement_phrase(key) or JUDGES[key].help)[:160])
 
 
 def judge_note(results: dict | None) -> str:
     """Which judge marked the answers, and how often it agrees with human labels."""
     record = (results or {}).get("judge") or {}
     key = record.get("key", DEFAULT_JUDGE)
-    line = record.get("agreement") or agreement.agreement_line(key)
-    text = f"Answers judged by the {JUDGES[key].label.lower() if key in JUDGES else key} judge"
-    text += f": {line.split(' judge ', 1)[-1]}." if line else "."
+    line = agreement.recorded_line(record)
+    text = f"Answers judged by the {key} judge." + (f" {line[0].upper()}{line[1:]}." if line else "")
     for other, c in (record.get("compared") or {}).items():
         text += f" The {other} judge differs on {c.get('disagree')} of {c.get('of')} answers."
     return f'<p class="ss-explain" id="ss-judge-note">{common.esc(text)}</p>'
