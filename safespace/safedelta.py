@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from . import models
 from .config import SAFE_DELTA_TOLERANCE
