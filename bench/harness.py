@@ -90,18 +90,22 @@ def section_header(title: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------ machine
+def cpu_model() -> str:
+    """The CPU's model name (what lscpu says), else the platform's word for it."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine_facts() -> dict:
     import torch
     from safespace import models
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     memory = None
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():

@@ -1,9 +1,15 @@
-"""A job queue for a shared machine: one worker slot, a bounded FIFO queue, one private folder per visitor.
+"""A job queue for a shared machine: N worker slots, a bounded FIFO queue, one private folder per visitor.
 
 A visitor is a stable id. Each visitor has a registry of its jobs (nobody else can list, read or stop
 them) and a folder  <root>/<visitor>/  removed by `JobManager.cleanup` after `session_hours` without a
-visit. One worker thread runs one job at a time; up to `max_queue` more wait in order, each knowing how
-many jobs are ahead of it and, once something alike has run here, about how long it will wait.
+visit. `workers` threads (SAFESPACE_WORKERS, else `default_workers` for this hardware) each run one job
+at a time; up to `max_queue` more wait in order, each knowing how many jobs are ahead of it and, once
+something alike has run here, about how long it will wait.
+
+Every job whose function is registered (`functions`) and whose arguments are plain is also recorded
+in `<root>/jobs.sqlite3` (jobstore.py): a manager started on the same root (a restarted server) runs
+the queued ones in their order, marks the one that was running `interrupted`, and `resume` queues it
+again.
 
 A job reports through a `Channel`, an append-only events file and a stop file, rather than callbacks,
 so the same call works in this process and in a worker process its arguments are pickled to. A record
@@ -17,6 +23,7 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
+import math
 import os
 import re
 import secrets
@@ -28,10 +35,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from . import jobstore
+
 log = logging.getLogger("safespace.jobs")
 
 ACTIVE = ("queued", "running")
-DONE = ("finished", "stopped", "failed")
+DONE = ("finished", "stopped", "failed", "interrupted")
+RESUMABLE = ("interrupted", "stopped")     # what `resume` queues again
+INTERRUPTED_MESSAGE = "interrupted by a server restart; press Resume to continue where it left off"
 VISITOR_ID = re.compile(r"^[A-Za-z0-9_-]{8,64}$")      # also safe as a folder name
 _PACKAGE = __name__.split(".")[0]                      # whose own errors are expected ones
 
@@ -160,6 +171,8 @@ class Job:
     stop_flag: threading.Event = field(default_factory=threading.Event, repr=False)
     offset: int = 0
     meta: dict = field(default_factory=dict)
+    durable: bool = False           # recorded in the job store (its call can run after a restart)
+    queued_at: float = field(default_factory=time.time)
 
     @property
     def active(self) -> bool:
@@ -256,18 +269,72 @@ def short_error(exc: BaseException) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+# How many workers this machine runs, and how many torch threads each one gets
+
+CPU_CORES_PER_WORKER = 4    # below 2 x this many cores, a second CPU worker only oversubscribes the cores
+
+
+def default_workers(cpu_count: int | None, gpu_free_bytes: int | None = None, job_bytes: int | None = None) -> int:
+    """Workers for this hardware: on a GPU as many jobs as fit in its free memory (at least 1, at most
+    one per core); on a CPU 1 below 8 cores, else one per CPU_CORES_PER_WORKER cores."""
+    cores = max(1, int(cpu_count or 1))
+    if gpu_free_bytes and job_bytes and job_bytes > 0:
+        return max(1, min(int(gpu_free_bytes // job_bytes), cores))
+    if cores < 2 * CPU_CORES_PER_WORKER:
+        return 1
+    return cores // CPU_CORES_PER_WORKER
+
+
+def gpu_free_bytes() -> int | None:
+    """Free memory on the first CUDA device, or None without one (or on ZeroGPU, where the main
+    process must not touch CUDA and each call gets its own GPU anyway)."""
+    if os.environ.get("SPACES_ZERO_GPU"):
+        return None
+    try:
+        import torch  # noqa: PLC0415 - only to ask about the device
+        if torch.cuda.is_available():
+            return int(torch.cuda.mem_get_info()[0])
+    except (ImportError, RuntimeError):
+        pass
+    return None
+
+
+def threads_per_worker(workers: int, cores: int | None = None) -> int:
+    """torch threads for one worker: the thread budget ($SAFESPACE_THREADS, else the cores) divided
+    among the workers (at least one each), so N workers together use what one would."""
+    budget = cores or int(os.environ.get("SAFESPACE_THREADS") or 0) or os.cpu_count() or 1
+    return max(1, budget // max(1, workers))
+
+
+def _set_worker_threads(workers: int) -> None:
+    """Give this worker thread its share of torch's CPU threads (torch's count is per thread)."""
+    if workers <= 1 and not os.environ.get("SAFESPACE_THREADS"):
+        return                              # one worker, no budget set: leave torch's default alone
+    try:
+        import torch  # noqa: PLC0415 - the jobs train and generate with it
+    except ImportError:
+        return
+    torch.set_num_threads(threads_per_worker(workers))
+
+
+# ---------------------------------------------------------------------------------------------
 # The manager
 
 
 class JobManager:
-    """Per-visitor job registry with one worker slot and a bounded FIFO queue. `folder_type` makes a
-    visitor's folder; `stopped_message` says what a stopped job's card reads."""
+    """Per-visitor job registry with `workers` worker slots, a bounded FIFO queue and durable records.
+    `folder_type` makes a visitor's folder; `stopped_message` says what a stopped job's card reads;
+    `functions` names the job functions whose jobs survive a restart (more may be given per manager)."""
 
     folder_type: type = Folder
+    functions: dict[str, Callable] = {}
 
     def __init__(self, root: str | Path, *, max_queue: int = 8, max_active_per_visitor: int = 3,
-                 keep_per_visitor: int = 20, session_hours: float = 24.0, cleanup_every: float = 600.0):
+                 keep_per_visitor: int = 20, session_hours: float = 24.0, cleanup_every: float = 600.0,
+                 workers: int | None = None, functions: dict[str, Callable] | None = None):
         self.root = Path(root)
+        self.workers = self._worker_count(workers)
+        self.functions = {**type(self).functions, **(functions or {})}
         self.max_queue = max_queue
         self.max_active_per_visitor = max_active_per_visitor
         self.keep_per_visitor = keep_per_visitor
@@ -277,16 +344,38 @@ class JobManager:
         self._wake = threading.Condition(self._lock)
         self._jobs: dict[str, OrderedDict[str, Job]] = {}
         self._queue: deque[Job] = deque()
-        self._running: Job | None = None
-        self._worker: threading.Thread | None = None
+        self._running: list[Job] = []
+        self._threads: list[threading.Thread] = []
         self._closed = False
         self._last_cleanup = 0.0
         self._paces: deque[float] = deque(maxlen=50)   # measured seconds per unit of cost, here
         self._took: dict[str, float] = {}              # the last finished job of each kind: its seconds
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._store = jobstore.JobStore(self.root / "jobs.sqlite3")
+        self._restore()
 
     @staticmethod
     def stopped_message(events: list) -> str:
         return "stopped"
+
+    def _worker_count(self, workers: int | None) -> int:
+        """`workers`, else $SAFESPACE_WORKERS, else what this hardware runs well (`default_workers`)."""
+        if workers is None and os.environ.get("SAFESPACE_WORKERS"):
+            try:
+                workers = int(os.environ["SAFESPACE_WORKERS"])
+            except ValueError:
+                raise JobError(f"SAFESPACE_WORKERS must be a whole number, got {os.environ['SAFESPACE_WORKERS']!r}") \
+                    from None
+        if workers is None:
+            workers = default_workers(os.cpu_count(), gpu_free_bytes(), self.job_bytes())
+        if workers < 1:
+            raise JobError(f"workers must be at least 1, got {workers}")
+        return int(workers)
+
+    @staticmethod
+    def job_bytes() -> int | None:
+        """Accelerator memory one job needs (None: unknown); the app's manager estimates it."""
+        return None
 
     # visitors and their folders ----------------------------------------------------------------
     def workspace(self, visitor: str):
@@ -316,6 +405,7 @@ class JobManager:
             job = Job(id=job_id, visitor=visitor, kind=kind, title=title or kind,
                       channel=Channel(ws.jobs / job_id), fn=fn, args=args, kwargs=kwargs,
                       context=contextvars.copy_context(), meta=dict(meta or {}))
+            self._record(job)
             registry = self._jobs.setdefault(visitor, OrderedDict())
             registry[job_id] = job
             self._trim(registry)
@@ -331,11 +421,111 @@ class JobManager:
                 break
             old = registry.pop(oldest)
             shutil.rmtree(old.channel.folder, ignore_errors=True)
+            if old.durable:
+                self._store_call(self._store.delete, [old.id])
 
     def _ensure_worker(self) -> None:
-        if self._worker is None or not self._worker.is_alive():
-            self._worker = threading.Thread(target=self._work, name=f"{_PACKAGE}-worker", daemon=True)
-            self._worker.start()
+        self._threads = [t for t in self._threads if t.is_alive()]
+        while len(self._threads) < self.workers:
+            thread = threading.Thread(target=self._work, name=f"{_PACKAGE}-worker-{len(self._threads) + 1}",
+                                      daemon=True)
+            self._threads.append(thread)
+            thread.start()
+
+    # durable records ---------------------------------------------------------------------------
+    def _name_of(self, fn: Callable) -> str | None:
+        return next((name for name, known in self.functions.items() if known is fn), None)
+
+    def _record(self, job: Job) -> None:
+        """Write a new job to the store when its function is registered and its arguments are plain."""
+        name = self._name_of(job.fn)
+        call = jobstore.encode_call(name, job.args, job.kwargs) if name else None
+        if call is None:
+            return
+        job.durable = True
+        self._store_call(self._store.add, {
+            "id": job.id, "visitor": job.visitor, "kind": job.kind, "title": job.title, "state": job.status,
+            "submitted": job.created, "queued": job.queued_at, "message": job.message,
+            "meta": jobstore.to_json(job.meta) or "{}", "call": call})
+
+    def _persist(self, job: Job, **values) -> None:
+        """Write a durable job's changed fields (its state always)."""
+        if job.durable:
+            self._store_call(self._store.update, job.id, state=job.status, **values)
+
+    def _store_call(self, method: Callable, *args, **kwargs) -> None:
+        try:
+            method(*args, **kwargs)
+        except Exception:  # noqa: BLE001 - a full disk must not take the page or the worker down
+            log.exception("writing the job records failed")
+
+    def _restore(self) -> None:
+        """Load the records a previous server left: queued jobs queue again in their order, the running
+        ones become interrupted, finished ones are listed as before."""
+        queued = []
+        for row in self._store.load():
+            job = self._job_from(row)
+            if job is None:
+                continue
+            self._jobs.setdefault(job.visitor, OrderedDict())[job.id] = job
+            if job.status == "queued":
+                queued.append(job)
+        for job in sorted(queued, key=lambda j: j.queued_at):
+            self._queue.append(job)
+        if queued:
+            log.info("restored %d queued job(s) from %s", len(queued), self._store.path)
+            self._ensure_worker()
+
+    def _job_from(self, row: dict) -> Job | None:
+        """A Job from its record; a job that was running becomes interrupted, one whose function is
+        unknown here cannot run again and says so."""
+        if not valid_visitor(row["visitor"]):
+            return None
+        call = json.loads(row["call"]) if row.get("call") else {}
+        fn = self.functions.get(call.get("fn"))
+        job = Job(id=row["id"], visitor=row["visitor"], kind=row["kind"], title=row["title"],
+                  channel=Channel(self.root / row["visitor"] / "jobs" / row["id"]), fn=fn,
+                  args=tuple(call.get("args", ())), kwargs=dict(call.get("kwargs", {})), status=row["state"],
+                  progress=row["progress"] or 0.0, message=row["message"] or "", error=row["error"],
+                  result=json.loads(row["result"]) if row.get("result") else None, created=row["submitted"],
+                  started=row["started"], finished=row["finished"], meta=json.loads(row["meta"] or "{}"),
+                  durable=True, queued_at=row["queued"])
+        if job.status == "running":
+            job.status, job.message, job.finished = "interrupted", INTERRUPTED_MESSAGE, time.time()
+            self._persist(job, message=job.message, finished=job.finished)
+        elif job.status == "queued" and fn is None:
+            job.status, job.finished = "failed", time.time()
+            job.error = job.message = f"this {job.kind} job cannot run on this server version; submit it again"
+            self._persist(job, message=job.message, error=job.error, finished=job.finished)
+        return job
+
+    # resuming ----------------------------------------------------------------------------------
+    def resume(self, visitor: str, job_id: str) -> JobInfo:
+        """Queue an interrupted or stopped job again, same id and folder (a training continues from its
+        last checkpoint). Raises JobError when there is no such job or the queue is full."""
+        with self._lock:
+            job = self._jobs.get(visitor, {}).get(job_id)
+            if job is None or job.status not in RESUMABLE:
+                raise JobError("there is no interrupted or stopped job to resume")
+            if job.fn is None:
+                raise JobError(f"this {job.kind} job cannot run on this server version; submit it again")
+            if self._closed:
+                raise JobError("the server is shutting down; try again in a minute")
+            mine = [j for j in self._jobs.get(visitor, {}).values() if j.active]
+            if len(mine) >= self.max_active_per_visitor:
+                raise JobError(f"you already have {len(mine)} jobs queued or running; wait for one to finish")
+            if len(self._queue) >= self.max_queue:
+                raise QueueFull(f"the queue is full ({len(self._queue)} jobs waiting for {worker_name()}); "
+                                "please try again in a few minutes")
+            job.channel.stop_file.unlink(missing_ok=True)
+            job.stop_flag = threading.Event()
+            job.status, job.message, job.queued_at = "queued", "waiting for the worker (resuming)", time.time()
+            job.finished = job.error = job.result = None
+            self._persist(job, queued=job.queued_at, message=job.message, finished=None, error=None, result=None)
+            self._queue.append(job)
+            self._ensure_worker()
+            self._wake.notify_all()
+            return self._info(job)
 
     # reading -----------------------------------------------------------------------------------
     def get(self, visitor: str, job_id: str) -> JobInfo | None:
@@ -366,7 +556,12 @@ class JobManager:
 
     def busy(self) -> bool:
         with self._lock:
-            return self._running is not None
+            return bool(self._running)
+
+    def running(self) -> int:
+        """How many jobs run right now (at most `workers`)."""
+        with self._lock:
+            return len(self._running)
 
     def _info(self, job: Job) -> JobInfo:
         self._sync(job)
@@ -378,24 +573,24 @@ class JobManager:
 
     # how long the line is -------------------------------------------------------------------------
     def _wait(self, job: Job) -> float | None:
-        """Seconds until a queued job starts: what the running job has left plus the jobs ahead of it;
-        None when one of them cannot be estimated yet (nothing like it has run on this machine)."""
+        """Seconds until a queued job starts: the workers, each free once its running job ends, take the
+        jobs ahead in order, each on the first free worker; None when one of them cannot be estimated
+        yet (nothing like it has run on this machine)."""
         if job.status != "queued" or job not in self._queue:
             return None
-        total = 0.0
-        if self._running is not None:
-            left = self._left(self._running)
-            if left is None:
-                return None
-            total += left
+        free_at = [math.inf if (left := self._left(r)) is None else left for r in self._running]
+        free_at += [0.0] * max(0, self.workers - len(free_at))
         for other in self._queue:
+            start = min(free_at)
+            if math.isinf(start):
+                return None
             if other is job:
-                return total
+                return start
             need = self._need(other)
             if need is None:
                 return None
-            total += need
-        return total
+            free_at[free_at.index(start)] = start + need
+        return None
 
     def _left(self, job: Job) -> float | None:
         """What a running job has left: its latest reported `left`, else its expected duration less the
@@ -424,13 +619,15 @@ class JobManager:
         return self._took.get(job.kind)
 
     def _ahead(self, job: Job) -> int:
+        """The queued jobs before this one, plus one while every worker is busy (the job it waits on)."""
         if job.status != "queued":
             return 0
         try:
             index = self._queue.index(job)
         except ValueError:
             return 0
-        return index + (1 if self._running is not None else 0)
+        busy = sum(running.status == "running" for running in self._running)   # not one that just ended
+        return index + (1 if busy >= self.workers else 0)
 
     def _sync(self, job: Job) -> None:
         """Fold the job's new channel records into its progress, message and events."""
@@ -462,12 +659,14 @@ class JobManager:
                 except ValueError:
                     pass
                 job.status, job.finished, job.message = "stopped", time.time(), "stopped before it started"
+                self._persist(job, finished=job.finished, message=job.message)
             else:
                 job.message = "stopping after the current step..."
             return True
 
     # the worker --------------------------------------------------------------------------------
     def _work(self) -> None:
+        _set_worker_threads(self.workers)
         while True:
             with self._lock:
                 while not self._queue and not self._closed:
@@ -476,10 +675,13 @@ class JobManager:
                     return
                 job = self._queue.popleft()
                 job.status, job.started, job.message = "running", time.time(), "starting..."
-                self._running = job
-            self._run(job)
-            with self._lock:
-                self._running = None
+                self._running.append(job)
+                self._persist(job, started=job.started, message=job.message)
+            try:
+                self._run(job)
+            finally:
+                with self._lock:
+                    self._running.remove(job)
 
     def _run(self, job: Job) -> None:
         ctx = JobContext(job.channel, self.folder_type(self.root / job.visitor), job.stop_flag)
@@ -499,9 +701,13 @@ class JobManager:
             job.progress = job.progress if stopped else 1.0
             summary = result.get("message") if isinstance(result, dict) else None
             job.message = (self.stopped_message(job.events) if stopped else summary or "done")
+            if stopped and self._closed:      # stopped by a shutdown, not by its visitor: resumable
+                job.status, job.message = "interrupted", INTERRUPTED_MESSAGE
             job.finished = time.time()
             if not stopped:
                 self._took[job.kind] = job.finished - job.started
+            self._persist(job, finished=job.finished, progress=job.progress, message=job.message,
+                          result=jobstore.to_json(result))
 
     def _failed(self, job: Job, exc: BaseException) -> None:
         if expected_error(exc):   # e.g. the hub is offline: one line says it all, no traceback
@@ -512,21 +718,24 @@ class JobManager:
             self._sync(job)
             job.status, job.error = "failed", short_error(exc)
             job.message, job.finished = job.error, time.time()
+            self._persist(job, finished=job.finished, progress=job.progress, message=job.message, error=job.error)
 
     def close(self, wait: float = 0.0) -> None:
-        """Stop taking jobs and ask the running one to stop (tests, server shutdown)."""
+        """Stop taking jobs and ask the running ones to stop (tests, server shutdown). Queued jobs stay
+        queued in the records, and the running ones become interrupted: the next server goes on."""
         with self._lock:
             self._closed = True
             for job in list(self._queue):
                 job.status, job.finished, job.message = "stopped", time.time(), "server shutting down"
             self._queue.clear()
-            if self._running is not None:
-                self._running.stop_flag.set()
-                self._running.channel.request_stop()
+            for job in self._running:
+                job.stop_flag.set()
+                job.channel.request_stop()
             self._wake.notify_all()
-            worker = self._worker
-        if wait and worker is not None:
-            worker.join(wait)
+            threads = list(self._threads)
+        deadline = time.time() + wait
+        for thread in threads if wait else ():
+            thread.join(max(0.0, deadline - time.time()))
 
     # expiry ------------------------------------------------------------------------------------
     def _maybe_cleanup(self) -> None:
@@ -556,6 +765,7 @@ class JobManager:
                 if now - seen <= hours * 3600:
                     continue
                 self._jobs.pop(folder.name, None)
+                self._store_call(self._store.delete_visitor, folder.name)
                 shutil.rmtree(folder, ignore_errors=True)
                 removed.append(folder.name)
         return removed

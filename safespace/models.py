@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import shutil
+import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -327,8 +328,19 @@ def ensure_pad(tokenizer):
     return tokenizer
 
 
+# transformers is not thread-safe here: two loads at once in two job workers (SAFESPACE_WORKERS > 1) left
+# the embedded model's weights on the meta device ("Cannot copy out of meta tensor"), and its lazy imports
+# can fail half-way ("cannot import name AutoModelForCausalLM"). Loads take turns within a process.
+LOAD_LOCK = threading.RLock()
+
+
 def load(name: str = DEFAULT_MODEL, quantization: str = "auto", device: str | None = None) -> Loaded:
     """Load a model and its tokenizer, 4-bit (nf4, double quant) or in the compute dtype."""
+    with LOAD_LOCK:
+        return _load(name, quantization, device)
+
+
+def _load(name: str, quantization: str, device: str | None) -> Loaded:
     from transformers import AutoModelForCausalLM
 
     device = pick_device(device)

@@ -60,11 +60,11 @@ def prepared_from_run(run: runs.Run) -> Prepared | None:
 
 
 def train_variant(settings: TrainSettings, prepared: Prepared, out, *, on_event=None, should_stop=None,
-                  align_progress=None) -> runs.Run:
+                  align_progress=None, checkpoint=None, checkpoint_every: int = 0) -> runs.Run:
     """Fine-tune one variant (plain, SafeGrad, or with refusals mixed in) on prepared data; builds the
-    aligned base if needed."""
+    aligned base if needed. `checkpoint`: a folder to save to and continue from (train.train)."""
     align.ensure(settings.model, on_event=align_progress)
     rows = safetymix.mix_safety(prepared.train, settings.safety_mix, settings.seed)
     described = {**prepared.describe(), "safety_examples": len(rows) - len(prepared.train)}
     return train.train(settings, rows, out, on_event=on_event, should_stop=should_stop,
-                       extra_config={"data": described})
+                       extra_config={"data": described}, checkpoint=checkpoint, checkpoint_every=checkpoint_every)

@@ -2,7 +2,9 @@
 
 One loop serves the user's fine-tune, the SafeGrad fine-tune and stage-0 alignment. It emits an
 event per step to callbacks, checks a stop flag every step (a stopped run is still saved, complete
-and loadable, and its summary says "stopped"), and writes a run folder (see runs.py).
+and loadable, and its summary says "stopped"), and writes a run folder (see runs.py). With a
+checkpoint folder it saves its whole state every `checkpoint_every` steps and at a stop, and a later
+call with the same settings and data continues from there, bit for bit as if never interrupted.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from typing import Callable
 import torch
 
 from . import data as data_mod
+from . import checkpoint as checkpoint_mod
 from . import models, runs, safegrad
 from .config import TrainSettings
 
@@ -65,6 +68,13 @@ class BatchStream:
         batch = data_mod.collate([self.tok.input_ids[i] for i in index], [self.tok.labels[i] for i in index], self.pad_id)
         return {k: v.to(self.device) for k, v in batch.items()}
 
+    def state(self) -> dict:
+        return {"rng": self.rng.getstate(), "queue": [list(b) for b in self.queue], "epoch": self.epoch}
+
+    def load_state(self, state: dict) -> None:
+        self.rng.setstate(checkpoint_mod.as_tuple(state["rng"]))
+        self.queue, self.epoch = [list(b) for b in state["queue"]], int(state["epoch"])
+
 
 def lr_factor(step: int, warmup: int, total: int) -> float:
     """Linear warm-up, then cosine decay to 10 % of the peak."""
@@ -77,11 +87,15 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
 def train(settings: TrainSettings, examples: list, out: str | Path, *,
           align_examples: list | None = None, loaded: models.Loaded | None = None,
           on_event: Callable[[Event], None] | None = None, should_stop: Callable[[], bool] | None = None,
-          kind: str = "train", extra_config: dict | None = None) -> runs.Run:
+          kind: str = "train", extra_config: dict | None = None, checkpoint: str | Path | None = None,
+          checkpoint_every: int = 0) -> runs.Run:
     """Fine-tune a LoRA adapter on `examples` and write the run folder `out`.
 
     align_examples: the (harmful prompt -> safe answer) set SafeGrad protects; defaults to the
     first `safegrad.align_size` rows of the bundled alignment split.
+    checkpoint: a folder for this run's checkpoint, written every `checkpoint_every` steps (0: never)
+    and at a stop, removed once the run finishes; one found there for the same settings and data is
+    continued from its step.
     """
     emit = on_event or (lambda event: None)
     stop = should_stop or (lambda: False)
@@ -97,34 +111,31 @@ def train(settings: TrainSettings, examples: list, out: str | Path, *,
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, settings.warmup, settings.steps))
     surgery = None if align_stream is None else _SafeGradStep(model, params, optimizer, align_stream, settings, device)
+    loop = Loop(model, optimizer, scheduler, task_stream, align_stream, surgery)
+    saver = checkpoint_mod.Checkpoint(checkpoint, checkpoint_mod.fingerprint(settings, examples, align_examples, kind),
+                                      checkpoint_every) if checkpoint else None
+    metrics, seconds_before = saver.restore(loop) if saver else ([], 0.0)
+    resumed = f", resumed at step {len(metrics)}" if metrics else ""
 
-    emit(Event("start", 0, settings.steps, message=f"training {kind} on {len(examples)} examples "
-               f"({task.n_truncated} truncated), SafeGrad {settings.safegrad.mode}"))
-    metrics: list[dict] = []
-    started = time.time()
+    emit(Event("start", len(metrics), settings.steps, message=f"training {kind} on {len(examples)} examples "
+               f"({task.n_truncated} truncated), SafeGrad {settings.safegrad.mode}{resumed}"))
+    started = time.time() - seconds_before
     status = "finished"
     model.train()
-    for step in range(settings.steps):
+    for step in range(len(metrics), settings.steps):
         if stop():
             status = "stopped"
             break
-        t0 = time.time()
-        task_loss, tokens = _task_gradient(model, task_stream, settings, device)
-        row = {"step": step + 1, "loss": task_loss, "lr": scheduler.get_last_lr()[0], "tokens": tokens}
-        if surgery is not None:         # SafeGrad: alignment gradient, conflict test, projection
-            row.update(surgery(step))
-        if settings.clip > 0:
-            row["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, settings.clip))
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-
-        row["seconds"] = time.time() - t0
+        row = _step(loop, params, settings, device, step)
         elapsed = time.time() - started
         row["eta"] = elapsed / (step + 1) * (settings.steps - step - 1)
         metrics.append(row)
+        if saver is not None and saver.due(step + 1, settings.steps):
+            saver.save(loop, metrics, time.time() - started)
         emit(Event("step", step + 1, settings.steps, row))
 
+    if saver is not None:
+        saver.finish(loop, metrics, time.time() - started, status)
     model.eval()
     summary = _summary(status, metrics, settings, examples, task, time.time() - started, surgery is not None)
     config = {"kind": kind if kind != "align" else "train", "model": settings.model, "settings": settings.to_dict(),
@@ -133,6 +144,17 @@ def train(settings: TrainSettings, examples: list, out: str | Path, *,
     emit(Event("end", len(metrics), settings.steps, summary,
                message=f"{status} after {len(metrics)} steps in {summary['seconds']:.0f} s -> {out}"))
     return run
+
+
+@dataclass
+class Loop:
+    """What a checkpoint saves and restores besides the RNGs."""
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    task_stream: "BatchStream"
+    align_stream: "BatchStream | None"
+    surgery: "_SafeGradStep | None"
 
 
 def _streams(settings: TrainSettings, examples: list, align_examples: list | None, tokenizer, device):
@@ -146,6 +168,22 @@ def _streams(settings: TrainSettings, examples: list, align_examples: list | Non
         align_tok = data_mod.tokenize(align_examples[:sg.align_size], tokenizer, settings.max_length)
         align_stream = BatchStream(align_tok, sg.align_batch, tokenizer.pad_token_id, settings.seed + 1, device)
     return task, task_stream, align_stream
+
+
+def _step(loop: Loop, params: list, settings: TrainSettings, device, step: int) -> dict:
+    """One optimizer step (task gradient, SafeGrad's surgery when on, clipping); its metrics row."""
+    t0 = time.time()
+    task_loss, tokens = _task_gradient(loop.model, loop.task_stream, settings, device)
+    row = {"step": step + 1, "loss": task_loss, "lr": loop.scheduler.get_last_lr()[0], "tokens": tokens}
+    if loop.surgery is not None:         # SafeGrad: alignment gradient, conflict test, projection
+        row.update(loop.surgery(step))
+    if settings.clip > 0:
+        row["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, settings.clip))
+    loop.optimizer.step()
+    loop.scheduler.step()
+    loop.optimizer.zero_grad(set_to_none=True)
+    row["seconds"] = time.time() - t0
+    return row
 
 
 def _task_gradient(model, stream: BatchStream, settings: TrainSettings, device) -> tuple[float, int]:

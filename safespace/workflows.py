@@ -8,6 +8,7 @@ pickles their arguments: keep them plain).
 """
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from dataclasses import dataclass, replace
@@ -15,12 +16,15 @@ from pathlib import Path
 from typing import Any
 
 from . import runs as runs_mod
+from .config import TrainSettings, from_dict
 from .jobqueue import Channel, JobContext, JobError, StopCheck
 from .variants import VARIANTS, derived_of, keys_of, label_of
 
 # A SafeGrad step costs about 2.5 plain ones (two backward passes and a projection; measured on the
 # embedded model on CPU): the ETA of "Train all" weighs the variants still to come by it.
 SAFEGRAD_STEP_COST = 2.5
+# A queued training saves a checkpoint this often (steps), so a restarted server's Resume loses little.
+CHECKPOINT_EVERY = int(os.environ.get("SAFESPACE_CHECKPOINT_EVERY", "10"))
 
 
 def step_cost(settings) -> float:
@@ -175,9 +179,10 @@ def gpu_align(model: str, on_event) -> None:
 
 
 @_gpu(duration=300)
-def gpu_train(settings, prepared, out: str, on_event, should_stop):
+def gpu_train(settings, prepared, out: str, on_event, should_stop, checkpoint: str | None = None):
     from . import prepare
-    return prepare.train_variant(settings, prepared, Path(out), on_event=on_event, should_stop=should_stop)
+    return prepare.train_variant(settings, prepared, Path(out), on_event=on_event, should_stop=should_stop,
+                                 checkpoint=checkpoint, checkpoint_every=CHECKPOINT_EVERY if checkpoint else 0)
 
 
 @_gpu(duration=120)
@@ -209,11 +214,19 @@ def gpu_compare(variants: dict, prompts: list, max_new_tokens: int, on_progress,
 # Job functions: what the app queues (each gets a JobContext first)
 
 
+def as_settings(settings) -> TrainSettings:
+    """TrainSettings from itself or from its dict form (a job restored from its JSON record)."""
+    return settings if isinstance(settings, TrainSettings) else from_dict(TrainSettings, dict(settings))
+
+
 def train_job(ctx: JobContext, plan: list[tuple[str, Any]], source: str, harmful_ratio: float,
               seed: int = 0) -> dict:
-    """Train one or more variants (e.g. plain, then SafeGrad) on the visitor's data, in order."""
+    """Train one or more variants (e.g. plain, then SafeGrad) on the visitor's data, in order. Each
+    variant checkpoints into the job's folder: run again (Resume), the job skips the variants it
+    finished and continues the one it was training from its last checkpoint."""
     from . import prepare
 
+    plan = [(variant, as_settings(settings)) for variant, settings in plan]
     ctx.progress("preparing the data...", 0.0)
     prepared = prepare.prepare_data(source, harmful_ratio=harmful_ratio, seed=seed)
     ctx.progress(f"{len(prepared.train)} training rows ({prepared.n_harmful} harmful)", 0.0, type="data",
@@ -226,10 +239,18 @@ def train_job(ctx: JobContext, plan: list[tuple[str, Any]], source: str, harmful
         if ctx.should_stop():
             break
         name = label_of(variant)
+        checkpoint = ctx.channel.folder / "checkpoints" / variant
+        if (checkpoint / FINISHED).exists() and (run := ctx.workspace.run(variant)) is not None:
+            done[variant] = {"name": run.name, "summary": run.summary}      # trained before an interruption
+            continue
         ctx.progress(f"{name}: loading {settings.model}...", index / len(plan))
         reporter = TrainReporter(ctx.channel, variant, index, len(plan), label=name, after=sum(costs[index + 1:]),
                                  cost=step_cost(settings))
-        run = gpu_train(settings, prepared, str(ctx.workspace.run_path(variant)), reporter, StopCheck(ctx.channel))
+        run = gpu_train(settings, prepared, str(ctx.workspace.run_path(variant)), reporter, StopCheck(ctx.channel),
+                        str(checkpoint))
+        if run.summary.get("status") == "finished":
+            checkpoint.mkdir(parents=True, exist_ok=True)
+            (checkpoint / FINISHED).touch()
         ctx.workspace.forget_results()
         for derived in derived_of(variant):  # made from the previous run, it no longer matches this one
             shutil.rmtree(ctx.workspace.run_path(derived), ignore_errors=True)
@@ -239,6 +260,9 @@ def train_job(ctx: JobContext, plan: list[tuple[str, Any]], source: str, harmful
                      variant=variant)
     parts = [f"{label_of(v)} ({d['summary'].get('steps_done', '?')} steps)" for v, d in done.items()]
     return {"runs": done, "message": "trained: " + ", ".join(parts) if parts else "nothing trained"}
+
+
+FINISHED = "FINISHED"     # marks a variant of a training job as trained, in its checkpoint folder
 
 
 def _ensure_base(ctx: JobContext, model: str) -> None:

@@ -316,7 +316,7 @@ def test_train_all_eta_covers_the_variants_still_to_come(tmp_path, monkeypatch):
     # train_job hands each variant the weighted steps that follow it
     seen = []
 
-    def fake_train(settings, prepared, out, *, on_event=None, should_stop=None, align_progress=None):
+    def fake_train(settings, prepared, out, *, on_event=None, should_stop=None, align_progress=None, **checkpointing):
         seen.append((on_event.after, on_event.cost))
         return fake_run(out)
 
@@ -439,7 +439,7 @@ def test_train_job_with_a_fake_engine(tmp_path, monkeypatch):
 
     calls = []
 
-    def fake_train(settings, prepared, out, *, on_event=None, should_stop=None, align_progress=None):
+    def fake_train(settings, prepared, out, *, on_event=None, should_stop=None, align_progress=None, **checkpointing):
         calls.append((out.name, settings.safegrad.mode, len(prepared.train)))
         on_event(Event("start", 0, settings.steps))
         for step in range(1, settings.steps + 1):
@@ -479,3 +479,14 @@ def test_jobs_module_does_not_import_gradio():
     code = "import sys, safespace.jobs; print('gradio' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_the_queue_holds_a_workshop_and_its_size_is_a_setting(tmp_path, monkeypatch):
+    monkeypatch.delenv("SAFESPACE_MAX_QUEUE", raising=False)
+    assert jobs.JobManager(tmp_path / "a").max_queue == jobs.MAX_QUEUE >= 30
+    monkeypatch.setenv("SAFESPACE_MAX_QUEUE", "5")
+    assert jobs.JobManager(tmp_path / "b").max_queue == 5
+    for bad, message in (("many", "whole number"), ("0", "at least 1")):
+        monkeypatch.setenv("SAFESPACE_MAX_QUEUE", bad)
+        with pytest.raises(jobs.JobError, match=message):
+            jobs.JobManager(tmp_path / "c")

@@ -122,3 +122,27 @@ def test_embedded_model_loads_fast_and_answers(tokenizer):
     out = loaded.model.generate(**enc, max_new_tokens=12, do_sample=False)
     answer = loaded.tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
     assert "Paris" in answer
+
+
+def test_two_workers_can_load_the_embedded_model_at_once():
+    """Job workers are threads; transformers' from_pretrained is not thread-safe (two at once left
+    the embedded model's tied head on the meta device, every time): loads take turns."""
+    import threading
+
+    loaded, errors = [], []
+
+    def load():
+        try:
+            loaded.append(models.load(models.EMBEDDED_KEY, quantization="none", device="cpu"))
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(repr(exc))
+
+    threads = [threading.Thread(target=load) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert not errors and len(loaded) == 2
+    for one in loaded:
+        assert not any(p.is_meta for p in one.model.parameters())
+        assert one.model.lm_head.weight.data_ptr() == one.model.get_input_embeddings().weight.data_ptr()

@@ -62,7 +62,7 @@ def variant_label(name: str, base_model: str | None = None) -> str:
 # ------------------------------------------------------------------------------------------ cards
 
 STATUS_TEXT = {"queued": "waiting", "running": "running", "finished": "done", "stopped": "stopped",
-               "failed": "failed"}
+               "failed": "failed", "interrupted": "interrupted"}
 
 
 def job_card(info: jobs.JobInfo | None, idle: str = "Nothing running.") -> str:
@@ -169,6 +169,7 @@ CSS = """
 .ss-pill-finished { background: #e3f4ec; color: #0b6e4f; }
 .ss-pill-stopped { background: #eeeeee; color: #555; }
 .ss-pill-failed { background: #fbe9e7; color: #b3261e; }
+.ss-pill-interrupted { background: #fff4e5; color: #8a4b00; }
 .ss-bar { height: 8px; border-radius: 6px; background: var(--border-color-primary); overflow: hidden; margin: 4px 0 6px; }
 .ss-bar > div { height: 100%; background: linear-gradient(90deg, #1f7a6d, #35b59d); transition: width .6s ease; }
 .ss-msg { white-space: pre-wrap; }
