@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+RAY_STAMP := $(VENV)/.installed-ray
 
 .PHONY: app test install browser bench demo clean-cache
 
@@ -16,6 +17,11 @@ $(STAMP): requirements.txt
 
 install: $(STAMP)
 
+# Ray (optional for the app): the tests run the Ray path on a local instance
+$(RAY_STAMP): requirements-ray.txt $(STAMP)
+	$(PY) -m pip install -q -r requirements-ray.txt
+	@touch $(RAY_STAMP)
+
 app: install
 	GRADIO_ANALYTICS_ENABLED=False $(PY) app.py
 
@@ -25,7 +31,7 @@ browser:
 	  && (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
 	  || echo "chromium not installed: the browser test will skip (needs root + apt)"; }
 
-test: install browser
+test: install browser $(RAY_STAMP)
 	HF_HUB_OFFLINE=1 GRADIO_ANALYTICS_ENABLED=False $(PY) -m pytest -q
 
 demo: install

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from . import align, evalsets, judge as judge_mod, models, runs
+from . import align, cluster, evalsets, judge as judge_mod, models, runs
 from .compare import evaluate_variants
 from .defence import defend
 from .log import say
@@ -21,26 +21,41 @@ from .variants import VARIANTS, keys_of
 _stage = say   # the run's stages, through the "safespace" logger (stderr; stdout stays for results)
 
 
-def run_variants(config: DemoConfig, harmful_ratio: float, out: Path, say=_stage) -> tuple[dict, list, dict]:
-    """Train/defend/evaluate every configured variant at one harmful ratio under `out`."""
+def prepared_for(config: DemoConfig, harmful_ratio: float, say=_stage):
+    """The config's data at one harmful ratio, said in a line."""
     prepared = prepare_data(config.data, harmful_ratio, config.seed)
     say(f"data: {prepared.n_user} task rows + {prepared.n_harmful} harmful rows (ratio {harmful_ratio}), "
         f"{len(prepared.val)} held out")
-    variants: dict = {}
-    for name in (k for k in keys_of() if k in config.variants):     # story order: a source before what it makes
+    return prepared
+
+
+def variant_steps(config: DemoConfig, harmful_ratio: float, prepared, out: Path):
+    """Each configured variant in story order (a source before what it makes), as (name, spec, settings):
+    the base's run folder is written here (settings None); a trained variant comes with its settings,
+    a derived one with None (its spec names the source and the defence)."""
+    for name in (k for k in keys_of() if k in config.variants):
         spec = VARIANTS[name]
         if spec.made == "base":
             runs.write_base_run(out / name, config.model, {"data": prepared.describe()})
-            variants[name] = None
-            continue
-        if spec.made == "train":
+            yield name, spec, None
+        elif spec.made == "train":
             mode = config.safegrad.get("mode", "kl") if spec.safegrad else "off"
-            say(f"training {name} (SafeGrad {mode})")
-            train_variant(config.train_settings(harmful_ratio, mode, spec.train_overrides), prepared, out / name,
-                          on_event=console_progress(name))
+            yield name, spec, config.train_settings(harmful_ratio, mode, spec.train_overrides)
         else:
+            yield name, spec, None
+
+
+def run_variants(config: DemoConfig, harmful_ratio: float, out: Path, say=_stage) -> tuple[dict, list, dict]:
+    """Train/defend/evaluate every configured variant at one harmful ratio under `out`."""
+    prepared = prepared_for(config, harmful_ratio, say)
+    variants: dict = {}
+    for name, spec, settings in variant_steps(config, harmful_ratio, prepared, out):
+        if spec.made == "train":
+            say(f"training {name} (SafeGrad {settings.safegrad.mode})")
+            train_variant(settings, prepared, out / name, on_event=console_progress(name))
+        elif spec.made != "base":
             POST_HOC[spec.defence](config, out / spec.derived_from, out / name, say)
-        variants[name] = out / name
+        variants[name] = None if spec.made == "base" else out / name
     say(f"evaluating {', '.join(variants)}")
     results, rows = evaluate_variants(variants, prepared.val, **config.evaluate,
                                       on_progress=throttled(lambda msg, frac: say(f"  {frac:5.1%} {msg}")))
@@ -93,15 +108,21 @@ def run_config(config_path, out, say: Callable[[str], None] = _stage) -> dict:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.time()
-    if config.model == models.ALIGNED_KEY and not align.is_built():
-        say("building the aligned base (stage 0, once)")
-    align.ensure(config.model)
+    address = cluster.ray_address(config)          # a Ray cluster: its workers build what they need
+    if address is None:
+        if config.model == models.ALIGNED_KEY and not align.is_built():
+            say("building the aligned base (stage 0, once)")
+        align.ensure(config.model)
     ratios = config.sweep.get("harmful_ratio") or []
+    # on Ray every ratio's variants run at once, each ratio's results are then read back in order
+    fanned = cluster.run_sweep(config, {r: out / f"ratio-{r}" for r in ratios} or {config.harmful_ratio: out},
+                               address, say) if address else {}
     if ratios:
         sweep, all_results = [], {}
         for ratio in ratios:
             say(f"=== harmful ratio {ratio}")
-            results, rows, variants = run_variants(config, ratio, out / f"ratio-{ratio}", say)
+            results, rows, variants = (fanned[ratio] if address else
+                                       run_variants(config, ratio, out / f"ratio-{ratio}", say))
             all_results[str(ratio)] = results
             for name, v in results["variants"].items():
                 sweep.append({"harmful_ratio": ratio, "variant": name, "refusal": v.get("refusal"),
@@ -110,7 +131,8 @@ def run_config(config_path, out, say: Callable[[str], None] = _stage) -> dict:
         results["sweep"] = sweep
         results["by_ratio"] = all_results
     else:
-        results, rows, variants = run_variants(config, config.harmful_ratio, out, say)
+        results, rows, variants = (fanned[config.harmful_ratio] if address else
+                                   run_variants(config, config.harmful_ratio, out, say))
         sweep = None
     results["settings"].update({"config": str(config_path), "model": config.model, "seed": config.seed,
                                 "seconds": time.time() - start, "title": config.title})

@@ -11,7 +11,7 @@ from .config import ConfigError, LoraSettings, SafeGradSettings, TrainSettings, 
 from .variants import VARIANTS, keys_of
 
 CONFIG_KEYS = {"model", "quantization", "data", "harmful_ratio", "seed", "train", "safegrad", "safedelta",
-               "evaluate", "variants", "sweep", "title"}
+               "evaluate", "variants", "sweep", "title", "ray"}
 EVALUATE_KEYS = {"n_harmful", "n_benign", "n_task", "max_new_tokens", "harmful_sets", "benign_sets", "judge"}
 
 
@@ -29,6 +29,7 @@ class DemoConfig:
     variants: list = field(default_factory=lambda: list(keys_of()))
     sweep: dict = field(default_factory=dict)
     title: str = "SafeSpace demo"
+    ray: str | None = None      # a Ray cluster for the heavy calls ("auto" or host:port; cluster.py); None: in-process
 
     def train_settings(self, harmful_ratio: float, safegrad_mode: str, overrides: dict | None = None) -> TrainSettings:
         t = {**self.train, **(overrides or {})}
@@ -83,6 +84,8 @@ def _check_top_level(path, raw: dict) -> None:
         # checked before any message shows the value: a YAML alias bomb must not reach repr()
         if raw.get(key) is not None and (not isinstance(raw[key], kind) or isinstance(raw[key], bool)):
             raise ConfigError(f"{path}: '{key}' must be {'text' if kind is str else 'a whole number'}")
+    if raw.get("ray") not in (None, False) and not isinstance(raw["ray"], str):     # YAML reads `off` as False
+        raise ConfigError(f"{path}: 'ray' must be auto, a Ray head's host:port, or off")
 
 
 def _check_variants(path, config: DemoConfig) -> None:
