@@ -22,7 +22,7 @@ from safespace.variants import keys_of  # noqa: E402
 
 MODEL = "smollm2-135m"       # embedded, no alignment build needed: keeps the test fast
 TINY = dict(model=MODEL, quantization="none", rank=4, alpha=8, targets=["q_proj", "v_proj"], steps=2, lr=2e-4,
-            batch=2, seed=0, mode="sft", lam=1.0, align_batch=2)
+            batch=2, seed=0, mode="sft", lam=1.0, align_batch=2, max_length=64)
 
 
 @pytest.fixture(scope="module")

@@ -32,7 +32,7 @@ except ImportError:
     _unavailable("the playwright Python package is not installed")
 
 from conftest import launch_app  # noqa: E402
-from safespace import jobs  # noqa: E402
+from safespace import presets  # noqa: E402
 from safespace.variants import VARIANTS  # noqa: E402
 
 
@@ -82,16 +82,74 @@ def wait_status(page, elem_id, statuses=("finished",), timeout=480_000):   # a b
     return page.locator(f"#{elem_id} [data-status]").get_attribute("data-status")
 
 
+def number_in(page, elem_id) -> float:
+    return float(page.locator(f"#{elem_id} input[type=number]").input_value())
+
+
+def check_the_preset_fills_the_form(page):
+    """One click: the demo data with its harmful share on the data step, the preset's settings on the
+    train step, and the page moves on to the train step."""
+    preset = presets.STORY
+    page.locator("#ss-preset").click()
+    page.locator("#ss-step-train").wait_for(state="visible")
+    page.wait_for_function("() => document.querySelector('#ss-steps input[type=number]').value === '%d'"
+                           % preset.settings.steps)
+    assert number_in(page, "ss-batch") == preset.settings.batch_size
+    assert number_in(page, "ss-lr") == preset.settings.lr
+    assert number_in(page, "ss-max-length") == preset.settings.max_length
+    assert "kl" in page.locator("#ss-safegrad input:checked").get_attribute("value")
+    shot(page, "0-preset")
+    page.locator("#ss-step-data-button").click()
+    page.locator("#ss-step-data").wait_for(state="visible")
+    assert number_in(page, "ss-ratio") == preset.harmful_ratio
+    assert "Review sentiment" in page.locator("#ss-data-status").inner_text()
+
+
+def check_the_report(page):
+    """The downloaded report: results first, settings last in an appendix, the app's variant labels,
+    and benign answers marked "answered" (never the harmful side's "complied")."""
+    href = page.locator("#ss-report-file a").first.get_attribute("href")
+    html = page.request.get(href if href.startswith("http") else page.url.split("?")[0].rstrip("/") + href).text()
+    assert html.index("<h2>Results</h2>") < html.index("<h2>Answers side by side</h2>") \
+        < html.index("<h2>Appendix: settings</h2>")
+    for variant in VARIANTS.values():
+        assert variant.made == "base" or variant.label in html, variant.label
+    assert "badge-answered" in html
+
+
+def check_a_second_visitor_waits_with_an_estimate(page):
+    """Another browser (another visitor) queues a training while the first one's runs: its card says how
+    many jobs are ahead and about how long the wait is, from the running job's own estimate."""
+    context = page.context.browser.new_context(viewport={"width": 1280, "height": 900})
+    other = context.new_page()
+    other.set_default_timeout(60_000)
+    other.goto(page.url.split("?")[0])
+    other.wait_for_selector("#ss-data-status :text('ready to train')")
+    go_to(other, "train")
+    other.locator("#ss-model input").click()
+    other.get_by_role("option", name="smollm2-135m: embedded (offline)").click()
+    set_number(other, "ss-steps", 1)
+    other.locator("#ss-train").click()
+    other.wait_for_selector(r"#ss-train-status :text-matches('1 job ahead of you, about \\d+ (s|min)')")
+    shot(other, "2b-second-visitor-queued")
+    context.close()
+
+
 def test_click_through_the_whole_story(page):
     started = time.time()
     # 1 - data: the default example is checked on load, then the visitor uploads a file
     page.wait_for_selector("#ss-data-status :text('ready to train')")
     assert page.locator("#ss-hero").inner_text().count("\n") >= 3
+    check_the_preset_fills_the_form(page)
     page.locator("#ss-upload input[type=file]").set_input_files(str(REPO / "examples" / "data" / "demo_reviews.csv"))
     page.wait_for_selector("#ss-data-status :text('demo_reviews.csv: ready to train')")
     preview = page.locator("#ss-preview")
     preview.get_by_text("What a wonderful inn!", exact=False).first.wait_for()      # first row
     assert "setup was a nightmare" in preview.inner_text()                            # tenth row
+    # a broken upload after a good one: its problems are listed and the good file stays the training data
+    page.locator("#ss-upload button[aria-label='Clear']").click()
+    page.locator("#ss-upload input[type=file]").set_input_files(str(REPO / "examples" / "data" / "broken.jsonl"))
+    page.wait_for_selector("#ss-data-status :text('Training keeps using: your file demo_reviews.csv')")
     set_number(page, "ss-ratio", 0.1)
     page.wait_for_selector("#ss-mix-note :text('attack rows join your 36')")
     shot(page, "1-data")
@@ -106,6 +164,7 @@ def test_click_through_the_whole_story(page):
     page.wait_for_selector(r"#ss-train-status :text-matches('step \\d+/12')", timeout=120_000)
     assert page.locator("#ss-stop").is_enabled()
     shot(page, "2-training")
+    check_a_second_visitor_waits_with_an_estimate(page)
 
     # a reload mid-job: the same browser id finds the job again, and the page lands on its step
     page.reload()
@@ -151,6 +210,7 @@ def test_click_through_the_whole_story(page):
     page.wait_for_function("() => document.querySelector('#ss-runs').innerText.includes('safedelta')")
     page.locator("#ss-report").click()
     page.wait_for_selector("#ss-report-file :text('safespace-report')")
+    check_the_report(page)
     page.locator("#ss-run-pick input").click()
     page.get_by_role("option", name="safedelta", exact=True).click()
     page.locator("#ss-zip").click()

@@ -13,7 +13,7 @@ import gradio as gr
 import pytest
 
 from conftest import fake_run
-from safespace import jobqueue, jobs, runs
+from safespace import jobqueue, jobs
 from safespace.train import Event
 from safespace.ui import common, compare, data, defend, export, train
 from safespace import ui
@@ -67,9 +67,10 @@ def test_on_load_mints_an_id_and_restores_the_page(manager):
     timer = out[2]
     assert timer.active is False                       # nothing running: no polling
     assert ui.on_load(minted, REQ)[0] == minted        # a known id is kept
-    assert out[-14].selected == 1                      # a new visitor starts at the data step
-    form = out[-13:]
-    assert form[0] == SKIP and form[2:] == [SKIP] * 11   # and keeps the form's defaults...
+    n = len(train.FORM_KEYS)
+    assert out[-n - 1].selected == 1                   # a new visitor starts at the data step
+    form = out[-n:]
+    assert form[0] == SKIP and form[2:] == [SKIP] * (n - 2)   # and keeps the form's defaults...
     assert [v for _, v in form[1].choices][:2] == ["smollm2-135m-safe", "smollm2-135m"]   # ...with fresh model states
 
 
@@ -92,10 +93,11 @@ def test_reload_reattaches_to_a_running_job(manager, monkeypatch):
     timer, card = out[2], out[3]
     assert timer.active is True
     assert 'data-status="running"' in card and "step 1/3" in card
-    walkthrough, form = out[-14], out[-13:]
+    n = len(train.FORM_KEYS)
+    walkthrough, form = out[-n - 1], out[-n:]
     assert walkthrough.selected == 2                    # lands on the Train step
     assert form[1].value == FORM["model"]               # with the settings it was started with
-    assert form[2:] == list(FORM.values())[1:]
+    assert form[2:-1] == list(FORM.values())[1:] and form[-1] == train.DEFAULTS.max_length
     # ...while another visitor's page sees nothing of it
     other = ui.on_load(B, SimpleNamespace(session_hash="third-page"))
     assert other[2].active is False and "running" not in other[3]
@@ -408,7 +410,7 @@ def test_empty_charts_say_what_is_going_on(manager, monkeypatch):
 
 def test_steps_are_ticked_only_once_their_work_exists(manager):
     assert ui.done_classes(A) == []                    # Next with nothing trained ticks nothing
-    assert ui.on_load(A, REQ)[-14].elem_classes == []
+    assert ui.on_load(A, REQ)[-len(train.FORM_KEYS) - 1].elem_classes == []
     ws = manager.workspace(A)
     fake_run(ws.run_path("sft"))
     assert ui.step_marks(A, REQ).elem_classes == ["ss-done-train"]
@@ -597,3 +599,16 @@ def test_only_the_faces_import_gradio():
             if any(n == "gradio" or n.startswith("gradio.") for n in names):
                 offenders.append(str(path.relative_to(REPO)))
     assert offenders == []
+
+
+def test_compare_says_plainly_when_the_run_eroded_nothing():
+    def results(base, sft):
+        return {"variants": {"base": {"refusal": {"value": base}}, "sft": {"refusal": {"value": sft}},
+                             "safegrad": {"refusal": {"value": base}}}}
+
+    hint = compare.kpis_html(results(0.98, 0.92))
+    assert "too short or too gentle" in hint and "92 %" in hint and "Quick story" in hint
+    assert "too short" not in compare.kpis_html(results(0.98, 0.40))     # eroded: the story shows, no hint
+    assert compare.erosion_hint({"variants": {"sft": {"refusal": {"value": 0.9}}}}) == ""   # no base measured
+    unaligned = compare.kpis_html(results(0.02, 0.0))               # a base that never refused: nothing to erode
+    assert "refuses only 2 %" in unaligned and "smollm2-135m-safe" in unaligned and "too short" not in unaligned

@@ -15,7 +15,7 @@ import gradio as gr
 from .. import jobs
 from ..config import home
 from ..variants import keys_of
-from . import common, compare, data, defend, export, train
+from . import common, compare, data, defend, export, preset, train
 
 __all__ = ["build_app", "theme", "CSS", "launch_kwargs"]
 
@@ -57,9 +57,11 @@ def _browser_secret() -> str:
 
 def _limits_line() -> str:
     lim = common.limits()
+    workers = common.manager().workers          # SAFESPACE_WORKERS, else what this hardware runs well
+    at_once = "One job runs" if workers == 1 else f"{workers} jobs run"
     return (f"Shared-machine limits: up to {lim.max_steps} training steps, {lim.max_rows:,} rows and "
             f"{lim.max_file_bytes // 1_000_000} MB per file, {lim.max_new_tokens} new tokens per answer, "
-            f"{lim.max_prompts} prompts per comparison. One job runs at a time; others wait in line. "
+            f"{lim.max_prompts} prompts per comparison. {at_once} at a time; others wait in line. "
             "Your data and runs are visible to you only and deleted after a day without visits.")
 
 
@@ -193,7 +195,7 @@ def build_app() -> gr.Blocks:
         with gr.Walkthrough(selected=1, elem_id="ss-flow") as flow:
             shared = common.Shared(visitor=visitor, timer=timer, flow=flow)
             with gr.Step("Data", id=1, elem_id="ss-step-data"):
-                data_ui = data.build(shared)
+                data_ui = data.build(shared, shortcut=preset.button)
             with gr.Step("Train", id=2, elem_id="ss-step-train"):
                 train_ui = train.build(shared)
             with gr.Step("Defend", id=3, elem_id="ss-step-defend"):
@@ -203,6 +205,7 @@ def build_app() -> gr.Blocks:
             with gr.Step("Export", id=5, elem_id="ss-step-export") as export_step:
                 export_ui = export.build(shared)
 
+        preset.wire(data_ui["preset"], shared, data_ui, train_ui["form"])
         polled = train_ui["poll"] + defend_ui["poll"] + compare_ui["poll"]
         timer.tick(poll, [visitor, view, compare_ui["which"]], [view, timer, *polled],
                    trigger_mode="always_last", show_progress="hidden", api_visibility="private",

@@ -203,10 +203,12 @@ def restore(ws) -> tuple:
 
 # ------------------------------------------------------------------------------ layout
 
-def build(shared: common.Shared) -> dict:
+def build(shared: common.Shared, shortcut=None) -> dict:
+    """The step's layout; `shortcut()` places a one-click preset under the heading (its button is returned)."""
     limits = common.limits()
     gr.Markdown("### 1 · Your fine-tuning data\nPick one of the bundled examples or upload your own "
                 "file. It is checked at once; nothing trains until step 2.")
+    preset_btn = shortcut() if shortcut else None
     with gr.Row():
         with gr.Column(scale=3):
             example = gr.Dropdown(choices=EXAMPLES, value=SENTIMENT, label="Bundled examples",
@@ -238,4 +240,5 @@ def build(shared: common.Shared) -> dict:
     ratio.release(mix_note, [ratio, v], note, api_name="mix_note", show_progress="hidden")
     next_btn.click(lambda: gr.Walkthrough(selected=2), None, shared.flow, api_visibility="private")
     shared.ratio = ratio
-    return {"example": example, "status": status, "preview": preview, "ratio": ratio, "note": note}
+    return {"example": example, "status": status, "preview": preview, "ratio": ratio, "note": note,
+            "preset": preset_btn}

@@ -18,7 +18,7 @@ SAFEGRAD_CHOICES = [("off: plain fine-tuning", "off"),
                     ("kl: stay close to the aligned model (KL)", "kl")]
 DEFAULTS = TrainSettings()
 DEFAULT_LOSS = "kl"   # "train both" with SafeGrad off: kl held refusal at 96 % where sft held 89 % (README)
-N_POLL = 6   # outputs of `poll` after its key
+N_POLL = 7   # outputs of `poll` after its key
 NOTHING_YET = "Nothing trained yet: the SafeGrad run's gradient statistics appear here"
 CLOCK_SECONDS = 5
 
@@ -35,7 +35,7 @@ def model_choices() -> list[tuple[str, str]]:
 
 
 def make_settings(model, quantization, rank, alpha, targets, steps, lr, batch, seed, mode, lam, align_batch,
-                  ratio) -> TrainSettings:
+                  ratio, max_length=None) -> TrainSettings:
     """Validated settings from the form; raises gr.Error with one clear line."""
     limits = common.limits()
     if model not in models.REGISTRY:  # never a path or an arbitrary hub id from a public page
@@ -50,6 +50,7 @@ def make_settings(model, quantization, rank, alpha, targets, steps, lr, batch, s
         return TrainSettings(
             model=model, quantization=quantization, steps=steps, lr=float(lr), batch_size=batch,
             seed=int(seed or 0), warmup=min(DEFAULTS.warmup, steps // 10), harmful_ratio=float(ratio or 0),
+            max_length=int(max_length or DEFAULTS.max_length),
             lora=LoraSettings(r=int(rank), alpha=int(alpha), targets=tuple(targets)),
             safegrad=SafeGradSettings(mode=mode, lam=float(lam), align_batch=int(align_batch)))
     except (ConfigError, jobs.JobError, TypeError, ValueError) as exc:
@@ -63,7 +64,8 @@ def _with_mode(settings: TrainSettings, mode: str) -> TrainSettings:
 def _start(both: bool, visitor, request, ratio, *form):
     vid = common.visitor_id(visitor, request)
     ws = common.manager().workspace(vid)
-    settings = make_settings(*form, ratio)
+    *fields, max_length = form
+    settings = make_settings(*fields, ratio, max_length)
     mode = settings.safegrad.mode
     if both:
         plan = jobs.train_plan(settings, mode if mode != "off" else DEFAULT_LOSS)
@@ -88,17 +90,17 @@ def _start(both: bool, visitor, request, ratio, *form):
 
 
 def train(visitor, ratio, model, quantization, rank, alpha, targets, steps, lr, batch, seed, mode, lam, align_batch,
-          request: gr.Request = None):
+          max_length=DEFAULTS.max_length, request: gr.Request = None):
     """Queue one fine-tune: plain if SafeGrad is off, else with SafeGrad."""
     return _start(False, visitor, request, ratio, model, quantization, rank, alpha, targets, steps, lr, batch, seed,
-                  mode, lam, align_batch)
+                  mode, lam, align_batch, max_length)
 
 
 def train_both(visitor, ratio, model, quantization, rank, alpha, targets, steps, lr, batch, seed, mode, lam,
-               align_batch, request: gr.Request = None):
+               align_batch, max_length=DEFAULTS.max_length, request: gr.Request = None):
     """Queue every trained variant of the registry (SafeGrad's DEFAULT_LOSS when SafeGrad is set to off)."""
     return _start(True, visitor, request, ratio, model, quantization, rank, alpha, targets, steps, lr, batch, seed,
-                  mode, lam, align_batch)
+                  mode, lam, align_batch, max_length)
 
 
 def stop(visitor, request: gr.Request = None) -> str:
@@ -113,15 +115,31 @@ def stop(visitor, request: gr.Request = None) -> str:
     return common.job_card(manager.get(vid, info.id))
 
 
+def resume(visitor, request: gr.Request = None) -> tuple:
+    """Queue the visitor's interrupted or stopped training again; it continues from its last checkpoint."""
+    vid = common.visitor_id(visitor, request)
+    manager = common.manager()
+    info = manager.latest(vid, "train")
+    if info is None or info.status not in jobs.RESUMABLE:
+        gr.Warning("There is no interrupted or stopped training to resume.")
+        return common.job_card(info, "Nothing running."), gr.Timer(), *_buttons(False), gr.Button(visible=False)
+    try:
+        info = manager.resume(vid, info.id)
+    except jobs.JobError as exc:
+        raise common.user_error(exc) from None
+    return common.job_card(info), gr.Timer(active=True), *_buttons(True), gr.Button(visible=False)
+
+
 FORM_KEYS = ("ratio", "model", "quantization", "rank", "alpha", "targets", "steps", "lr", "batch", "seed", "mode",
-             "lam", "align_batch")
+             "lam", "align_batch", "max_length")
 
 
 def form_values(settings: TrainSettings) -> dict:
     return {"ratio": settings.harmful_ratio, "model": settings.model, "quantization": settings.quantization,
             "rank": settings.lora.r, "alpha": settings.lora.alpha, "targets": list(settings.lora.targets),
             "steps": settings.steps, "lr": settings.lr, "batch": settings.batch_size, "seed": settings.seed,
-            "mode": settings.safegrad.mode, "lam": settings.safegrad.lam, "align_batch": settings.safegrad.align_batch}
+            "mode": settings.safegrad.mode, "lam": settings.safegrad.lam, "align_batch": settings.safegrad.align_batch,
+            "max_length": settings.max_length}
 
 
 def restore_form(visitor: str) -> list:
@@ -147,6 +165,11 @@ def restore_form(visitor: str) -> list:
 
 def _buttons(active: bool) -> tuple:
     return gr.Button(interactive=not active), gr.Button(interactive=not active), gr.Button(interactive=active)
+
+
+def _resumable(info: jobs.JobInfo | None) -> bool:
+    """An interrupted (server restart) or stopped training can go on from its checkpoint."""
+    return info is not None and info.status in jobs.RESUMABLE
 
 
 # ------------------------------------------------------------------------------ polling
@@ -189,7 +212,7 @@ def _stamp(ws: jobs.Workspace) -> tuple:
 
 
 def poll(visitor: str, last) -> tuple:
-    """(key, [card, curves, conflict, train button, both button, stop button], active)."""
+    """(key, [card, curves, conflict, train button, both button, stop button, resume button], active)."""
     manager = common.manager()
     ws = manager.workspace(visitor)
     info = manager.latest(visitor, "train")
@@ -213,7 +236,7 @@ def poll(visitor: str, last) -> tuple:
         conflict = plots.conflict_plot(metrics.get("safegrad", []), **({} if metrics else {"empty": NOTHING_YET}))
     card = common.job_card(info, idle_text(ws)) if info is not None else \
         common.job_card(None, idle_text(ws))
-    return key, [card, curves, conflict, *_buttons(active)], active
+    return key, [card, curves, conflict, *_buttons(active), gr.Button(visible=_resumable(info))], active
 
 
 # ------------------------------------------------------------------------------ layout
@@ -226,7 +249,7 @@ def build(shared: common.Shared) -> dict:
                 "is fair: " + ", ".join(f"{label_of(k)} ({VARIANTS[k].help})" for k in keys_of("train")) + ".")
     with gr.Row():
         with gr.Column(scale=1, min_width=320):
-            model, quantization, steps, batch, lr, seed, rank, alpha, targets = _training_inputs(limits)
+            model, quantization, steps, batch, lr, seed, max_length, rank, alpha, targets = _training_inputs(limits)
         with gr.Column(scale=1, min_width=320):
             mode, lam, align_batch = _safegrad_inputs()
             with gr.Row():
@@ -234,6 +257,7 @@ def build(shared: common.Shared) -> dict:
                 both_btn = gr.Button(f"Train all ({len(keys_of('train'))} variants)", variant="secondary",
                                      elem_id="ss-train-both")
                 stop_btn = gr.Button("Stop", variant="stop", interactive=False, elem_id="ss-stop")
+                resume_btn = gr.Button("Resume", variant="secondary", visible=False, elem_id="ss-resume")
             card = gr.HTML(common.job_card(None, "Nothing trained yet."), elem_id="ss-train-status")
     with gr.Row():
         curves = gr.Plot(plots.training_curves({}), label="Training loss", elem_id="ss-curves")
@@ -242,17 +266,19 @@ def build(shared: common.Shared) -> dict:
     next_btn = gr.Button("Next: defend →", variant="primary", elem_id="ss-next-defend")
 
     form = [shared.visitor, shared.ratio, model, quantization, rank, alpha, targets, steps, lr, batch, seed, mode,
-            lam, align_batch]
+            lam, align_batch, max_length]
     outputs = [card, shared.timer, train_btn, both_btn, stop_btn]
     train_btn.click(train, form, outputs, api_name="train", show_progress="minimal")
     both_btn.click(train_both, form, outputs, api_name="train_both", show_progress="minimal")
     stop_btn.click(stop, [shared.visitor], card, api_name="stop_training", show_progress="hidden")
+    resume_btn.click(resume, [shared.visitor], [*outputs, resume_btn], api_name="resume_training",
+                     show_progress="minimal")
     next_btn.click(lambda: gr.Walkthrough(selected=3), None, shared.flow, api_visibility="private")
-    return {"poll": [card, curves, conflict, train_btn, both_btn, stop_btn], "form": form[1:]}
+    return {"poll": [card, curves, conflict, train_btn, both_btn, stop_btn, resume_btn], "form": form[1:]}
 
 
 def _training_inputs(limits) -> tuple:
-    """Base model, quantization, steps, batch, learning rate, seed and the LoRA adapter's settings."""
+    """Base model, quantization, steps, batch, learning rate, seed, max length and the LoRA adapter's settings."""
     model = gr.Dropdown(model_choices(), value=models.DEFAULT_MODEL, label="Base model",
                         info="smollm2-135m-safe: the embedded model after SafeSpace's safety alignment "
                              "(built once on first use); smollm2-135m: as shipped, not aligned.",
@@ -268,8 +294,10 @@ def _training_inputs(limits) -> tuple:
                           info=f"examples per step (at most {limits.max_batch})", elem_id="ss-batch")
     with gr.Row():
         lr = gr.Number(DEFAULTS.lr, label="Learning rate", info="peak rate; warm-up then cosine decay",
-                       minimum=1e-6, maximum=0.1)
+                       minimum=1e-6, maximum=0.1, elem_id="ss-lr")
         seed = gr.Number(0, label="Seed", precision=0, info="same seed, same run")
+    max_length = gr.Slider(32, 512, value=DEFAULTS.max_length, step=16, label="Max length",
+                           info="tokens per example (prompt + answer); longer ones are cut", elem_id="ss-max-length")
     with gr.Accordion("LoRA adapter", open=False):
         rank = gr.Slider(1, 64, value=DEFAULTS.lora.r, step=1, label="Rank r",
                          info="size of the low-rank update; 8 is plenty here")
@@ -277,7 +305,7 @@ def _training_inputs(limits) -> tuple:
                           info="update scale = alpha / r")
         targets = gr.CheckboxGroup(TARGETS, value=list(DEFAULTS.lora.targets), label="Target modules",
                                    info="which linear layers get an adapter")
-    return model, quantization, steps, batch, lr, seed, rank, alpha, targets
+    return model, quantization, steps, batch, lr, seed, max_length, rank, alpha, targets
 
 
 def _safegrad_inputs() -> tuple:
