@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from . import data as data_mod
 from .config import TrainSettings
@@ -21,7 +23,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-CHECKPOINT_FILE = "checkpoint.pt"
+CHECKPOINT_FILE = "checkpoint.safetensors"
 
 
 def fingerprint(settings: TrainSettings, examples: list, align_examples: list | None, kind: str) -> str:
@@ -35,9 +37,10 @@ def fingerprint(settings: TrainSettings, examples: list, align_examples: list | 
 
 
 class Checkpoint:
-    """One file, `<folder>/checkpoint.pt`: adapter, optimizer, scheduler, batch streams, SafeGrad's cached
-    alignment gradient, torch/CUDA/python RNG states, the metrics so far. Written to a temp file, then
-    renamed, so a crash mid-write leaves the previous checkpoint whole."""
+    """One file, `<folder>/checkpoint.safetensors`: adapter, optimizer, scheduler, batch streams, SafeGrad's
+    cached alignment gradient, torch/CUDA/python RNG states, the metrics so far. Tensors are stored as
+    safetensors, the rest as JSON in its metadata (nothing is ever unpickled). Written to a temp file,
+    then renamed, so a crash mid-write leaves the previous checkpoint whole."""
 
     def __init__(self, folder: str | Path, key: str, every: int = 0):
         self.path = Path(folder) / CHECKPOINT_FILE
@@ -63,11 +66,12 @@ class Checkpoint:
                  {"g_a": loop.surgery.g_a, "align_loss": loop.surgery.align_loss},
                  "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
                          "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
+        tensors: dict = {}
+        skeleton = json.dumps(_split(state, tensors))
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
-        with open(tmp, "wb") as handle:
-            torch.save(state, handle)
-            handle.flush()
+        save_file(tensors, str(tmp), metadata={"state": skeleton})
+        with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, self.path)
 
@@ -76,8 +80,11 @@ class Checkpoint:
         when there is none, or it belongs to other settings or data (then the run starts over)."""
         if not self.path.exists():
             return [], 0.0
-        try:   # our own file in the run's private folder, holding python RNG state: not weights only
-            state = torch.load(self.path, map_location="cpu", weights_only=False)
+        try:
+            with safe_open(str(self.path), framework="pt") as handle:
+                # fresh allocations: CPU reductions (SafeGrad's dot products) depend on the buffer's alignment
+                tensors = {name: handle.get_tensor(name).clone() for name in handle.keys()}
+                state = _join(json.loads(handle.metadata()["state"]), tensors)
         except Exception as exc:  # noqa: BLE001 - a damaged checkpoint only costs the steps it saved
             log.warning("checkpoint %s is unreadable (%s); starting over", self.path, exc)
             return [], 0.0
@@ -115,3 +122,32 @@ class Checkpoint:
 def as_tuple(value):
     """random.Random's state back from a checkpoint (lists where it wants tuples)."""
     return tuple(as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def _split(value, tensors: dict):
+    """`value` as JSON, each tensor replaced by a named reference into `tensors` (dicts with other than
+    text keys, such as the optimizer's per-parameter state, as lists of items)."""
+    if isinstance(value, torch.Tensor):
+        name = f"t{len(tensors)}"
+        tensors[name] = value.detach().cpu().clone().contiguous()
+        return {"__tensor__": name}
+    if isinstance(value, dict):
+        if all(isinstance(k, str) for k in value):
+            return {k: _split(v, tensors) for k, v in value.items()}
+        return {"__items__": [[k, _split(v, tensors)] for k, v in value.items()]}
+    if isinstance(value, (list, tuple)):
+        return [_split(v, tensors) for v in value]
+    return value
+
+
+def _join(value, tensors: dict):
+    """The inverse of _split (tuples come back as lists; as_tuple restores them where one is wanted)."""
+    if isinstance(value, dict):
+        if set(value) == {"__tensor__"}:
+            return tensors[value["__tensor__"]]
+        if set(value) == {"__items__"}:
+            return {k: _join(v, tensors) for k, v in value["__items__"]}
+        return {k: _join(v, tensors) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_join(v, tensors) for v in value]
+    return value

@@ -351,7 +351,7 @@ class JobManager:
         self._paces: deque[float] = deque(maxlen=50)   # measured seconds per unit of cost, here
         self._took: dict[str, float] = {}              # the last finished job of each kind: its seconds
         self.root.mkdir(parents=True, exist_ok=True)
-        self._store = jobstore.JobStore(self.root / "jobs.sqlite3")
+        self._store = jobstore.JobStore(self.root / jobstore.FILE)
         self._restore()
 
     @staticmethod

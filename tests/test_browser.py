@@ -5,6 +5,7 @@ Needs Debian's chromium at /usr/bin/chromium (`apt-get install -y chromium`). In
 missing browser is a failure; elsewhere the test is skipped and says why.
 """
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -41,18 +42,49 @@ def app_url(tmp_path_factory):
     yield from launch_app(tmp_path_factory.mktemp("sessions"))
 
 
-@pytest.fixture
-def page(app_url):
+def open_page(url):
+    """A fresh browser on `url` (a generator: yields the page, closes the browser after)."""
     SHOTS.mkdir(parents=True, exist_ok=True)
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS, headless=True)
         context = browser.new_context(viewport={"width": 1280, "height": 900})
         page = context.new_page()
         page.set_default_timeout(60_000)
-        page.goto(app_url)
+        page.goto(url)
         yield page
         context.close()
         browser.close()
+
+
+@pytest.fixture
+def page(app_url):
+    yield from open_page(app_url)
+
+
+@pytest.fixture
+def first_start(tmp_path, monkeypatch):
+    """An app whose cache folder has no aligned base yet; building it is a stand-in that takes 0.4 s a
+    step and ends (failing the job) once the test sets `done`."""
+    from safespace import align
+    from safespace.train import Event
+
+    done = threading.Event()
+
+    def slow_build(key, on_event):
+        total = 250
+        on_event(Event("start", 0, total))
+        for step in range(1, total + 1):
+            if done.wait(0.4):
+                raise RuntimeError("the test is over")
+            on_event(Event("step", step, total, {"loss": 1.0, "seconds": 0.4, "eta": 0.4 * (total - step)}))
+        raise RuntimeError("the test is over")
+
+    monkeypatch.setenv("SAFESPACE_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(align, "_build", slow_build)
+    for url in launch_app(tmp_path / "sessions"):
+        for page in open_page(url):
+            yield page
+            done.set()
 
 
 def shot(page, name):
@@ -217,3 +249,19 @@ def test_click_through_the_whole_story(page):
     page.wait_for_selector("#ss-zip-file :text('safespace-safedelta-adapter')")
     shot(page, "6-export")
     print(f"\nbrowser flow: {time.time() - started:.0f} s; screenshots in {SHOTS}")
+
+
+def test_the_first_start_shows_the_aligned_base_being_built(first_start):
+    """Nothing built yet: a training on the aligned base shows the build's step and the time left in its
+    card, and after a reload the model list says the base is being built, at which step."""
+    page = first_start
+    page.wait_for_selector("#ss-data-status :text('ready to train')")
+    go_to(page, "train")
+    set_number(page, "ss-steps", 1)
+    page.locator("#ss-train").click()
+    page.wait_for_selector(r"#ss-train-status :text-matches('building the aligned base .*step \\d+/250 .* left')")
+    page.reload()
+    page.locator("#ss-step-train").wait_for(state="visible")
+    page.wait_for_function("() => document.querySelector('#ss-model input').value.includes('being built now, step')")
+    page.wait_for_selector(r"#ss-train-status :text-matches('step \\d+/250')")
+    shot(page, "0b-first-start")

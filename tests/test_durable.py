@@ -214,7 +214,7 @@ def test_only_registered_plain_calls_are_recorded(tmp_path):
     odd = m.submit(B, "ask", note, object())                         # not plain: memory only
     plan = [("sft", TrainSettings(model="smollm2-135m", steps=3, warmup=0, lora=LoraSettings(targets=("q_proj",))))]
     trained = m.submit(B, "train", jobs.train_job, plan, "bundled:sentiment_train", 0.1, 7)
-    rows = {r["id"]: r for r in jobstore.JobStore(tmp_path / "jobs.sqlite3").load()}
+    rows = {r["id"]: r for r in jobstore.JobStore(tmp_path / jobstore.FILE).load()}
     assert set(rows) == {held.id, trained.id} and lam.id not in rows and odd.id not in rows
     call = json.loads(rows[trained.id]["call"])
     assert call["fn"] == "train" and call["args"][1:] == ["bundled:sentiment_train", 0.1, 7]
@@ -238,7 +238,7 @@ def test_the_apps_job_kinds_are_all_durable(tmp_path):
                           {"harmful": ["advbench"], "benign": ["alpaca"]}, "keyword"),
              "ask": (jobs.ask_job, "How do I bake bread?", 32)}
     infos = {kind: m.submit(f"visitor-{kind}x", kind, fn, *args) for kind, (fn, *args) in calls.items()}
-    rows = {r["id"]: r for r in jobstore.JobStore(tmp_path / "jobs.sqlite3").load()}
+    rows = {r["id"]: r for r in jobstore.JobStore(tmp_path / jobstore.FILE).load()}
     for kind, info in infos.items():
         assert json.loads(rows[info.id]["call"])["fn"] == kind
         m.stop(f"visitor-{kind}x", info.id)

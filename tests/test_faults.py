@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from safespace import compare, jobs, models, pipeline, runs, train
+from safespace import compare, jobs, jobstore, models, pipeline, runs, train
 from safespace.config import LoraSettings
 from safespace.data import Example
 from helpers import tiny_llama
@@ -370,7 +370,7 @@ def _fill(ws: jobs.Workspace, size=200_000):
     save(tiny_peft(0), ws.run_path("sft"))
 
 
-RECORDS = "jobs.sqlite3"     # the job records file (and its WAL companions): the server's, no visitor's
+RECORDS = jobstore.FILE     # the job records file (and its WAL companions): the server's, no visitor's
 
 
 def _du(folder: Path) -> int:

@@ -55,7 +55,7 @@ pytest.importorskip("gradio_client")
 from gradio_client import handle_file  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
 
-from safespace import jobs  # noqa: E402
+from safespace import jobs, jobstore  # noqa: E402
 from test_app_e2e import client  # noqa: E402
 from test_load import COMPARE, TRAIN, write_file  # noqa: E402
 
@@ -234,7 +234,7 @@ class Server:
 
     def records(self) -> dict[str, dict]:
         """The job records as the server left them (read-only, beside the running server)."""
-        path = self.root / "jobs.sqlite3"
+        path = self.root / jobstore.FILE
         if not path.exists():
             return {}
         with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)) as db:

@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from conftest import fake_run
-from safespace import jobs, models
+from safespace import jobs, jobstore, models
 from safespace.config import home
 from safespace.ui import compare, data, defend, train
 from test_app_e2e import client  # noqa: E402  (the e2e suite's client helper)
@@ -198,7 +198,7 @@ def test_uploaded_names_never_become_paths(manager, tmp_path, name):
     else:
         assert stored == []
     assert "<script>" not in card                        # the name is shown escaped
-    assert sorted(p.name for p in manager.root.iterdir()) == ["visitor-eeee"]
+    assert sorted(p.name for p in manager.root.iterdir() if not p.name.startswith(jobstore.FILE)) == ["visitor-eeee"]
 
 
 def test_limits_are_enforced_by_the_handlers_themselves(manager):
@@ -334,7 +334,7 @@ def test_an_upload_named_with_a_traversal_stays_in_its_workspace(app):
     assert kind == "complete" and "ready to train" in payload[0]
     assert [p.name for p in (app.root / session / "uploads").iterdir()] == ["evil.jsonl"]
     assert not any(p.exists() for p in outside)
-    assert all(jobs.valid_visitor(p.name) for p in app.root.iterdir())
+    assert all(jobs.valid_visitor(p.name) for p in app.root.iterdir() if not p.name.startswith(jobstore.FILE))
     no_server_paths(app, payload)
 
 
@@ -387,4 +387,4 @@ def test_visitor_ids_from_the_client_never_become_paths(app, visitor):
     kind, payload = call(app, "list_runs", [visitor], session)
     assert (kind, payload) == ("complete", [[]])
     assert set(app.root.parent.iterdir()) == before
-    assert all(jobs.valid_visitor(p.name) for p in app.root.iterdir())
+    assert all(jobs.valid_visitor(p.name) for p in app.root.iterdir() if not p.name.startswith(jobstore.FILE))
