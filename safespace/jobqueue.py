@@ -43,6 +43,7 @@ ACTIVE = ("queued", "running")
 DONE = ("finished", "stopped", "failed", "interrupted")
 RESUMABLE = ("interrupted", "stopped")     # what `resume` queues again
 INTERRUPTED_MESSAGE = "interrupted by a server restart; press Resume to continue where it left off"
+RERUN_MESSAGE = "interrupted by a server restart; queued again in its place"
 VISITOR_ID = re.compile(r"^[A-Za-z0-9_-]{8,64}$")      # also safe as a folder name
 _PACKAGE = __name__.split(".")[0]                      # whose own errors are expected ones
 
@@ -324,10 +325,13 @@ def _set_worker_threads(workers: int) -> None:
 class JobManager:
     """Per-visitor job registry with `workers` worker slots, a bounded FIFO queue and durable records.
     `folder_type` makes a visitor's folder; `stopped_message` says what a stopped job's card reads;
-    `functions` names the job functions whose jobs survive a restart (more may be given per manager)."""
+    `functions` names the job functions whose jobs survive a restart (more may be given per manager);
+    `rerun_kinds` are kinds short enough to start again by themselves after a restart (the others wait
+    for Resume)."""
 
     folder_type: type = Folder
     functions: dict[str, Callable] = {}
+    rerun_kinds: tuple[str, ...] = ()
 
     def __init__(self, root: str | Path, *, max_queue: int = 8, max_active_per_visitor: int = 3,
                  keep_per_visitor: int = 20, session_hours: float = 24.0, cleanup_every: float = 600.0,
@@ -461,13 +465,18 @@ class JobManager:
 
     def _restore(self) -> None:
         """Load the records a previous server left: queued jobs queue again in their order, the running
-        ones become interrupted, finished ones are listed as before."""
+        ones become interrupted (those of `rerun_kinds` queue again, first), finished ones are listed as
+        before."""
         queued = []
         for row in self._store.load():
             job = self._job_from(row)
             if job is None:
                 continue
             self._jobs.setdefault(job.visitor, OrderedDict())[job.id] = job
+            if job.status == "interrupted" and job.kind in self.rerun_kinds and job.fn is not None:
+                job.status, job.message, job.started, job.finished = "queued", RERUN_MESSAGE, None, None
+                job.channel.stop_file.unlink(missing_ok=True)
+                self._persist(job, message=job.message, started=None, finished=None)
             if job.status == "queued":
                 queued.append(job)
         for job in sorted(queued, key=lambda j: j.queued_at):

@@ -51,6 +51,7 @@ class JobManager(jobqueue.JobManager):
     folder_type = Workspace
     stopped_message = staticmethod(stopped_message)
     functions = {"train": train_job, "defend": defend_job, "evaluate": evaluate_job, "ask": ask_job}
+    rerun_kinds = ("defend", "evaluate", "ask")      # minutes at most: redone after a restart, no Resume needed
 
     @staticmethod
     def job_bytes() -> int:

@@ -176,6 +176,30 @@ def test_a_restarted_server_loses_nothing(tmp_path):
         m.close(wait=5)
 
 
+def test_short_jobs_interrupted_by_a_restart_run_again_by_themselves(tmp_path):
+    """A comparison (or Safe Delta, or a question) cut off by a crash is queued again in its place and
+    runs; a training waits for Resume."""
+    functions = {**FUNCTIONS, "train_hold": hold}
+    a = jobs.JobManager(tmp_path, functions=functions, workers=2)
+    compare = a.submit(A, "evaluate", hold, "compare")
+    training = a.submit(B, "train", hold, "training")
+    wait_status(a, A, compare.id, "running")
+    wait_status(a, B, training.id, "running")
+    crash(a)
+    GATES["compare"].set()
+    b = jobs.JobManager(tmp_path, functions=functions, workers=1)
+    assert b.get(B, training.id).status == "interrupted"
+    done = wait_done(b, A, compare.id)
+    assert done.status == "finished" and done.message == "compare done"
+    assert b.get(B, training.id).status == "interrupted" and "Resume" in b.get(B, training.id).message
+    b.close(wait=5)
+    GATES["training"].set()                  # let the crashed manager's thread end inside this test
+    deadline = time.time() + 10
+    while "training" not in RAN:
+        assert time.time() < deadline
+        time.sleep(0.01)
+
+
 def test_a_graceful_shutdown_keeps_the_queue_and_interrupts_the_running_job(tmp_path):
     def loop(ctx):
         while not ctx.should_stop():
