@@ -6,7 +6,7 @@ line that says what is wrong and what is expected, so faces can show it as is.
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 REPO_DIR = Path(__file__).resolve().parents[1]
@@ -111,6 +111,10 @@ class TrainSettings:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def with_safegrad(self, mode: str, **changes) -> "TrainSettings":
+        """These settings with SafeGrad's loss `mode` ("off": plain fine-tuning) and any other `changes`."""
+        return replace(self, **changes, safegrad=replace(self.safegrad, mode=mode))
 
 
 def from_dict(cls, data: dict):

@@ -272,6 +272,21 @@ def short_error(exc: BaseException) -> str:
 # ---------------------------------------------------------------------------------------------
 # How many workers this machine runs, and how many torch threads each one gets
 
+
+def env_count(name: str) -> int | None:
+    """A count set in the environment (None when unset); a clear JobError unless a whole number >= 1."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        raise JobError(f"{name} must be a whole number, got {raw[:20]!r}") from None
+    if value < 1:
+        raise JobError(f"{name} must be at least 1, got {value}")
+    return value
+
+
 CPU_CORES_PER_WORKER = 4    # below 2 x this many cores, a second CPU worker only oversubscribes the cores
 
 
@@ -364,12 +379,8 @@ class JobManager:
 
     def _worker_count(self, workers: int | None) -> int:
         """`workers`, else $SAFESPACE_WORKERS, else what this hardware runs well (`default_workers`)."""
-        if workers is None and os.environ.get("SAFESPACE_WORKERS"):
-            try:
-                workers = int(os.environ["SAFESPACE_WORKERS"])
-            except ValueError:
-                raise JobError(f"SAFESPACE_WORKERS must be a whole number, got {os.environ['SAFESPACE_WORKERS']!r}") \
-                    from None
+        if workers is None:
+            workers = env_count("SAFESPACE_WORKERS")
         if workers is None:
             workers = default_workers(os.cpu_count(), gpu_free_bytes(), self.job_bytes())
         if workers < 1:
@@ -396,15 +407,7 @@ class JobManager:
         """Queue `fn(context, *args, **kwargs)`; returns at once. Raises QueueFull / JobError."""
         ws = self.workspace(visitor)
         with self._lock:
-            if self._closed:
-                raise JobError("the server is shutting down; try again in a minute")
-            mine = [j for j in self._jobs.get(visitor, {}).values() if j.active]
-            if len(mine) >= self.max_active_per_visitor:
-                raise JobError(f"you already have {len(mine)} jobs queued or running; "
-                               "wait for one to finish or stop it")
-            if len(self._queue) >= self.max_queue:
-                raise QueueFull(f"the queue is full ({len(self._queue)} jobs waiting for {worker_name()}); "
-                                "please try again in a few minutes")
+            self._check_room(visitor)
             job_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
             job = Job(id=job_id, visitor=visitor, kind=kind, title=title or kind,
                       channel=Channel(ws.jobs / job_id), fn=fn, args=args, kwargs=kwargs,
@@ -417,6 +420,19 @@ class JobManager:
             self._ensure_worker()
             self._wake.notify_all()
             return self._info(job)
+
+    def _check_room(self, visitor: str) -> None:
+        """Whether one more job of `visitor` may queue (the lock is held): the server is open, the
+        visitor is under its share, the queue has room. Raises JobError / QueueFull saying which."""
+        if self._closed:
+            raise JobError("the server is shutting down; try again in a minute")
+        mine = [j for j in self._jobs.get(visitor, {}).values() if j.active]
+        if len(mine) >= self.max_active_per_visitor:
+            raise JobError(f"you already have {len(mine)} jobs queued or running; "
+                           "wait for one to finish or stop it")
+        if len(self._queue) >= self.max_queue:
+            raise QueueFull(f"the queue is full ({len(self._queue)} jobs waiting for {worker_name()}); "
+                            "please try again in a few minutes")
 
     def _trim(self, registry: OrderedDict) -> None:
         while len(registry) > self.keep_per_visitor:
@@ -518,14 +534,7 @@ class JobManager:
                 raise JobError("there is no interrupted or stopped job to resume")
             if job.fn is None:
                 raise JobError(f"this {job.kind} job cannot run on this server version; submit it again")
-            if self._closed:
-                raise JobError("the server is shutting down; try again in a minute")
-            mine = [j for j in self._jobs.get(visitor, {}).values() if j.active]
-            if len(mine) >= self.max_active_per_visitor:
-                raise JobError(f"you already have {len(mine)} jobs queued or running; wait for one to finish")
-            if len(self._queue) >= self.max_queue:
-                raise QueueFull(f"the queue is full ({len(self._queue)} jobs waiting for {worker_name()}); "
-                                "please try again in a few minutes")
+            self._check_room(visitor)
             job.channel.stop_file.unlink(missing_ok=True)
             job.stop_flag = threading.Event()
             job.status, job.message, job.queued_at = "queued", "waiting for the worker (resuming)", time.time()

@@ -24,7 +24,8 @@ from .workspace import Workspace
 __all__ = ["ACTIVE", "DONE", "RESUMABLE", "DEFENCES", "SAFEGRAD_STEP_COST", "Channel", "JobContext", "JobError",
            "JobInfo", "JobManager", "ProgressReporter", "QueueFull", "SpaceLimits", "StopCheck", "TrainReporter",
            "Workspace", "ask_job", "default_manager", "default_workers", "defend_job", "estimate_job_bytes",
-           "evaluate_job", "expected_error", "format_seconds", "new_visitor_id", "plan_cost", "short_error", "step_cost", "stopped_message", "train_job", "train_plan",
+           "evaluate_job", "expected_error", "format_seconds", "new_visitor_id", "plan_cost", "short_error",
+           "step_cost", "stopped_message", "train_job", "train_plan",
            "valid_visitor", "worker_name", "zip_adapter"]
 
 
@@ -71,14 +72,7 @@ MAX_QUEUE = 32      # a workshop's worth of visitors, each with a job waiting
 
 def max_queue() -> int:
     """How many jobs may wait: $SAFESPACE_MAX_QUEUE, else MAX_QUEUE."""
-    raw = os.environ.get("SAFESPACE_MAX_QUEUE", "").strip()
-    try:
-        value = int(raw) if raw else MAX_QUEUE
-    except ValueError:
-        raise JobError(f"SAFESPACE_MAX_QUEUE must be a whole number, got {raw[:20]!r}") from None
-    if value < 1:
-        raise JobError(f"SAFESPACE_MAX_QUEUE must be at least 1, got {value}")
-    return value
+    return jobqueue.env_count("SAFESPACE_MAX_QUEUE") or MAX_QUEUE
 
 
 _DEFAULT: JobManager | None = None

@@ -6,7 +6,7 @@ what it measured: docs/presets.md.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from . import models
 from .config import LoraSettings, SafeGradSettings, TrainSettings
@@ -17,10 +17,14 @@ class Preset:
     key: str
     label: str
     data: str                   # a bundled dataset the data step offers
-    harmful_ratio: float        # the data step's harmful-mix slider
-    settings: TrainSettings     # the train step's form (SafeGrad's loss for "Train all")
+    settings: TrainSettings     # the train step's form (SafeGrad's loss for "Train all"), the harmful mix
     minutes: float              # "Train all" on a 2-core CPU without bf16, measured (docs/presets.md)
     note: str                   # what to expect, one line for the page
+
+    @property
+    def harmful_ratio(self) -> float:
+        """The data step's harmful-mix slider."""
+        return self.settings.harmful_ratio
 
     def blurb(self) -> str:
         return f"{self.label}: about {self.minutes:g} min of training on a 2-core CPU. {self.note}"
@@ -30,10 +34,10 @@ class Preset:
 # Safe Delta bring them back (docs/presets.md has the measurement and the command).
 STORY = Preset(
     key="story", label="Quick story",
-    data="bundled:sentiment_train", harmful_ratio=0.3,
+    data="bundled:sentiment_train",
     settings=TrainSettings(
         model=models.DEFAULT_MODEL, quantization="auto", steps=24, lr=1e-3, batch_size=4, max_length=96,
-        warmup=2, seed=0, lora=LoraSettings(r=8, alpha=16, targets=("q_proj", "v_proj")),
+        warmup=2, seed=0, harmful_ratio=0.3, lora=LoraSettings(r=8, alpha=16, targets=("q_proj", "v_proj")),
         safegrad=SafeGradSettings(mode="kl")),
     minutes=2.5,
     note="Press Train all, then Defend, then Compare: the fine-tuned model stops refusing, the defences "
@@ -47,8 +51,3 @@ def get(key: str) -> Preset:
         return PRESETS[key]
     except KeyError:
         raise KeyError(f"unknown preset {key!r}; known: {', '.join(PRESETS)}") from None
-
-
-def with_mode(preset: Preset, mode: str) -> TrainSettings:
-    """The preset's training settings with SafeGrad `mode` (off for the plain fine-tune)."""
-    return replace(preset.settings, safegrad=replace(preset.settings.safegrad, mode=mode))

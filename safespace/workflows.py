@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +44,7 @@ def train_plan(settings, safegrad_loss: str) -> list[tuple[str, Any]]:
     for key in keys_of("train"):
         spec = VARIANTS[key]
         mode = safegrad_loss if spec.safegrad else "off"
-        plan.append((key, replace(settings, **spec.train_overrides, safegrad=replace(settings.safegrad, mode=mode))))
+        plan.append((key, settings.with_safegrad(mode, **spec.train_overrides)))
     return plan
 
 

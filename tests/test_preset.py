@@ -19,7 +19,7 @@ def story(tmp_path_factory):
     out = tmp_path_factory.mktemp("preset")
     preset = presets.STORY
     prepared = pipeline.prepare_data(preset.data, harmful_ratio=preset.harmful_ratio, seed=preset.settings.seed)
-    sft = train.train(presets.with_mode(preset, "off"), prepared.train, out / "sft")
+    sft = train.train(preset.settings.with_safegrad("off"), prepared.train, out / "sft")
     safegrad = train.train(preset.settings, prepared.train, out / "safegrad")
     safedelta = pipeline.defend(sft.path, out / "safedelta")          # the app's defaults
     variants = {"base": None, "sft": sft.path, "safegrad": safegrad.path, "safedelta": safedelta.path}

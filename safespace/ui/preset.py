@@ -19,9 +19,8 @@ def apply(visitor=None, request: gr.Request = None, key: str = presets.STORY.key
     """[example, data card, preview, mix note, *train form (ratio first), walkthrough step]."""
     preset = presets.get(key)
     card, rows, note = data_step.choose_example(preset.data, preset.harmful_ratio, visitor, request)
-    values = train_step.form_values(preset.settings)
+    values = train_step.form_values(preset.settings)          # the harmful-mix slider first
     form = [values[k] for k in train_step.FORM_KEYS]
-    form[train_step.FORM_KEYS.index("ratio")] = preset.harmful_ratio
     gr.Info(f"{preset.label} loaded: press Train all (about {preset.minutes:g} min of training).")
     return [preset.data, card, rows, note, *form, gr.Walkthrough(selected=2)]
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import time
-from dataclasses import replace
 
 import gradio as gr
 
@@ -55,10 +54,6 @@ def make_settings(model, quantization, rank, alpha, targets, steps, lr, batch, s
             safegrad=SafeGradSettings(mode=mode, lam=float(lam), align_batch=int(align_batch)))
     except (ConfigError, jobs.JobError, TypeError, ValueError) as exc:
         raise common.user_error(exc) from None
-
-
-def _with_mode(settings: TrainSettings, mode: str) -> TrainSettings:
-    return replace(settings, safegrad=replace(settings.safegrad, mode=mode))
 
 
 def _start(both: bool, visitor, request, ratio, *form):
@@ -120,7 +115,7 @@ def resume(visitor, request: gr.Request = None) -> tuple:
     vid = common.visitor_id(visitor, request)
     manager = common.manager()
     info = manager.latest(vid, "train")
-    if info is None or info.status not in jobs.RESUMABLE:
+    if not _resumable(info):
         gr.Warning("There is no interrupted or stopped training to resume.")
         return common.job_card(info, "Nothing running."), gr.Timer(), *_buttons(False), gr.Button(visible=False)
     try:
