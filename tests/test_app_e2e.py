@@ -30,8 +30,14 @@ def server(tmp_path_factory):
     yield from launch_app(tmp_path_factory.mktemp("sessions"))
 
 
+# httpx's 5 s default read timeout fails a request that waits behind a busy 2-core server (the
+# engine, the server and every client share one process here); a browser would simply wait.
+CLIENT_TIMEOUT_S = 60
+
+
 def client(url):
-    return Client(url, verbose=False, download_files=str(Path(os.environ.get("TMPDIR", "/tmp")) / "ss-e2e-dl"))
+    return Client(url, verbose=False, httpx_kwargs={"timeout": CLIENT_TIMEOUT_S},
+                  download_files=str(Path(os.environ.get("TMPDIR", "/tmp")) / "ss-e2e-dl"))
 
 
 def wait_job(c, kind, visitor=None, timeout=240, until=jobs.DONE):

@@ -67,21 +67,30 @@ def write_file(folder: Path, marker: str) -> Path:
     return path
 
 
+def call(c, out: dict, *args, api_name: str):
+    """c.predict, noting the endpoint (for the error message) and the slowest answer."""
+    out["step"], started = api_name, time.time()
+    answer = c.predict(*args, api_name=api_name)
+    out["slowest"] = max(out.get("slowest", 0.0), time.time() - started)
+    return answer
+
+
 def visit(url: str, marker: str, folder: Path, out: dict) -> None:
     """One visitor's whole session; everything the server sent back is kept in out["seen"]."""
     started = time.time()
+    out["step"] = "connect"
     c = client(url)
     out.update(session=c.session_hash, seen=[], ahead=[], statuses=[])
-    card, preview, note = c.predict(handle_file(str(write_file(folder, marker))), 0.0, None, api_name="/upload_data")
+    card, preview, note = call(c, out, handle_file(str(write_file(folder, marker))), 0.0, None, api_name="/upload_data")
     out["seen"] += [card, preview, note]
     assert "ready to train" in card, card
-    card, *_ = c.predict(None, 0.0, *TRAIN.values(), api_name="/train")
+    card, *_ = call(c, out, None, 0.0, *TRAIN.values(), api_name="/train")
     out["seen"].append(card)
     out["train"] = wait(c, "train", out)
-    card, _ = c.predict(*COMPARE.values(), 0.0, None, api_name="/compare")
+    card, _ = call(c, out, *COMPARE.values(), 0.0, None, api_name="/compare")
     out["seen"].append(card)
     out["compare"] = wait(c, "evaluate", out)
-    out["runs"] = c.predict(None, api_name="/list_runs")
+    out["runs"] = call(c, out, None, api_name="/list_runs")
     out["seen"].append(out["runs"])
     out["seconds"] = time.time() - started
 
@@ -89,7 +98,7 @@ def visit(url: str, marker: str, folder: Path, out: dict) -> None:
 def wait(c, kind: str, out: dict, timeout: float = 500) -> dict:
     deadline = time.time() + timeout
     while True:
-        status = c.predict(None, kind, api_name="/job_status")
+        status = call(c, out, None, kind, api_name="/job_status")
         out["seen"].append(status)
         if status:
             out["statuses"].append(status["status"])
@@ -115,7 +124,7 @@ def test_six_visitors_at_once_stay_apart_and_memory_stays_bounded(server, tmp_pa
         try:
             visit(server, MARKERS[i], tmp_path, results[i])
         except BaseException as exc:  # noqa: BLE001 - reported below with the client's marker
-            errors.append(f"{MARKERS[i]}: {type(exc).__name__}: {exc}")
+            errors.append(f"{MARKERS[i]} at {results[i].get('step')}: {type(exc).__name__}: {exc}")
 
     started = time.time()
     threads = [threading.Thread(target=run, args=(i,)) for i in range(N_CLIENTS)]
@@ -133,6 +142,7 @@ def test_six_visitors_at_once_stay_apart_and_memory_stays_bounded(server, tmp_pa
         print(f"\nload test: {N_CLIENTS} clients, total {total:.1f} s; per client "
               + ", ".join(f"{r.get('seconds', float('nan')):.1f}" for r in results) + " s; "
               f"max queue position seen {max_ahead} job(s) ahead; "
+              f"slowest answer {max(r.get('slowest', 0.0) for r in results):.1f} s; "
               f"RSS before {before:.0f} MB, peak {sampler.peak:.0f} MB, after {after:.0f} MB; "
               f"live tensors {tensors_before:.0f} -> {tensors_after:.0f} MB")
     assert not errors, errors
