@@ -32,7 +32,7 @@ browser:
 	  || echo "chromium not installed: the browser test will skip (needs root + apt)"; }
 
 test: install browser $(RAY_STAMP)
-	HF_HUB_OFFLINE=1 GRADIO_ANALYTICS_ENABLED=False $(PY) -m pytest -q
+	HF_HUB_OFFLINE=1 GRADIO_ANALYTICS_ENABLED=False $(PY) -m pytest -q --durations=15
 
 demo: install
 	$(PY) -m safespace run examples/configs/demo.yaml --out runs/demo --overwrite
