@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Callable
 
 from . import runs
-from .config import REPO_DIR, ConfigError
+from .config import REPO_DIR, ConfigError, env_count
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ def needs(quantization: str, gpus: float, cpus: int | None = None) -> dict:
     (4bit, or auto: 4-bit hub models and the bf16 embedded ones alike run on a GPU), else CPU cores."""
     if gpus > 0 and quantization in ("4bit", "auto"):
         return {"num_gpus": 1, "num_cpus": 1}
-    return {"num_cpus": cpus or max(1, int(os.environ.get(CPUS_ENV, "1") or 1))}
+    return {"num_cpus": cpus or env_count(CPUS_ENV, 1)}
 
 
 # --- run folders as bytes --------------------------------------------------------------------------

@@ -23,6 +23,21 @@ class ModelError(RuntimeError):
     Defined here, not in models (which re-exports it), so faces catch it without importing torch."""
 
 
+def env_count(name: str, default: int | None = None, error: type[Exception] = ConfigError) -> int | None:
+    """A count set in the environment (`default` when unset); `error` with a clear message unless it is
+    a whole number >= 1."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise error(f"{name} must be a whole number, got {raw[:20]!r}") from None
+    if value < 1:
+        raise error(f"{name} must be at least 1, got {value}")
+    return value
+
+
 def home() -> Path:
     """The cache folder for converted models, aligned bases and Hessians ($SAFESPACE_HOME)."""
     path = Path(os.environ.get("SAFESPACE_HOME") or Path.home() / ".cache" / "safespace")

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import jobstore
+from .config import env_count
 
 log = logging.getLogger("safespace.jobs")
 
@@ -273,20 +274,6 @@ def short_error(exc: BaseException) -> str:
 # How many workers this machine runs, and how many torch threads each one gets
 
 
-def env_count(name: str) -> int | None:
-    """A count set in the environment (None when unset); a clear JobError unless a whole number >= 1."""
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return None
-    try:
-        value = int(raw)
-    except ValueError:
-        raise JobError(f"{name} must be a whole number, got {raw[:20]!r}") from None
-    if value < 1:
-        raise JobError(f"{name} must be at least 1, got {value}")
-    return value
-
-
 CPU_CORES_PER_WORKER = 4    # below 2 x this many cores, a second CPU worker only oversubscribes the cores
 
 
@@ -380,7 +367,7 @@ class JobManager:
     def _worker_count(self, workers: int | None) -> int:
         """`workers`, else $SAFESPACE_WORKERS, else what this hardware runs well (`default_workers`)."""
         if workers is None:
-            workers = env_count("SAFESPACE_WORKERS")
+            workers = env_count("SAFESPACE_WORKERS", error=JobError)
         if workers is None:
             workers = default_workers(os.cpu_count(), gpu_free_bytes(), self.job_bytes())
         if workers < 1:

@@ -12,7 +12,7 @@ import threading
 from pathlib import Path
 
 from . import jobqueue
-from .config import home
+from .config import env_count, home
 from .export import zip_adapter
 from .jobqueue import (ACTIVE, DONE, RESUMABLE, Channel, JobContext, JobError, JobInfo, QueueFull, StopCheck,
                        default_workers, expected_error, new_visitor_id, short_error, valid_visitor, worker_name)
@@ -72,7 +72,7 @@ MAX_QUEUE = 32      # a workshop's worth of visitors, each with a job waiting
 
 def max_queue() -> int:
     """How many jobs may wait: $SAFESPACE_MAX_QUEUE, else MAX_QUEUE."""
-    return jobqueue.env_count("SAFESPACE_MAX_QUEUE") or MAX_QUEUE
+    return env_count("SAFESPACE_MAX_QUEUE", MAX_QUEUE, error=JobError)
 
 
 _DEFAULT: JobManager | None = None

@@ -8,7 +8,6 @@ pickles their arguments: keep them plain).
 """
 from __future__ import annotations
 
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -16,15 +15,20 @@ from pathlib import Path
 from typing import Any
 
 from . import runs as runs_mod
-from .config import TrainSettings, from_dict
+from .config import TrainSettings, env_count, from_dict
 from .jobqueue import Channel, JobContext, JobError, StopCheck
 from .variants import VARIANTS, derived_of, keys_of, label_of
 
 # A SafeGrad step costs about 2.5 plain ones (two backward passes and a projection; measured on the
 # embedded model on CPU): the ETA of "Train all" weighs the variants still to come by it.
 SAFEGRAD_STEP_COST = 2.5
-# A queued training saves a checkpoint this often (steps), so a restarted server's Resume loses little.
-CHECKPOINT_EVERY = int(os.environ.get("SAFESPACE_CHECKPOINT_EVERY", "10"))
+CHECKPOINT_EVERY = "SAFESPACE_CHECKPOINT_EVERY"
+
+
+def checkpoint_every() -> int:
+    """Steps between a queued training's checkpoints (default 10): a restarted server's Resume loses
+    little. A bad value fails the job with one clear line."""
+    return env_count(CHECKPOINT_EVERY, 10, error=JobError)
 
 
 def step_cost(settings) -> float:
@@ -182,7 +186,7 @@ def gpu_align(model: str, on_event) -> None:
 def gpu_train(settings, prepared, out: str, on_event, should_stop, checkpoint: str | None = None):
     from . import prepare
     return prepare.train_variant(settings, prepared, Path(out), on_event=on_event, should_stop=should_stop,
-                                 checkpoint=checkpoint, checkpoint_every=CHECKPOINT_EVERY if checkpoint else 0)
+                                 checkpoint=checkpoint, checkpoint_every=checkpoint_every() if checkpoint else 0)
 
 
 @_gpu(duration=120)

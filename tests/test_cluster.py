@@ -131,6 +131,10 @@ def test_resources_gpu_only_when_the_cluster_has_one_and_the_settings_want_it(mo
     assert cluster.needs("4bit", gpus=0) == {"num_cpus": 1}          # no GPU in the cluster
     monkeypatch.setenv(cluster.CPUS_ENV, "4")
     assert cluster.needs("auto", gpus=0) == {"num_cpus": 4}
+    for bad in ("four", "0", "-2"):
+        monkeypatch.setenv(cluster.CPUS_ENV, bad)
+        with pytest.raises(ConfigError, match=cluster.CPUS_ENV):     # a clear message, not a traceback
+            cluster.needs("auto", gpus=0)
 
 
 def test_address_from_the_environment_first_then_the_config(monkeypatch):

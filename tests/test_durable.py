@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from safespace import checkpoint, jobqueue, jobs, jobstore, train
+from safespace import checkpoint, jobqueue, jobs, jobstore, train, workflows
 from safespace.config import LoraSettings, SafeGradSettings, TrainSettings
 from safespace.data import Example
 
@@ -295,6 +295,17 @@ def test_workers_from_the_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("SAFESPACE_WORKERS", "many")
     with pytest.raises(jobs.JobError, match="SAFESPACE_WORKERS"):
         jobs.JobManager(tmp_path)
+
+
+def test_checkpoint_interval_from_the_environment(monkeypatch):
+    monkeypatch.delenv(workflows.CHECKPOINT_EVERY, raising=False)
+    assert workflows.checkpoint_every() == 10
+    monkeypatch.setenv(workflows.CHECKPOINT_EVERY, "3")
+    assert workflows.checkpoint_every() == 3
+    for bad in ("ten", "0", "2.5"):
+        monkeypatch.setenv(workflows.CHECKPOINT_EVERY, bad)
+        with pytest.raises(jobs.JobError, match="SAFESPACE_CHECKPOINT_EVERY must be"):
+            workflows.checkpoint_every()
 
 
 def test_two_workers_run_two_jobs_at_once(tmp_path):
