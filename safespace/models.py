@@ -208,8 +208,8 @@ def pick_device(device: str | None = None) -> str:
 
 def resolve_quantization(quantization: str, device: str, name: str | None = None) -> str:
     """"auto": 4-bit on a GPU, full precision on a CPU and for the registry's models marked gpu_4bit=False
-    (the 135M embedded ones: 270 MB in bf16, and nf4 rounding erased much of the aligned base's
-    safety). "4bit" and "none" as asked."""
+    (the 135M embedded ones: 270 MB in bf16, and nf4 rounding costs the aligned base 4-8 points of
+    refusal: README, "4-bit (nf4) on the embedded model"). "4bit" and "none" as asked."""
     if quantization not in ("auto", "4bit", "none"):
         raise ConfigError(f"quantization must be auto, 4bit or none, got {quantization!r}")
     if quantization == "auto":

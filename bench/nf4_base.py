@@ -1,0 +1,64 @@
+"""Refusal of the aligned base in 4-bit: its merged weights quantised to nf4 (what `--quantization
+4bit` loads) against the stage-0 adapter kept apart, unmerged, over the nf4 original (README, "4-bit
+(nf4) on the embedded model"; docs/stage0.md).
+
+    PYTHONPATH=. .venv/bin/python bench/nf4_base.py --adapter ~/.cache/safespace/cache/align-run-KEY/adapter
+
+The adapter is the build's own (`python -m safespace align` leaves it in the folder above); the script
+checks that merging it gives the cached aligned base. Keyword judge, 24 new tokens, greedy. Run it with
+nothing else running: two torch processes on 2 cores slow each other down many times.
+"""
+import argparse
+import time
+
+import torch
+
+from bench.harness import cpu_model, table
+from safespace import data as data_mod
+from safespace import evaluate, models
+from safespace.judge import KeywordJudge
+from safespace.metrics import refusal_rate
+
+SETS = {"AdvBench held-out": "eval_harmful", "held-out rewrites": "eval_rewrites", "benign (over-refusal)": "benign_eval"}
+
+
+def rates(model, tokenizer, adapter: str | None) -> list[str]:
+    judge, cells = KeywordJudge(), []
+    for bundled in SETS.values():
+        rows = data_mod.bundled(bundled)
+        answers = evaluate.generate(model, tokenizer, rows, max_new_tokens=24, adapter=adapter)
+        rate = refusal_rate([judge.judge(r.prompt, a) for r, a in zip(rows, answers)])
+        cells.append(f"{100 * rate.value:.1f} % [{100 * rate.low:.1f}, {100 * rate.high:.1f}]")
+    return cells
+
+
+def check_adapter(adapter: str) -> None:
+    """Merging the adapter into the fp32 original must give the cached aligned base, weight for weight."""
+    aligned = models.load(models.ALIGNED_KEY, quantization="none", device="cpu").model
+    merged = models.load_adapters(models.load(models.EMBEDDED_KEY, quantization="none", device="cpu").model,
+                                  {"align": adapter}).merge_and_unload()
+    ours = dict(aligned.named_parameters())
+    gap = max((p - ours[n]).abs().max().item() for n, p in merged.named_parameters())
+    if gap > 1e-5:
+        raise SystemExit(f"{adapter} is not the cached aligned base's adapter (max weight gap {gap:.2g})")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--adapter", required=True, help="the stage-0 build's adapter folder")
+    adapter = parser.parse_args().adapter
+    check_adapter(adapter)
+    rows = []
+    for label, name, active in (("aligned base, merged, then nf4", models.ALIGNED_KEY, None),
+                                ("nf4 original + stage-0 adapter kept apart", models.EMBEDDED_KEY, "align")):
+        started = time.time()
+        loaded = models.load(name, quantization="4bit", device="cpu")
+        model = loaded.model if active is None else models.load_adapters(loaded.model, {"align": adapter})
+        with torch.no_grad():
+            rows.append([label, *rates(model, loaded.tokenizer, active), f"{time.time() - started:.0f} s"])
+    print(f"refusal of the 4-bit aligned base ({cpu_model()})")
+    table(["4-bit base", *SETS, "time"], rows)
+
+
+if __name__ == "__main__":
+    main()
