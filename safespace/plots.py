@@ -260,6 +260,23 @@ def label_positions(points: Sequence[tuple[float, float]], near: tuple[float, fl
     return spots
 
 
+def shared_labels(points: Sequence[tuple[float, float]], labels: Sequence[str], same: float = 1.5) -> list[str]:
+    """One label per group of points that sit on each other (within `same` percent on both axes): the
+    group's first point carries all its names ("A · B"), the others none. Six variants at one spot
+    (a run that changed nothing) then read as one label instead of six stacked ones."""
+    texts = list(labels)
+    for i, (x, y) in enumerate(points):
+        if not texts[i]:
+            continue
+        group = [j for j in range(i + 1, len(points)) if texts[j]
+                 and abs(points[j][0] - x) <= same and abs(points[j][1] - y) <= same]
+        if group:
+            texts[i] = " · ".join([texts[i], *(texts[j] for j in group)])
+            for j in group:
+                texts[j] = ""
+    return texts
+
+
 def tradeoff_scatter(results: Mapping[str, Any]) -> go.Figure:
     """Refusal of harmful prompts (y) against task utility (x, left) and, when measured, against
     over-refusal of benign prompts (x, right): one labelled point per variant with 95 % intervals on
@@ -280,11 +297,14 @@ def tradeoff_scatter(results: Mapping[str, Any]) -> go.Figure:
     panels = [(1, 1, "utility")] + ([(1, 2, "over-refusal")] if with_over else [])
     for _, col, axis in panels:
         points = [(name, u if axis == "utility" else o, r) for name, u, r, o in shown]
-        spots = label_positions([(100 * x[0], 100 * y[0]) for _, x, y in points])
-        for (name, x, y), spot in zip(points, spots):
+        xy = [(100 * x[0], 100 * y[0]) for _, x, y in points]
+        texts = shared_labels(xy, [label_of(name) for name, *_ in points])
+        spots = iter(label_positions([p for p, text in zip(xy, texts) if text]))   # labelled points only
+        for (name, x, y), text in zip(points, texts):
             trace = go.Scatter(
                 x=[100 * x[0]], y=[100 * y[0]], name=label_of(name), legendgroup=name, showlegend=col == 1,
-                mode="markers+text", text=[label_of(name)], textposition=spot, cliponaxis=False,
+                mode="markers+text", text=[text], textposition=next(spots) if text else "top center",
+                cliponaxis=False,
                 textfont=dict(color=variant_color(name)),
                 marker=dict(color=variant_color(name), size=13, line=dict(width=1, color="white")),
                 error_x=_pct_error([x]), error_y=_pct_error([y]),

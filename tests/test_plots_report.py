@@ -14,6 +14,7 @@ from safespace.plots import (
     ema_smooth,
     kept_fraction_plot,
     label_positions,
+    shared_labels,
     safety_utility_bars,
     short_layer_name,
     sweep_plot,
@@ -139,6 +140,19 @@ def test_label_positions_keep_nearby_labels_apart():
         for j, b in enumerate(points[:i]):
             if abs(a[0] - b[0]) < 15 and abs(a[1] - b[1]) < 8:
                 assert label_positions(points)[i] != label_positions(points)[j]
+
+
+def test_points_on_one_spot_share_one_label_and_the_chart_shows_it():
+    points = [(98.0, 0.0), (60.0, 90.0), (98.5, 0.5), (97.0, 1.0), (98.0, 40.0)]
+    texts = shared_labels(points, ["A", "B", "C", "D", "E"])
+    assert texts == ["A · C · D", "B", "", "", "E"]                   # every name shown once, none stacked
+    assert shared_labels(points[:2], ["A", "B"]) == ["A", "B"]        # apart: untouched
+    same = {"judge": "keyword", "variants": {
+        name: {"refusal": {"value": 0.0, "low": 0.0, "high": 0.1, "n": 10},
+               "utility": {"value": 0.5, "low": 0.3, "high": 0.7, "n": 10, "metric": "accuracy"}}
+        for name in ("base", "sft", "mix", "safegrad", "safedelta", "safegrad-safedelta")}}
+    shown = [tr.text[0] for tr in tradeoff_scatter(same).data if tr.text[0]]
+    assert len(shown) == 1 and shown[0].count(" · ") == 5            # six variants at one spot: one label
 
 
 def test_ema_smooth_is_a_debiased_moving_average():
