@@ -52,7 +52,7 @@ class ModelSpec:
 REGISTRY: dict[str, ModelSpec] = {s.key: s for s in [
     ModelSpec(ALIGNED_KEY, "aligned", "HuggingFaceTB/SmolLM2-135M-Instruct",
               "SmolLM2-135M-Instruct after SafeSpace's safety alignment (stage 0); the default demo base",
-              "Apache-2.0", gpu_4bit=False),      # nf4 took its refusal from 99.3 % to 74.0 % (README)
+              "Apache-2.0", gpu_4bit=False),      # nf4 costs it 4-8 points of refusal (README)
     ModelSpec(EMBEDDED_KEY, "embedded", "HuggingFaceTB/SmolLM2-135M-Instruct",
               "SmolLM2-135M-Instruct as shipped (not safety-aligned), embedded, works offline",
               "Apache-2.0", gpu_4bit=False),
