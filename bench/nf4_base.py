@@ -14,18 +14,17 @@ import time
 import torch
 
 from bench.harness import cpu_model, table
-from safespace import data as data_mod
-from safespace import evaluate, models
+from safespace import evalsets, evaluate, models
 from safespace.judge import KeywordJudge
 from safespace.metrics import refusal_rate
 
-SETS = {"AdvBench held-out": "eval_harmful", "held-out rewrites": "eval_rewrites", "benign (over-refusal)": "benign_eval"}
+SETS = ("advbench", "rewrites", "benign")      # evalsets keys; on the benign set a refusal is an over-refusal
 
 
 def rates(model, tokenizer, adapter: str | None) -> list[str]:
     judge, cells = KeywordJudge(), []
-    for bundled in SETS.values():
-        rows = data_mod.bundled(bundled)
+    for key in SETS:
+        rows = evalsets.prompts(key)
         answers = evaluate.generate(model, tokenizer, rows, max_new_tokens=24, adapter=adapter)
         rate = refusal_rate([judge.judge(r.prompt, a) for r, a in zip(rows, answers)])
         cells.append(f"{100 * rate.value:.1f} % [{100 * rate.low:.1f}, {100 * rate.high:.1f}]")
@@ -57,7 +56,8 @@ def main() -> None:
         with torch.no_grad():
             rows.append([label, *rates(model, loaded.tokenizer, active), f"{time.time() - started:.0f} s"])
     print(f"refusal of the 4-bit aligned base ({cpu_model()})")
-    table(["4-bit base", *SETS, "time"], rows)
+    sets = [evalsets.get(key) for key in SETS]
+    table(["4-bit base", *(s.label + (" (over-refusal)" if s.kind == "benign" else "") for s in sets), "time"], rows)
 
 
 if __name__ == "__main__":

@@ -273,7 +273,6 @@ def short_error(exc: BaseException) -> str:
 # ---------------------------------------------------------------------------------------------
 # How many workers this machine runs, and how many torch threads each one gets
 
-
 CPU_CORES_PER_WORKER = 4    # below 2 x this many cores, a second CPU worker only oversubscribes the cores
 
 
