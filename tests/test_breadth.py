@@ -95,6 +95,19 @@ def test_benign_training_prompts_use_the_same_forms_as_harmful_ones():
     assert not any(g.lower() in prompts for g in goals_out)
 
 
+def test_text_tasks_over_unpleasant_passages_are_split_by_passage():
+    """Stage 0 learns to do a task on a complaint or a mishap; the held-out passages (benign set,
+    category text-task) appear in no training row, and no passage is a review of the demo task."""
+    held_out = [r["prompt"] for r in rows("benign_eval") if r.get("category") == "text-task"]
+    trained_in, held_out_built = build_data.passage_tasks()
+    assert held_out and sorted(held_out) == sorted(held_out_built)
+    training = [r["prompt"] for r in rows("benign_align")]
+    assert set(trained_in) <= set(training)
+    passages_out = {p.rsplit(": ", 1)[1] for p in held_out}
+    assert not any(p in t for p in passages_out for t in training)
+    assert not any("Review:" in p for p in trained_in + held_out)
+
+
 def test_shipped_benign_answers_cover_the_benign_alignment_prompts():
     """Stage 0 needs no generation for the embedded model: every row's plain question is answered."""
     from safespace import align
