@@ -52,7 +52,7 @@ class ModelSpec:
 REGISTRY: dict[str, ModelSpec] = {s.key: s for s in [
     ModelSpec(ALIGNED_KEY, "aligned", "HuggingFaceTB/SmolLM2-135M-Instruct",
               "SmolLM2-135M-Instruct after SafeSpace's safety alignment (stage 0); the default demo base",
-              "Apache-2.0", gpu_4bit=False),      # nf4 costs it 4-8 points of refusal (README)
+              "Apache-2.0", gpu_4bit=False),      # nf4 costs it 7-18 points of refusal (README)
     ModelSpec(EMBEDDED_KEY, "embedded", "HuggingFaceTB/SmolLM2-135M-Instruct",
               "SmolLM2-135M-Instruct as shipped (not safety-aligned), embedded, works offline",
               "Apache-2.0", gpu_4bit=False),
@@ -208,7 +208,7 @@ def pick_device(device: str | None = None) -> str:
 
 def resolve_quantization(quantization: str, device: str, name: str | None = None) -> str:
     """"auto": 4-bit on a GPU, full precision on a CPU and for the registry's models marked gpu_4bit=False
-    (the 135M embedded ones: 270 MB in bf16, and nf4 rounding costs the aligned base 4-8 points of
+    (the 135M embedded ones: 270 MB in bf16, and nf4 rounding costs the aligned base 7-18 points of
     refusal: README, "4-bit (nf4) on the embedded model"). "4bit" and "none" as asked."""
     if quantization not in ("auto", "4bit", "none"):
         raise ConfigError(f"quantization must be auto, 4bit or none, got {quantization!r}")
