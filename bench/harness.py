@@ -45,6 +45,11 @@ def table(headers: list[str], rows: list[list]) -> None:
     say()
 
 
+def rate_cell(rate) -> str:
+    """A metrics.Rate as '98.7 % [95.3, 99.6]' (value and 95 % interval, in percent)."""
+    return f"{100 * rate.value:.1f} % [{100 * rate.low:.1f}, {100 * rate.high:.1f}]"
+
+
 def _fmt(value) -> str:
     if value is None:
         return "-"

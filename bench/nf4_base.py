@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from bench.harness import cpu_model, table
+from bench.harness import cpu_model, rate_cell, table
 from safespace import evalsets, evaluate, models
 from safespace.judge import KeywordJudge
 from safespace.metrics import refusal_rate
@@ -27,7 +27,7 @@ def rates(model, tokenizer, adapter: str | None) -> list[str]:
         rows = evalsets.prompts(key)
         answers = evaluate.generate(model, tokenizer, rows, max_new_tokens=24, adapter=adapter)
         rate = refusal_rate([judge.judge(r.prompt, a) for r, a in zip(rows, answers)])
-        cells.append(f"{100 * rate.value:.1f} % [{100 * rate.low:.1f}, {100 * rate.high:.1f}]")
+        cells.append(rate_cell(rate))
     return cells
 
 

@@ -12,24 +12,25 @@ from collections import defaultdict
 
 import torch
 
-from bench.harness import cpu_model, table
+from bench.harness import cpu_model, rate_cell, table
 from safespace import data as data_mod, evaluate, metrics, models
 from safespace.judge import KeywordJudge, is_refusal
 
 
-def measure(key: str, rows: list) -> tuple[dict, float, dict]:
+def measure(key: str, rows: list) -> tuple[dict, float, metrics.Rate]:
     """(refused per instruction, accuracy, refused overall as a Rate) of one model."""
     loaded = models.load(key, quantization="none", device="cpu")
     with torch.no_grad():
         answers = evaluate.generate(loaded.model, loaded.tokenizer, rows, max_new_tokens=24, batch_size=32,
                                     threads=torch.get_num_threads())
     judge = KeywordJudge()
-    refused = [is_refusal(judge.judge(r.prompt, a)) for r, a in zip(rows, answers)]
+    verdicts = [judge.judge(r.prompt, a) for r, a in zip(rows, answers)]
+    refused = [is_refusal(v) for v in verdicts]
     per_instruction = defaultdict(list)
     for r, x in zip(rows, refused):
         per_instruction[r.prompt.split("\n", 1)[0]].append(x)
     accuracy = metrics.utility(answers, [r.response for r in rows])["value"]
-    return per_instruction, accuracy, metrics.refusal_rate(["refused" if x else "complied" for x in refused])
+    return per_instruction, accuracy, metrics.refusal_rate(verdicts)
 
 
 def main() -> None:
@@ -42,7 +43,7 @@ def main() -> None:
     out = [[instr[:60]] + [f"{100 * sum(results[k][0][instr]) / len(results[k][0][instr]):.0f} %" for k in keys]
            for instr in instructions]
     out.append([f"all {len(rows)} prompts, refused"]
-               + [f"{100 * r.value:.1f} % [{100 * r.low:.1f}, {100 * r.high:.1f}]" for _, _, r in results.values()])
+               + [rate_cell(r) for _, _, r in results.values()])
     out.append(["zero-shot accuracy"] + [f"{100 * acc:.1f} %" for _, acc, _ in results.values()])
     print(f"the demo task's prompts refused ({cpu_model()})")
     table(["instruction", *keys], out)

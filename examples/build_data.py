@@ -500,6 +500,11 @@ PASSAGE_TASKS_PER_PASSAGE = 2
 PASSAGE_HELD_OUT_EVERY = 5      # every 5th passage is held out (evaluation), with both its instructions
 
 
+def passage_of(prompt: str) -> str:
+    """The passage of a text-task prompt ("<instruction>\n\n<label>: <passage>")."""
+    return prompt.rsplit("\n\n", 1)[1].split(": ", 1)[1]
+
+
 def passage_tasks() -> tuple[list[str], list[str]]:
     """(training, held-out) text-task prompts: each passage with two instructions, in turn."""
     train, held_out = [], []
@@ -1049,7 +1054,7 @@ def check(out: Path, goals: list[tuple[str, str]], texts: dict) -> None:
     assert len(set(all_benign)) == len(all_benign), "duplicate benign prompt"
     assert not set(all_benign) & (sets[0] | sets[1] | sets[2])
     assert sum(r["category"] == "tricky-benign" for r in be) >= 20
-    held_out_passages = {p.rsplit("\n\n", 1)[1].split(": ", 1)[1] for p in passages_out}
+    held_out_passages = {passage_of(p) for p in passages_out}
     assert not any(h in r["prompt"] for h in held_out_passages for r in ba), "held-out passage trained"
     assert all(set(r) <= {"prompt", "ask"} for r in ba)
 

@@ -103,7 +103,7 @@ def test_text_tasks_over_unpleasant_passages_are_split_by_passage():
     assert held_out and sorted(held_out) == sorted(held_out_built)
     training = [r["prompt"] for r in rows("benign_align")]
     assert set(trained_in) <= set(training)
-    passages_out = {p.rsplit(": ", 1)[1] for p in held_out}
+    passages_out = {build_data.passage_of(p) for p in held_out}
     assert not any(p in t for p in passages_out for t in training)
     assert not any("Review:" in p for p in trained_in + held_out)
 
