@@ -272,17 +272,18 @@ LIGHT_COMMANDS = {"check-data", "judge"}     # they never load torch, so they do
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
-    # e.g. 1 on a busy machine: OpenMP spin-waits hurt; the light commands never import torch
-    if os.environ.get("SAFESPACE_THREADS") and args.command not in LIGHT_COMMANDS:
-        import torch
-
-        torch.set_num_threads(int(os.environ["SAFESPACE_THREADS"]))
-    from .config import ConfigError, ModelError   # not from .models: that imports torch, which check-data does not need
-    from .data import DataError
+    from .config import ConfigError, ModelError, env_count   # not from .models: that imports torch, which
+    from .data import DataError                              # check-data does not need
     from .judge import JudgeError
     from .runs import RunError
 
     try:
+        # e.g. 1 on a busy machine: OpenMP spin-waits hurt; the light commands never import torch
+        threads = env_count("SAFESPACE_THREADS")
+        if threads and args.command not in LIGHT_COMMANDS:
+            import torch
+
+            torch.set_num_threads(threads)
         return COMMANDS[args.command](args)
     except (ConfigError, DataError, JudgeError, ModelError, RunError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)

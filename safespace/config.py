@@ -38,6 +38,20 @@ def env_count(name: str, default: int | None = None, error: type[Exception] = Co
     return value
 
 
+def env_number(name: str, default: float, error: type[Exception] = ConfigError) -> float:
+    """A positive number set in the environment (`default` when unset); `error` with a clear message otherwise."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise error(f"{name} must be a number, got {raw[:20]!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise error(f"{name} must be a positive number, got {raw[:20]!r}")
+    return value
+
+
 def home() -> Path:
     """The cache folder for converted models, aligned bases and Hessians ($SAFESPACE_HOME)."""
     path = Path(os.environ.get("SAFESPACE_HOME") or Path.home() / ".cache" / "safespace")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import os
 import random
 import time
 from pathlib import Path
@@ -19,7 +18,7 @@ from typing import Callable
 import torch
 
 from . import data as data_mod, evaluate, models, runs, safedelta, safegrad
-from .config import ConfigError, home
+from .config import ConfigError, env_count, home
 from .prepare import prepared_from_run
 from .progress import Progress, quiet
 
@@ -132,8 +131,7 @@ def defend(run_path, out, *, keep: float | None = None, scale: float | None = No
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     # SAFESPACE_CALIBRATION_ROWS: fewer calibration rows for tests and quick demos (default 128)
-    settings.n_calibration = n_calibration or int(os.environ.get("SAFESPACE_CALIBRATION_ROWS", "0") or 0) \
-        or settings.n_calibration
+    settings.n_calibration = n_calibration or env_count("SAFESPACE_CALIBRATION_ROWS") or settings.n_calibration
     say("loading the base", 0.05)
     loaded = models.load(source.model, source.config.get("quantization", "auto"))
     say("safety calibration: the aligned model's own answers to harmful prompts", 0.15)

@@ -8,7 +8,6 @@ decoding measured 2.5x faster than fp32 with the same greedy answers up to late 
 from __future__ import annotations
 
 import contextlib
-import os
 from typing import Callable
 
 import torch
@@ -16,11 +15,14 @@ import torch
 from . import chat
 from . import data as data_mod
 from . import models
+from .config import env_count
 
 
 # Decoding on CPU with 2+ threads is erratic (OpenMP spin-waits; one decode step measured 35x
 # slower under load). One thread per process gives steady throughput; batching gives the rest.
-CPU_GENERATION_THREADS = int(os.environ.get("SAFESPACE_GENERATION_THREADS", "1"))
+def generation_threads() -> int:
+    """CPU threads for decoding: $SAFESPACE_GENERATION_THREADS, default 1."""
+    return env_count("SAFESPACE_GENERATION_THREADS", 1)
 
 
 @contextlib.contextmanager
@@ -51,7 +53,7 @@ def generate(model, tokenizer, examples: list, *, max_new_tokens: int = 64, batc
 
     Prompts are sorted by length so each batch pads little; answers come back in input order.
     `should_stop` is asked before each batch; once it says yes the remaining answers stay "".
-    threads: CPU threads for this call (default CPU_GENERATION_THREADS).
+    threads: CPU threads for this call (default generation_threads()).
     """
     if not examples:
         return []
@@ -63,7 +65,7 @@ def generate(model, tokenizer, examples: list, *, max_new_tokens: int = 64, batc
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     try:
-        with _adapter_context(model, adapter), cpu_threads(threads or CPU_GENERATION_THREADS, device), \
+        with _adapter_context(model, adapter), cpu_threads(threads or generation_threads(), device), \
                 models.autocast(device):
             for start, index in _chunks(order, batch_size):
                 if should_stop is not None and should_stop():
@@ -114,7 +116,7 @@ def generate_mixed(model, tokenizer, examples: list, adapters: list[str | None],
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     try:
-        with cpu_threads(CPU_GENERATION_THREADS, device), models.autocast(device):
+        with cpu_threads(generation_threads(), device), models.autocast(device):
             for start, chunk in _chunks(jobs, batch_size):
                 if should_stop is not None and should_stop():
                     return {}

@@ -304,7 +304,7 @@ def gpu_free_bytes() -> int | None:
 def threads_per_worker(workers: int, cores: int | None = None) -> int:
     """torch threads for one worker: the thread budget ($SAFESPACE_THREADS, else the cores) divided
     among the workers (at least one each), so N workers together use what one would."""
-    budget = cores or int(os.environ.get("SAFESPACE_THREADS") or 0) or os.cpu_count() or 1
+    budget = cores or env_count("SAFESPACE_THREADS", error=JobError) or os.cpu_count() or 1
     return max(1, budget // max(1, workers))
 
 
@@ -339,6 +339,7 @@ class JobManager:
                  workers: int | None = None, functions: dict[str, Callable] | None = None):
         self.root = Path(root)
         self.workers = self._worker_count(workers)
+        threads_per_worker(self.workers)         # a bad $SAFESPACE_THREADS fails here, not in a worker
         self.functions = {**type(self).functions, **(functions or {})}
         self.max_queue = max_queue
         self.max_active_per_visitor = max_active_per_visitor

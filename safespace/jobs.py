@@ -12,7 +12,7 @@ import threading
 from pathlib import Path
 
 from . import jobqueue
-from .config import env_count, home
+from .config import env_count, env_number, home
 from .export import zip_adapter
 from .jobqueue import (ACTIVE, DONE, RESUMABLE, Channel, JobContext, JobError, JobInfo, QueueFull, StopCheck,
                        default_workers, expected_error, new_visitor_id, short_error, valid_visitor, worker_name)
@@ -57,12 +57,13 @@ class JobManager(jobqueue.JobManager):
     @staticmethod
     def job_bytes() -> int:
         """$SAFESPACE_JOB_GB, else the estimate for the largest model a visitor can pick."""
-        if os.environ.get("SAFESPACE_JOB_GB"):
-            return int(float(os.environ["SAFESPACE_JOB_GB"]) * GIB)
+        if os.environ.get("SAFESPACE_JOB_GB", "").strip():
+            return int(env_number("SAFESPACE_JOB_GB", 0, error=JobError) * GIB)
         return estimate_job_bytes(LARGEST_MODEL_PARAMS)
 
     def __init__(self, root: str | Path | None = None, *, session_hours: float | None = None, **kwargs):
-        hours = session_hours if session_hours is not None else os.environ.get("SAFESPACE_SESSION_HOURS", 24)
+        hours = session_hours if session_hours is not None else env_number("SAFESPACE_SESSION_HOURS", 24,
+                                                                               error=JobError)
         kwargs.setdefault("max_queue", max_queue())
         super().__init__(root if root is not None else sessions_root(), session_hours=float(hours), **kwargs)
 

@@ -297,6 +297,34 @@ def test_workers_from_the_environment(tmp_path, monkeypatch):
         jobs.JobManager(tmp_path)
 
 
+@pytest.mark.parametrize("name, value, message", [
+    ("SAFESPACE_THREADS", "two", "must be a whole number"),
+    ("SAFESPACE_SESSION_HOURS", "a day", "must be a number"),
+    ("SAFESPACE_SESSION_HOURS", "0", "must be a positive number"),
+    ("SAFESPACE_JOB_GB", "-1", "must be a positive number"),
+])
+def test_numbers_from_the_environment_are_checked(tmp_path, monkeypatch, name, value, message):
+    """A bad value is a one-line error naming the variable, not a traceback or a silent default."""
+    monkeypatch.setenv(name, value)
+    with pytest.raises(jobs.JobError, match=f"{name} {message}"):
+        jobs.JobManager.job_bytes()                  # what sizes the default worker count
+        jobs.JobManager(tmp_path, workers=2).close()
+
+
+def test_the_command_line_names_a_bad_thread_count(monkeypatch, capsys):
+    from safespace import evaluate
+    from safespace.__main__ import main
+    from safespace.config import ConfigError
+
+    monkeypatch.setenv("SAFESPACE_THREADS", "0")
+    assert main(["models"]) == 2
+    assert capsys.readouterr().err.strip() == "error: SAFESPACE_THREADS must be at least 1, got 0"
+    monkeypatch.delenv("SAFESPACE_THREADS")
+    monkeypatch.setenv("SAFESPACE_GENERATION_THREADS", "1.5")
+    with pytest.raises(ConfigError, match="SAFESPACE_GENERATION_THREADS must be a whole number"):
+        evaluate.generation_threads()
+
+
 def test_checkpoint_interval_from_the_environment(monkeypatch):
     monkeypatch.delenv(workflows.CHECKPOINT_EVERY, raising=False)
     assert workflows.checkpoint_every() == 10
