@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
+from typing import Any, Callable
 
 REPO_DIR = Path(__file__).resolve().parents[1]
 EXAMPLES_DIR = REPO_DIR / "examples"
@@ -23,16 +24,23 @@ class ModelError(RuntimeError):
     Defined here, not in models (which re-exports it), so faces catch it without importing torch."""
 
 
+def _from_env(name: str, convert: Callable[[str], Any], what: str, error: type[Exception]):
+    """$name converted (None when unset or blank); `error` naming it when it is not `what`."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return None
+    try:
+        return convert(raw)
+    except ValueError:
+        raise error(f"{name} must be {what}, got {raw[:20]!r}") from None
+
+
 def env_count(name: str, default: int | None = None, error: type[Exception] = ConfigError) -> int | None:
     """A count set in the environment (`default` when unset); `error` with a clear message unless it is
     a whole number >= 1."""
-    raw = os.environ.get(name, "").strip()
-    if not raw:
+    value = _from_env(name, int, "a whole number", error)
+    if value is None:
         return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise error(f"{name} must be a whole number, got {raw[:20]!r}") from None
     if value < 1:
         raise error(f"{name} must be at least 1, got {value}")
     return value
@@ -40,15 +48,11 @@ def env_count(name: str, default: int | None = None, error: type[Exception] = Co
 
 def env_number(name: str, default: float, error: type[Exception] = ConfigError) -> float:
     """A positive number set in the environment (`default` when unset); `error` with a clear message otherwise."""
-    raw = os.environ.get(name, "").strip()
-    if not raw:
+    value = _from_env(name, float, "a number", error)
+    if value is None:
         return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise error(f"{name} must be a number, got {raw[:20]!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise error(f"{name} must be a positive number, got {raw[:20]!r}")
+    if not 0 < value < float("inf"):
+        raise error(f"{name} must be a positive number, got {os.environ[name].strip()[:20]!r}")
     return value
 
 
