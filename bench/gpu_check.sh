@@ -2,6 +2,7 @@
 # The GPU path in one call, on a CUDA machine without the model hub (about 8 minutes with the aligned
 # base already built; building it once runs on the CPU first):
 #   align       build the aligned base smollm2-135m-safe if it is not cached (`python -m safespace align`)
+#   align_4bit  build the 4-bit aligned base (stage 0 on the nf4 original, on the GPU) if it is not cached
 #   demo_none   bench/gpu_check.yaml (the demo at reduced size: plain, SafeGrad, Safe Delta) in bf16
 #   demo_4bit   the same with `quantization: 4bit` (nf4)
 #   bench       bench/run.py --quick --json on CUDA
@@ -68,6 +69,7 @@ phase() {
 }
 
 phase align "$PYTHON" -m safespace align --no-report
+phase align_4bit "$PYTHON" -m safespace align --quantization 4bit
 phase demo_none "$PYTHON" -m safespace run bench/gpu_check.yaml --out "$OUT_DIR/none" --overwrite
 sed 's/^quantization: none\b/quantization: 4bit/' bench/gpu_check.yaml > "$OUT_DIR/gpu_check_4bit.yaml"
 grep -q '^quantization: 4bit' "$OUT_DIR/gpu_check_4bit.yaml" \

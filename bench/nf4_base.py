@@ -1,12 +1,14 @@
-"""Refusal of the aligned base in 4-bit: its merged weights quantised to nf4 (what `--quantization
-4bit` loads) against the stage-0 adapter kept apart, unmerged, over the nf4 original (README, "4-bit
-(nf4) on the embedded model"; docs/stage0.md).
+"""Refusal of the aligned base in 4-bit, three ways: its merged weights quantised to nf4; the
+full-precision build's stage-0 adapter kept apart, unmerged, over the nf4 original; and what
+`--quantization 4bit` loads, the stage-0 adapter trained on the nf4 original itself (nf4 in the loop),
+kept apart (README, "4-bit (nf4) on the embedded model"; docs/stage0.md).
 
-    PYTHONPATH=. .venv/bin/python bench/nf4_base.py --adapter ~/.cache/safespace/cache/align-run-KEY/adapter
+    python -m safespace align && python -m safespace align --quantization 4bit
+    PYTHONPATH=. .venv/bin/python bench/nf4_base.py [--adapter ~/.cache/safespace/cache/align-run-KEY/adapter]
 
-The adapter is the build's own (`python -m safespace align` leaves it in the folder above); the script
-checks that merging it gives the cached aligned base. Keyword judge, 24 new tokens, greedy. Run it with
-nothing else running: two torch processes on 2 cores slow each other down many times.
+--adapter (the full-precision build's own: `python -m safespace align` leaves it in the folder above) adds
+the second row; the script checks that merging it gives the cached aligned base. Keyword judge, 24 new
+tokens, greedy. Run it with nothing else running: two torch processes on 2 cores slow each other down.
 """
 import argparse
 import time
@@ -44,12 +46,15 @@ def check_adapter(adapter: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--adapter", required=True, help="the stage-0 build's adapter folder")
+    parser.add_argument("--adapter", help="the full-precision stage-0 build's adapter folder (adds a row)")
     adapter = parser.parse_args().adapter
-    check_adapter(adapter)
+    layouts = [("aligned base, merged, then nf4", str(models.aligned_checkpoint()), None)]
+    if adapter:
+        check_adapter(adapter)
+        layouts.append(("nf4 original + full-precision stage 0 kept apart", models.EMBEDDED_KEY, "align"))
+    layouts.append(("nf4 original + stage 0 trained in nf4 (kept apart)", models.ALIGNED_KEY, None))
     rows = []
-    for label, name, active in (("aligned base, merged, then nf4", models.ALIGNED_KEY, None),
-                                ("nf4 original + stage-0 adapter kept apart", models.EMBEDDED_KEY, "align")):
+    for label, name, active in layouts:
         started = time.time()
         loaded = models.load(name, quantization="4bit", device="cpu")
         model = loaded.model if active is None else models.load_adapters(loaded.model, {"align": adapter})

@@ -2,7 +2,7 @@
 
     python -m safespace models
     python -m safespace check-data FILE
-    python -m safespace align [--model smollm2-135m] [--force]
+    python -m safespace align [--model smollm2-135m] [--quantization none|4bit] [--force]
     python -m safespace train --model M --data FILE [--harmful-ratio P] [--safegrad off|sft|kl]
                               [--steps N] [--seed S] --out RUN [--overwrite]
     python -m safespace safedelta --run RUN --out RUN2 [--scale S | --keep K | --tolerance T] [--overwrite]
@@ -65,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, default=256)
     p = sub.add_parser("align", help="build (or reuse) the aligned embedded base")
     p.add_argument("--model", default="smollm2-135m", choices=["smollm2-135m"])
+    p.add_argument("--quantization", choices=["none", "4bit"], default="none",
+                   help="4bit: the 4-bit aligned base, stage 0 trained on the nf4 original (default %(default)s)")
     p.add_argument("--force", action="store_true", help="rebuild even when cached")
     p.add_argument("--no-report", action="store_true",
                    help="skip the generalisation report (refusal per set, surface form and category)")
@@ -153,8 +155,10 @@ def _cmd_align(args) -> int:
     from . import align, pipeline
     from .progress import console_stages
 
-    print(align.build(force=args.force))
-    if not args.no_report:
+    print(align.build(force=args.force, quantization=args.quantization))
+    if args.quantization == "4bit":
+        print("its refusal: `python -m safespace run examples/configs/demo-4bit.yaml` (the base's row)")
+    elif not args.no_report:
         report = pipeline.align_report(args.harmful_sets, args.benign_sets, on_progress=console_stages(every=0.1))
         print(pipeline.breadth_tables(report))
     return 0

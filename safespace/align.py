@@ -6,6 +6,8 @@ safety to preserve. We teach it to refuse with a short LoRA run on
     (benign prompt  -> its own answer)    the raw model's greedy answers, so it stays helpful
 then merge the adapter in fp32 and cache the result under a key of model + data + settings.
 Deterministic: same inputs, same key, same weights. Built on first use, reused afterwards.
+The 4-bit aligned base is a build of its own: the same data trains on the nf4 original, and the adapter
+stays apart, added at load time (safespace.stack); rounding merged weights to nf4 loses stage 0.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import json
 import logging
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -45,6 +48,16 @@ log = logging.getLogger(__name__)
 _say = say     # console lines through the "safespace" logger
 
 
+def settings_for(quantization: str = "none") -> TrainSettings:
+    """Stage 0's settings: on the full-precision original, or with nf4 in the loop for the 4-bit base."""
+    return replace(ALIGN_SETTINGS, quantization="4bit") if quantization == "4bit" else ALIGN_SETTINGS
+
+
+def folder_for(quantization: str = "none") -> Path:
+    """Where a build lands: the merged aligned base, or the stage-0 adapter of the 4-bit one."""
+    return models.aligned_nf4_adapter() if quantization == "4bit" else models.aligned_checkpoint()
+
+
 def build_key(settings: TrainSettings = ALIGN_SETTINGS) -> str:
     """Hash of everything that determines the aligned weights."""
     acting = settings.to_dict()
@@ -63,12 +76,12 @@ def build_key(settings: TrainSettings = ALIGN_SETTINGS) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def is_built(key: str | None = None) -> bool:
-    marker = models.aligned_checkpoint() / "safespace_align.json"
+def is_built(key: str | None = None, quantization: str = "none") -> bool:
+    marker = folder_for(quantization) / "safespace_align.json"
     if not marker.exists():
         return False
     try:
-        return json.loads(marker.read_text()).get("key") == (key or build_key())
+        return json.loads(marker.read_text()).get("key") == (key or build_key(settings_for(quantization)))
     except (OSError, json.JSONDecodeError):
         return False
 
@@ -96,7 +109,8 @@ def raw_answers(loaded: models.Loaded, prompts: list[str]) -> list[str]:
     missing there are answered here and cached."""
     shipped = shipped_answers() if loaded.name == models.EMBEDDED_KEY else {}
     todo = [p for p in dict.fromkeys(prompts) if p not in shipped]
-    key = hashlib.sha256(json.dumps([loaded.name, todo, BENIGN_MAX_NEW_TOKENS]).encode()).hexdigest()[:16]
+    key = hashlib.sha256(json.dumps([loaded.name, loaded.quantization, todo, BENIGN_MAX_NEW_TOKENS])
+                         .encode()).hexdigest()[:16]
     cache = home() / "cache" / f"benign-answers-{key}.json"
     if not todo:
         fresh = []
@@ -129,19 +143,21 @@ def whole_sentences(answer: str) -> str:
     return answer[:end + 1]
 
 
-def build_lock_path() -> Path:
+def build_lock_path(quantization: str = "none") -> Path:
     """The lock file beside the aligned base's folder: whoever holds it is building that folder."""
-    folder = models.aligned_checkpoint()
+    folder = folder_for(quantization)
     return folder.with_name(folder.name + ".lock")
 
 
-def build(force: bool = False, on_event: Callable[[train.Event], None] | None = None) -> Path:
+def build(force: bool = False, on_event: Callable[[train.Event], None] | None = None,
+          quantization: str = "none") -> Path:
     """Build (or reuse) the aligned base and return its folder. One build per cache folder at a
     time, across threads and processes: a caller that finds another process building says so once
-    (a "wait" event through on_event, and logging), waits, then reuses that build."""
-    key = build_key()
-    folder = models.aligned_checkpoint()
-    if is_built(key) and not force:
+    (a "wait" event through on_event, and logging), waits, then reuses that build.
+    quantization "4bit": the stage-0 adapter of the 4-bit aligned base, trained on the nf4 original."""
+    key = build_key(settings_for(quantization))
+    folder = folder_for(quantization)
+    if is_built(key, quantization) and not force:
         return folder
     shown = on_event or console_progress("aligning")
 
@@ -153,33 +169,40 @@ def build(force: bool = False, on_event: Callable[[train.Event], None] | None = 
     def say_waiting(message: str) -> None:
         progress(train.Event("wait", message=message))
 
-    with _BUILD_LOCK, locks.exclusive(build_lock_path(), f"building the aligned base {models.ALIGNED_KEY}",
+    with _BUILD_LOCK, locks.exclusive(build_lock_path(quantization), f"building the aligned base {_named(quantization)}",
                                       on_wait=say_waiting) as waited:
         # built meanwhile: by the process we waited for (fresh, so reused even when forced) or another thread
-        if is_built(key) and (waited or not force):
+        if is_built(key, quantization) and (waited or not force):
             if waited:
                 log.info("reusing the aligned base another process built: %s", folder)
             return folder
         try:
-            return _build(key, progress)
+            return _build(key, progress, quantization)
         finally:
             _LIVE.clear()
 
 
-def _build(key: str, on_event: Callable[[train.Event], None]) -> Path:
-    """Train and publish the aligned base (the lock is held by build())."""
-    folder = models.aligned_checkpoint()
+def _named(quantization: str) -> str:
+    return models.ALIGNED_KEY + (" in 4-bit" if quantization == "4bit" else "")
+
+
+def _build(key: str, on_event: Callable[[train.Event], None], quantization: str = "none") -> Path:
+    """Train and publish the aligned base (the lock is held by build()). In 4-bit the same data
+    trains on the nf4 original (on the GPU when there is one) and the adapter is kept, unmerged."""
+    folder = folder_for(quantization)
     start = time.time()
-    _say(f"building the aligned base {models.ALIGNED_KEY} (once, about 15 min on a 2-core CPU)...")
-    loaded = models.load(models.EMBEDDED_KEY, quantization="none", device="cpu")
+    _say(f"building the aligned base {_named(quantization)} (once, about 15 min on a 2-core CPU)...")
+    loaded = models.load(models.EMBEDDED_KEY, quantization=quantization,
+                         device=None if quantization == "4bit" else "cpu")
     harmful = data_mod.bundled("alignment")
     benign = benign_answers(loaded, data_mod.bundled("benign_align"), benign_asks())
     examples = harmful + benign * BENIGN_REPEATS
     work = home() / "cache" / f"align-run-{key}"
-    run = train.train(ALIGN_SETTINGS, examples, work, loaded=loaded, on_event=on_event,
+    run = train.train(settings_for(quantization), examples, work, loaded=loaded, on_event=on_event,
                       kind="align", extra_config={"purpose": "stage-0 safety alignment"})
-    save_aligned(run, key, {"refusals": len(harmful), "benign": len(benign), "benign_repeats": BENIGN_REPEATS},
-                 time.time() - start)
+    counts = {"refusals": len(harmful), "benign": len(benign), "benign_repeats": BENIGN_REPEATS}
+    publish = save_stacked if quantization == "4bit" else save_aligned
+    publish(run, key, counts, time.time() - start)
     _say(f"aligned base ready in {time.time() - start:.0f} s -> {folder}")
     return folder
 
@@ -197,6 +220,19 @@ def save_aligned(run: runs.Run, key: str, counts: dict, seconds: float) -> Path:
     return runs.publish(tmp, folder)
 
 
+def save_stacked(run: runs.Run, key: str, counts: dict, seconds: float) -> Path:
+    """Publish the 4-bit aligned base's stage-0 adapter as it was trained, with its key marker: it is
+    added, unmerged, over the nf4 original at load time (safespace.stack)."""
+    folder = models.aligned_nf4_adapter()
+    tmp = runs.staging_dir(folder)
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        (tmp / name).write_bytes((run.adapter / name).read_bytes())
+    runs.atomic_write_json(tmp / "safespace_align.json", {
+        "key": key, "from": models.EMBEDDED_KEY, "quantization": "4bit", "examples": counts,
+        "settings": settings_for("4bit").to_dict(), "seconds": seconds})
+    return runs.publish(tmp, folder)
+
+
 def _merge(run: runs.Run):
     """Merge the alignment adapter into a fresh fp32 copy of the raw model (exact, no quantisation)."""
     fresh = models.load(models.EMBEDDED_KEY, quantization="none", device="cpu")
@@ -204,11 +240,20 @@ def _merge(run: runs.Run):
     return peft_model.merge_and_unload(), fresh.tokenizer
 
 
-def ensure(name: str, on_event=None, every: float = 2.0) -> None:
-    """Build the aligned base first when `name` is it and it is missing (any face calls this). While
-    another thread of this process builds it (the app's warm-up), its steps reach `on_event` too, so a
-    job waiting for it shows the step and the time left."""
-    if name == models.ALIGNED_KEY and not is_built():
+def precision_here(name: str, quantization: str = "auto") -> str:
+    """Which build of the aligned base `quantization` loads on this machine: "4bit" or "none"."""
+    return "4bit" if models.resolve_quantization(quantization, models.pick_device(None), name) == "4bit" else "none"
+
+
+def ensure(name: str, on_event=None, every: float = 2.0, quantization: str = "auto") -> None:
+    """Build the aligned base first when `name` is it and it is missing (any face calls this), in the
+    precision `quantization` resolves to here (the 4-bit one is a build of its own). While another
+    thread of this process builds it (the app's warm-up), its steps reach `on_event` too, so a job
+    waiting for it shows the step and the time left."""
+    if name != models.ALIGNED_KEY:
+        return
+    quantization = precision_here(name, quantization)
+    if not is_built(quantization=quantization):
         relayed = None
         while not _BUILD_LOCK.acquire(timeout=every):
             event = _LIVE.get("event")
@@ -216,8 +261,8 @@ def ensure(name: str, on_event=None, every: float = 2.0) -> None:
                 on_event(event)
                 relayed = event
         try:
-            if not is_built():
-                build(on_event=on_event)
+            if not is_built(quantization=quantization):
+                build(on_event=on_event, quantization=quantization)
         finally:
             _BUILD_LOCK.release()
 

@@ -23,7 +23,7 @@ def _open_variants(variants: dict) -> tuple[models.Loaded, object, dict]:
                           "compare variants of one base at a time")
     model_name = base_names.pop() if base_names else models.DEFAULT_MODEL
     quant = next((r.config.get("quantization") for r in real if r.config.get("quantization")), "auto")
-    align.ensure(model_name)
+    align.ensure(model_name, quantization=quant)
     loaded = models.load(model_name, quant)
     # internal adapter ids: peft refuses names with dots, and variant names come from folder names
     adapter_of = {name: (f"variant{i}" if r is not None and r.adapter is not None else None)

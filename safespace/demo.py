@@ -112,7 +112,7 @@ def run_config(config_path, out, say: Callable[[str], None] = _stage) -> dict:
     if address is None:
         if config.model == models.ALIGNED_KEY and not align.is_built():
             say("building the aligned base (stage 0, once)")
-        align.ensure(config.model)
+        align.ensure(config.model, quantization=config.quantization)
     ratios = config.sweep.get("harmful_ratio") or []
     # on Ray every ratio's variants run at once, each ratio's results are then read back in order
     fanned = cluster.run_sweep(config, {r: out / f"ratio-{r}" for r in ratios} or {config.harmful_ratio: out},

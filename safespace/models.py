@@ -52,7 +52,7 @@ class ModelSpec:
 REGISTRY: dict[str, ModelSpec] = {s.key: s for s in [
     ModelSpec(ALIGNED_KEY, "aligned", "HuggingFaceTB/SmolLM2-135M-Instruct",
               "SmolLM2-135M-Instruct after SafeSpace's safety alignment (stage 0); the default demo base",
-              "Apache-2.0", gpu_4bit=False),      # nf4 costs it 7-18 points of refusal (README)
+              "Apache-2.0", gpu_4bit=False),      # 270 MB in bf16; its nf4 base trails on the rewrites (README)
     ModelSpec(EMBEDDED_KEY, "embedded", "HuggingFaceTB/SmolLM2-135M-Instruct",
               "SmolLM2-135M-Instruct as shipped (not safety-aligned), embedded, works offline",
               "Apache-2.0", gpu_4bit=False),
@@ -109,6 +109,11 @@ def embedded_checkpoint() -> Path:
 def aligned_checkpoint() -> Path:
     """Folder of the stage-0 aligned base. It is built by `safespace.align` (orchestration layer)."""
     return home() / "models" / ALIGNED_KEY
+
+
+def aligned_nf4_adapter() -> Path:
+    """Folder of the 4-bit aligned base's stage-0 adapter, trained on the nf4 original (`safespace.align`)."""
+    return home() / "models" / f"{ALIGNED_KEY}-nf4"
 
 
 def resolve(name: str) -> str:
@@ -187,6 +192,7 @@ class Loaded:
     name: str
     device: str
     quantization: str   # "4bit" | "none" (auto already resolved)
+    stacked: Path | None = None    # a frozen adapter under every later one (the 4-bit aligned base)
 
 
 def fingerprint(loaded: Loaded) -> str:
@@ -194,9 +200,10 @@ def fingerprint(loaded: Loaded) -> str:
     aligned base after its recipe changed) gets a new fingerprint from its files' sizes and times."""
     path = Path(str(loaded.model.config._name_or_path))
     parts = [loaded.name, str(path), loaded.quantization, str(getattr(loaded.model.config, "_commit_hash", ""))]
-    if path.is_dir():
-        parts += [f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in sorted(path.iterdir())
-                  if f.suffix in (".safetensors", ".bin", ".json")]
+    for folder in (path, loaded.stacked):
+        if folder is not None and folder.is_dir():
+            parts += [f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in sorted(folder.iterdir())
+                      if f.suffix in (".safetensors", ".bin", ".json")]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
@@ -208,8 +215,8 @@ def pick_device(device: str | None = None) -> str:
 
 def resolve_quantization(quantization: str, device: str, name: str | None = None) -> str:
     """"auto": 4-bit on a GPU, full precision on a CPU and for the registry's models marked gpu_4bit=False
-    (the 135M embedded ones: 270 MB in bf16, and nf4 rounding costs the aligned base 7-18 points of
-    refusal: README, "4-bit (nf4) on the embedded model"). "4bit" and "none" as asked."""
+    (the 135M embedded ones: 270 MB in bf16, and the 4-bit aligned base trails full precision by 10 points
+    on the rewrites: README, "4-bit (nf4) on the embedded model"). "4bit" and "none" as asked."""
     if quantization not in ("auto", "4bit", "none"):
         raise ConfigError(f"quantization must be auto, 4bit or none, got {quantization!r}")
     if quantization == "auto":
@@ -345,7 +352,17 @@ def _load(name: str, quantization: str, device: str | None) -> Loaded:
 
     device = pick_device(device)
     quantization = resolve_quantization(quantization, device, name)
-    path = resolve(name)
+    stacked = None
+    if name == ALIGNED_KEY and quantization == "4bit":
+        # the nf4 original + the stage-0 adapter trained on it, kept apart: merging, then rounding the
+        # merged weights to nf4, loses much of stage 0 (docs/stage0.md, "In 4-bit (nf4)")
+        stacked = aligned_nf4_adapter()
+        if not (stacked / "adapter_model.safetensors").exists():
+            raise ModelError(f"the 4-bit aligned base {name} is not built yet: run "
+                             f"`{ALIGN_COMMAND} --quantization 4bit`")
+        path = resolve(EMBEDDED_KEY)
+    else:
+        path = resolve(name)
     tokenizer = load_tokenizer(path)
     kwargs = dict(dtype=compute_dtype(device), use_safetensors=True, trust_remote_code=False)
     if quantization == "4bit":
@@ -362,8 +379,11 @@ def _load(name: str, quantization: str, device: str | None) -> Loaded:
     if quantization != "4bit":
         model.to(device)
     disable_cpu_repack(model)
+    if stacked is not None:
+        from . import stack   # noqa: PLC0415 - only the 4-bit aligned base needs it
+        stack.attach(model, stacked)
     model.eval()
-    return Loaded(model, tokenizer, name, device, quantization)
+    return Loaded(model, tokenizer, name, device, quantization, stacked)
 
 
 def disable_cpu_repack(model: torch.nn.Module) -> int:

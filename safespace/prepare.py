@@ -63,7 +63,7 @@ def train_variant(settings: TrainSettings, prepared: Prepared, out, *, on_event=
                   align_progress=None, checkpoint=None, checkpoint_every: int = 0) -> runs.Run:
     """Fine-tune one variant (plain, SafeGrad, or with refusals mixed in) on prepared data; builds the
     aligned base if needed. `checkpoint`: a folder to save to and continue from (train.train)."""
-    align.ensure(settings.model, on_event=align_progress)
+    align.ensure(settings.model, on_event=align_progress, quantization=settings.quantization)
     rows = safetymix.mix_safety(prepared.train, settings.safety_mix, settings.seed)
     described = {**prepared.describe(), "safety_examples": len(rows) - len(prepared.train)}
     return train.train(settings, rows, out, on_event=on_event, should_stop=should_stop,

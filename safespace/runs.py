@@ -333,16 +333,25 @@ def usage_snippet(run: Run) -> str:
     base it was trained on (in 4-bit if it was), attach the adapter, answer one prompt."""
     folder, base = export_name(run), base_of(run)
     four_bit = run.config.get("quantization") == "4bit"
+    stacked = four_bit and base.get("aligned")     # the 4-bit aligned base: nf4 original + its own stage 0
     head = [f"# {folder}: {describe_run(run)}, a LoRA adapter (PEFT format) for {_one_line(run.model)}.",
             f"# Unzip {folder}.zip first: this loads the folder {folder} from the working directory."]
     if base.get("aligned"):
+        rebuild, lands = base.get("rebuild"), base["model"]
+        if stacked:
+            rebuild, lands = f"{rebuild} --quantization 4bit", f"{lands}-nf4 (stage 0's adapter, over the original)"
         head += [f"# Its base is SafeSpace's safety-aligned {base['base_model_name_or_path']} (stage 0), not that hub",
-                 f"# model: build it once with SafeSpace (the same version): `{base.get('rebuild')}`. It lands in",
-                 f"# $SAFESPACE_HOME/models/{base['model']} (default ~/.cache/safespace)."]
-        if base.get("align_key"):
+                 f"# model: build it once with SafeSpace (the same version): `{rebuild}`. It lands in",
+                 f"# $SAFESPACE_HOME/models/{lands} (default ~/.cache/safespace)."]
+        if base.get("align_key") and not stacked:
             head.append(f"# The build trained on has key {base['align_key']} in its safespace_align.json.")
         base_line = ("home = os.environ.get(\"SAFESPACE_HOME\") or os.path.expanduser(\"~/.cache/safespace\")\n"
                      f"base_id = os.path.join(home, \"models\", {json.dumps(base['model'])})")
+        if stacked:
+            from .models import EMBEDDED_KEY   # here: models imports torch, run folders need not
+            base_line = (base_line.rsplit("\n", 1)[0] + "\n"
+                         f"base_id = os.path.join(home, \"models\", {json.dumps(EMBEDDED_KEY)})   # the original\n"
+                         f"stage0 = os.path.join(home, \"models\", {json.dumps(base['model'] + '-nf4')})")
     else:
         if base.get("source") == "local":
             head.append("# Its base is the local folder it was trained on: copy it here and set base_id to it.")
@@ -364,7 +373,11 @@ def usage_snippet(run: Run) -> str:
             "device = \"cuda\" if torch.cuda.is_available() else \"cpu\"",
             "dtype = torch.bfloat16 if device == \"cuda\" else torch.float32",
             "tokenizer = AutoTokenizer.from_pretrained(base_id)", *load,
-            "model = PeftModel.from_pretrained(base, adapter).eval()", "",
+            *(["# stage 0 (trained on the nf4 original) under this adapter, both active, neither merged",
+               "model = PeftModel.from_pretrained(base, stage0, adapter_name=\"stage0\")",
+               "model.load_adapter(adapter, adapter_name=\"task\")",
+               "model.base_model.set_adapter([\"stage0\", \"task\"])", "model.eval()"] if stacked
+              else ["model = PeftModel.from_pretrained(base, adapter).eval()"]), "",
             "messages = [{\"role\": \"user\", \"content\": \"How do I bake bread?\"}]",
             "# enable_thinking=False: a template that thinks by default (Qwen3) answers at once; others ignore it",
             "inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, enable_thinking=False,",

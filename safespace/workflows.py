@@ -177,9 +177,9 @@ def _gpu(duration: int):
 
 
 @_gpu(duration=120)
-def gpu_align(model: str, on_event) -> None:
+def gpu_align(model: str, on_event, quantization: str = "auto") -> None:
     from . import align
-    align.ensure(model, on_event=on_event)
+    align.ensure(model, on_event=on_event, quantization=quantization)
 
 
 @_gpu(duration=300)
@@ -236,7 +236,7 @@ def train_job(ctx: JobContext, plan: list[tuple[str, Any]], source: str, harmful
     ctx.progress(f"{len(prepared.train)} training rows ({prepared.n_harmful} harmful)", 0.0, type="data",
                  n_train=len(prepared.train), n_user=prepared.n_user, n_harmful=prepared.n_harmful,
                  n_val=len(prepared.val))
-    _ensure_base(ctx, plan[0][1].model)
+    _ensure_base(ctx, plan[0][1].model, plan[0][1].quantization)
     costs = [step_cost(settings) * settings.steps for _, settings in plan]
     done: dict[str, dict] = {}
     for index, (variant, settings) in enumerate(plan):
@@ -269,15 +269,15 @@ def train_job(ctx: JobContext, plan: list[tuple[str, Any]], source: str, harmful
 FINISHED = "FINISHED"     # marks a variant of a training job as trained, in its checkpoint folder
 
 
-def _ensure_base(ctx: JobContext, model: str) -> None:
-    """Build the aligned base first when the plan trains on it and it is not built yet."""
+def _ensure_base(ctx: JobContext, model: str, quantization: str = "auto") -> None:
+    """Build the aligned base first when the plan trains on it and it is not built yet (in 4-bit: its own)."""
     from . import align, models
 
-    if model == models.ALIGNED_KEY and not align.is_built():
+    if model == models.ALIGNED_KEY and not align.is_built(quantization=align.precision_here(model, quantization)):
         started = time.time()
         ctx.progress(f"building the aligned base {model} (once; about 15 min on a 2-core CPU)...", 0.0,
                      type="align.begin")
-        gpu_align(model, TrainReporter(ctx.channel, "aligned base", phase="align"))
+        gpu_align(model, TrainReporter(ctx.channel, "aligned base", phase="align"), quantization)
         ctx.progress("the aligned base is ready", 0.0, type="align.done", seconds=time.time() - started)
 
 

@@ -30,7 +30,7 @@ def test_ensure_builds_once_even_when_asked_concurrently(tmp_path, monkeypatch):
     monkeypatch.setenv("SAFESPACE_HOME", str(tmp_path))
     calls = []
 
-    def fake_build(force=False, on_event=None):
+    def fake_build(force=False, on_event=None, quantization="none"):
         calls.append(1)
         time.sleep(0.2)
         folder = models.aligned_checkpoint()
@@ -71,7 +71,7 @@ def test_a_job_waiting_for_the_warm_up_build_shows_its_steps(tmp_path, monkeypat
     monkeypatch.setenv("SAFESPACE_HOME", str(tmp_path))
     started = threading.Event()
 
-    def fake_build(key, on_event):      # the app's warm-up build, three slow steps
+    def fake_build(key, on_event, quantization="none"):      # the app's warm-up build, three slow steps
         on_event(Event("start", 0, 3))
         started.set()
         for step in range(1, 4):
@@ -96,3 +96,41 @@ def test_a_job_waiting_for_the_warm_up_build_shows_its_steps(tmp_path, monkeypat
     assert steps[0]["message"].startswith("building the aligned base (once, then training): step ")
     assert "left" in steps[0]["message"] and steps[-1]["progress"] == steps[-1]["step"] / 3
     assert align.live_step() is None                   # the build is over
+
+
+def test_the_4bit_aligned_base_is_a_build_of_its_own(tmp_path, monkeypatch):
+    monkeypatch.setenv("SAFESPACE_HOME", str(tmp_path))
+    calls = []
+
+    def fake_build(force=False, on_event=None, quantization="none"):
+        calls.append(quantization)
+        folder = align.folder_for(quantization)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "safespace_align.json").write_text(json.dumps({"key": align.build_key(align.settings_for(quantization))}))
+        return folder
+
+    monkeypatch.setattr(align, "build", fake_build)
+    assert align.folder_for("4bit") != align.folder_for("none")
+    assert align.build_key(align.settings_for("4bit")) != align.build_key()
+    align.ensure(models.ALIGNED_KEY, quantization="none")
+    align.ensure(models.ALIGNED_KEY, quantization="4bit")
+    align.ensure(models.ALIGNED_KEY, quantization="4bit")
+    align.ensure(models.ALIGNED_KEY)                  # auto on this CPU: full precision, already built
+    assert calls == ["none", "4bit"]
+
+
+def test_the_4bit_stage0_is_published_as_trained(tiny_model_dir, tmp_path, monkeypatch):
+    """Its adapter is kept as trained (not merged), beside the key marker that says which build it is."""
+    from safespace import train
+    from safespace.config import LoraSettings
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.setenv("SAFESPACE_HOME", str(tmp_path / "home"))
+    peft_model = models.add_lora(AutoModelForCausalLM.from_pretrained(tiny_model_dir), LoraSettings(r=2, alpha=4))
+    run = train.save_run(peft_model, tmp_path / "run", {"kind": "train", "model": models.EMBEDDED_KEY}, [], {})
+    key = align.build_key(align.settings_for("4bit"))
+    folder = align.save_stacked(run, key, {"refusals": 1}, 1.0)
+    assert folder == models.aligned_nf4_adapter() and align.is_built(quantization="4bit")
+    assert not align.is_built()                       # the full-precision base is another build
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        assert (folder / name).read_bytes() == (run.adapter / name).read_bytes()

@@ -70,7 +70,7 @@ def first_start(tmp_path, monkeypatch):
 
     done = threading.Event()
 
-    def slow_build(key, on_event):
+    def slow_build(key, on_event, quantization="none"):
         total = 250
         on_event(Event("start", 0, total))
         for step in range(1, total + 1):

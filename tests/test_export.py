@@ -65,12 +65,12 @@ def test_every_adapter_writer_names_the_hub_id_of_its_base(aligned_home, tmp_pat
         assert PeftConfig.from_pretrained(str(run.adapter)).base_model_name_or_path == SMOLLM2
 
 
-def _written_run(path, tiny_model_dir, model: str, quantization: str) -> runs.Run:
+def _written_run(path, tiny_model_dir, model: str, quantization: str, seed: int = 1) -> runs.Run:
     """A run written by the training writer: a LoRA adapter on the tiny model with a non-zero B, so
     that loading it really changes the model, recorded as trained on `model`."""
     from transformers import AutoModelForCausalLM
 
-    torch.manual_seed(1)
+    torch.manual_seed(seed)
     peft_model = models.add_lora(AutoModelForCausalLM.from_pretrained(tiny_model_dir), LoraSettings(r=2, alpha=4))
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
@@ -91,6 +91,11 @@ def test_the_exported_snippet_runs_as_written(aligned_home, tiny_model_dir, tmp_
     from peft import PeftModel, get_peft_model_state_dict
 
     run = _written_run(tmp_path / "sft", tiny_model_dir, model, quantization)
+    stacked = model == models.ALIGNED_KEY and quantization == "4bit"
+    if stacked:        # the 4-bit aligned base: the original + stage 0 trained on it in nf4 (safespace.stack)
+        shutil.copytree(tiny_model_dir, models.aligned_nf4_adapter().parent / models.EMBEDDED_KEY)
+        stage0 = _written_run(tmp_path / "stage0", tiny_model_dir, models.EMBEDDED_KEY, "4bit", seed=2).adapter
+        shutil.copytree(stage0, models.aligned_nf4_adapter())
     archive = jobs.zip_adapter(run, tmp_path / "exports")
     elsewhere = tmp_path / "elsewhere"
     with zipfile.ZipFile(archive) as z:
@@ -99,7 +104,9 @@ def test_the_exported_snippet_runs_as_written(aligned_home, tiny_model_dir, tmp_
     code = re.search(r"```python\n(.*?)```", readme, re.DOTALL).group(1)
     assert code == runs.usage_snippet(run)                          # the zip says what the app shows
     assert 'adapter = "safespace-sft-adapter"' in code
-    if model == models.ALIGNED_KEY:
+    if stacked:
+        assert "python -m safespace align --quantization 4bit" in code and SMOLLM2 in code
+    elif model == models.ALIGNED_KEY:
         assert "python -m safespace align" in code and ALIGN_KEY in code and SMOLLM2 in code
     else:
         hub_id = json.dumps(models.REGISTRY[model].repo)
@@ -114,7 +121,7 @@ def test_the_exported_snippet_runs_as_written(aligned_home, tiny_model_dir, tmp_
     loaded = space["model"]
     assert isinstance(loaded, PeftModel)
     saved = load_file(str(run.adapter / "adapter_model.safetensors"))
-    got = get_peft_model_state_dict(loaded)
+    got = get_peft_model_state_dict(loaded, adapter_name="task" if stacked else "default")
     assert saved.keys() == got.keys()
     assert all(torch.allclose(saved[k].float(), got[k].float().cpu()) for k in saved)    # the adapter took
     quantized = any(type(m).__name__ == "Linear4bit" for m in loaded.modules())
@@ -122,4 +129,13 @@ def test_the_exported_snippet_runs_as_written(aligned_home, tiny_model_dir, tmp_
     prompt = space["tokenizer"].decode(space["inputs"]["input_ids"][0])
     assert "<|im_start|>user\nHow do I bake bread?" in prompt and prompt.endswith("<|im_start|>assistant\n")
     assert space["output"].shape[1] > space["inputs"]["input_ids"].shape[1]    # it generated
+    if stacked:       # the model SafeSpace trained and evaluated the adapter on, not the original under it
+        ids = space["inputs"]["input_ids"]
+
+        def gap(name):
+            ours = models.load_adapters(models.load(name, "4bit", "cpu").model, {"task": run.adapter})
+            with torch.no_grad():
+                return (loaded(input_ids=ids).logits - ours(input_ids=ids).logits).abs().max().item()
+        # (not 0: the snippet's generate() let bitsandbytes repack its 4-bit weights for this CPU's bf16 kernel)
+        assert gap(models.ALIGNED_KEY) < 0.01 < gap(models.EMBEDDED_KEY)
     assert capsys.readouterr().out.endswith("\n")

@@ -84,12 +84,13 @@ def test_every_phase_runs_and_stdout_is_one_json_line(tmp_path):
     assert len(lines) == 1
     summary = json.loads(lines[0])
     assert summary["ok"] is True
-    assert summary["status"] == {"align": 0, "demo_none": 0, "demo_4bit": 0, "bench": 0}
+    assert summary["status"] == {"align": 0, "align_4bit": 0, "demo_none": 0, "demo_4bit": 0, "bench": 0}
     assert summary["refusal"] == {"none": {"base": 0.9}, "4bit": {"base": 0.7}}    # the 4-bit run got 4bit
     assert summary["bench"]["compare_speedup"] == 4.0 and summary["bench"]["device"] == "cuda"
     assert set(summary["versions"]) == {"torch", "bitsandbytes", "transformers", "peft"}
     assert any(c.startswith("bench/run.py --quick --json") for c in calls)
     assert any(c.startswith("-m safespace align") for c in calls)
+    assert "-m safespace align --quantization 4bit" in calls
 
 
 def test_a_spent_budget_skips_the_phases_and_still_sums_up(tmp_path):

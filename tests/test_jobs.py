@@ -321,7 +321,7 @@ def test_train_all_eta_covers_the_variants_still_to_come(tmp_path, monkeypatch):
         return fake_run(out)
 
     monkeypatch.setattr(prepare, "train_variant", fake_train)
-    monkeypatch.setattr(align, "is_built", lambda *a: True)
+    monkeypatch.setattr(align, "is_built", lambda *a, **k: True)
     m = jobs.JobManager(tmp_path / "sessions")
     try:
         plan = [("sft", TrainSettings(model="smollm2-135m", steps=4, warmup=0)),
@@ -449,7 +449,7 @@ def test_train_job_with_a_fake_engine(tmp_path, monkeypatch):
         return fake_run(out)
 
     monkeypatch.setattr(prepare, "train_variant", fake_train)
-    monkeypatch.setattr(align, "is_built", lambda *a: True)
+    monkeypatch.setattr(align, "is_built", lambda *a, **k: True)
     m = jobs.JobManager(tmp_path / "sessions")
     try:
         ws = m.workspace(A)

@@ -79,7 +79,7 @@ def fake_build(tmp_path, monkeypatch):
     monkeypatch.setenv("SAFESPACE_HOME", str(tmp_path / "home"))
     calls = []
 
-    def fake(key, on_event):
+    def fake(key, on_event, quantization="none"):
         calls.append(key)
         folder = models.aligned_checkpoint()
         folder.mkdir(parents=True, exist_ok=True)
