@@ -641,7 +641,9 @@ def _refined_exclusion(chosen: int, values: dict, limit: float, widths: set) -> 
 def edited_adapter_state(model, adapter_name: str, new_lora_state: dict) -> dict:
     """A copy of the adapter's peft state dict (`<module>.lora_A.weight` ...) with A replaced by A'."""
     from peft import get_peft_model_state_dict
-    state = {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(model, adapter_name=adapter_name).items()}
+    # save_embedding_layers=False: LoRA on linear layers only; "auto" asks the hub whether the vocabulary grew
+    saved = get_peft_model_state_dict(model, adapter_name=adapter_name, save_embedding_layers=False)
+    state = {k: v.detach().cpu().clone() for k, v in saved.items()}
     for name, (A_new, _) in new_lora_state.items():
         key = f"{name}.lora_A.weight"
         if key not in state:
