@@ -46,13 +46,13 @@ def env_count(name: str, default: int | None = None, error: type[Exception] = Co
     return value
 
 
-def env_number(name: str, default: float, error: type[Exception] = ConfigError) -> float:
+def env_number(name: str, default: float | None, error: type[Exception] = ConfigError) -> float | None:
     """A positive number set in the environment (`default` when unset); `error` with a clear message otherwise."""
     value = _from_env(name, float, "a number", error)
     if value is None:
         return default
     if not 0 < value < float("inf"):
-        raise error(f"{name} must be a positive number, got {os.environ[name].strip()[:20]!r}")
+        raise error(f"{name} must be a positive number, got {value:g}")
     return value
 
 

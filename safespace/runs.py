@@ -337,21 +337,21 @@ def usage_snippet(run: Run) -> str:
     head = [f"# {folder}: {describe_run(run)}, a LoRA adapter (PEFT format) for {_one_line(run.model)}.",
             f"# Unzip {folder}.zip first: this loads the folder {folder} from the working directory."]
     if base.get("aligned"):
-        rebuild, lands = base.get("rebuild"), base["model"]
+        home_line = "home = os.environ.get(\"SAFESPACE_HOME\") or os.path.expanduser(\"~/.cache/safespace\")\n"
         if stacked:
-            rebuild, lands = f"{rebuild} --quantization 4bit", f"{lands}-nf4 (stage 0's adapter, over the original)"
+            from .models import ALIGNED_NF4_FOLDER, EMBEDDED_KEY   # here: models imports torch, run folders need not
+            rebuild, lands = f"{base.get('rebuild')} --quantization 4bit", \
+                f"{ALIGNED_NF4_FOLDER} (stage 0's adapter, over the original)"
+            base_line = home_line + (f"base_id = os.path.join(home, \"models\", {json.dumps(EMBEDDED_KEY)})   # the original\n"
+                                     f"stage0 = os.path.join(home, \"models\", {json.dumps(ALIGNED_NF4_FOLDER)})")
+        else:
+            rebuild, lands = base.get("rebuild"), base["model"]
+            base_line = home_line + f"base_id = os.path.join(home, \"models\", {json.dumps(base['model'])})"
         head += [f"# Its base is SafeSpace's safety-aligned {base['base_model_name_or_path']} (stage 0), not that hub",
                  f"# model: build it once with SafeSpace (the same version): `{rebuild}`. It lands in",
                  f"# $SAFESPACE_HOME/models/{lands} (default ~/.cache/safespace)."]
         if base.get("align_key") and not stacked:
             head.append(f"# The build trained on has key {base['align_key']} in its safespace_align.json.")
-        base_line = ("home = os.environ.get(\"SAFESPACE_HOME\") or os.path.expanduser(\"~/.cache/safespace\")\n"
-                     f"base_id = os.path.join(home, \"models\", {json.dumps(base['model'])})")
-        if stacked:
-            from .models import EMBEDDED_KEY   # here: models imports torch, run folders need not
-            base_line = (base_line.rsplit("\n", 1)[0] + "\n"
-                         f"base_id = os.path.join(home, \"models\", {json.dumps(EMBEDDED_KEY)})   # the original\n"
-                         f"stage0 = os.path.join(home, \"models\", {json.dumps(base['model'] + '-nf4')})")
     else:
         if base.get("source") == "local":
             head.append("# Its base is the local folder it was trained on: copy it here and set base_id to it.")

@@ -18,6 +18,21 @@ def tiny_llama(tokenizer, seed: int = 0, hidden: int = 64, layers: int = 2, init
     return LlamaForCausalLM(config).eval()
 
 
+def lora_that_acts(model_dir, lora, seed: int = 1, std: float = 0.1):
+    """A peft LoRA on the model saved in `model_dir` with a random non-zero B, so that it changes the model."""
+    from transformers import AutoModelForCausalLM
+
+    from safespace import models
+
+    torch.manual_seed(seed)
+    peft_model = models.add_lora(AutoModelForCausalLM.from_pretrained(model_dir), lora)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, std)
+    return peft_model
+
+
 def safe_delta_layer(W0, W_ft, U, budget, block_size=2048, exclude_frac=0.15, whole_columns=True):
     """Safe Delta on one weight matrix: returns (W_final, mask, stats); W_final[mask] == W_ft[mask]."""
     W0, W_ft = W0.to(torch.float32), W_ft.to(torch.float32)

@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from helpers import lora_that_acts
 from safespace import jobs, models, pipeline, runs, train
 from safespace.config import LoraSettings, SafeGradSettings, TrainSettings, home
 
@@ -68,14 +69,7 @@ def test_every_adapter_writer_names_the_hub_id_of_its_base(aligned_home, tmp_pat
 def _written_run(path, tiny_model_dir, model: str, quantization: str, seed: int = 1) -> runs.Run:
     """A run written by the training writer: a LoRA adapter on the tiny model with a non-zero B, so
     that loading it really changes the model, recorded as trained on `model`."""
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    peft_model = models.add_lora(AutoModelForCausalLM.from_pretrained(tiny_model_dir), LoraSettings(r=2, alpha=4))
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.1)
+    peft_model = lora_that_acts(tiny_model_dir, LoraSettings(r=2, alpha=4), seed=seed)
     config = {"kind": "train", "model": model, "quantization": quantization,
               "settings": {"safegrad": {"mode": "off"}}}
     return train.save_run(peft_model, path, config, [{"step": 1, "loss": 1.0}], {"status": "finished"})

@@ -5,22 +5,15 @@ import shutil
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
-
+from helpers import lora_that_acts
 from safespace import models, stack
 from safespace.config import LoraSettings, ModelError
 
 
-def _saved_adapter(model_dir, out, seed: int = 1) -> str:
-    """A LoRA adapter on the tiny model with a non-zero B (so that it changes the model), saved in peft format."""
-    torch.manual_seed(seed)
-    peft_model = models.add_lora(AutoModelForCausalLM.from_pretrained(model_dir),
-                                 LoraSettings(r=4, alpha=8, targets=("q_proj", "v_proj", "down_proj")))
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.2)
-    peft_model.save_pretrained(str(out))
+def _saved_adapter(model_dir, out) -> str:
+    """A LoRA adapter on the tiny model that changes it, saved in peft format."""
+    lora = LoraSettings(r=4, alpha=8, targets=("q_proj", "v_proj", "down_proj"))
+    lora_that_acts(model_dir, lora, std=0.2).save_pretrained(str(out))
     return str(out)
 
 
