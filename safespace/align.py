@@ -33,7 +33,7 @@ from .progress import console_progress
 # MLP targets: attention-only LoRA refused everything or nothing on this model.
 ALIGN_SETTINGS = TrainSettings(
     model=models.EMBEDDED_KEY, quantization="none", steps=250, lr=3e-4, batch_size=8, max_length=192,
-    warmup=5, seed=0, lora=LoraSettings(r=16, alpha=32, targets=(
+    warmup=5, seed=0, decision_weight=4.0, decision_tokens=4, lora=LoraSettings(r=16, alpha=32, targets=(
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")))
 BENIGN_REPEATS = 3      # benign rows three times: refusals are easy to learn, helpfulness is not
 BENIGN_MAX_NEW_TOKENS = 64
@@ -65,6 +65,8 @@ def build_key(settings: TrainSettings = ALIGN_SETTINGS) -> str:
         acting.pop("safegrad")          # unused when off: its defaults must not force a rebuild
     if not settings.safety_mix:
         acting.pop("safety_mix")        # likewise: a setting added later, unused at 0
+    if not settings.decision_weight:
+        acting.pop("decision_weight"), acting.pop("decision_tokens")   # likewise
     payload = {
         "model": settings.model, "settings": acting,
         "alignment": [(e.prompt, e.response) for e in data_mod.bundled("alignment")],

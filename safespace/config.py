@@ -120,6 +120,8 @@ class TrainSettings:
     precision: str = "auto"     # auto (bf16 autocast on CPUs with native bf16, else fp32) | fp32 | bf16
     harmful_ratio: float = 0.0
     safety_mix: float = 0.0     # share of refusal examples mixed into the training rows (safetymix.py)
+    decision_weight: float = 0.0  # extra loss weight on each answer's first decision_tokens tokens, where it
+    decision_tokens: int = 4      # complies or refuses (stage 0 uses it: docs/stage0.md, "Decision tokens")
     val_fraction: float = 0.1
     lora: LoraSettings = field(default_factory=LoraSettings)
     safegrad: SafeGradSettings = field(default_factory=SafeGradSettings)
@@ -140,6 +142,8 @@ class TrainSettings:
         _check(self.clip >= 0, f"gradient clipping must be >= 0 (0 = off), got {self.clip}")
         _check(0 <= self.harmful_ratio <= 0.9, f"harmful ratio must be in [0, 0.9], got {self.harmful_ratio}")
         _check(0 <= self.safety_mix <= 0.5, f"safety mix must be in [0, 0.5], got {self.safety_mix}")
+        _check(0 <= self.decision_weight <= 100, f"decision weight must be in [0, 100], got {self.decision_weight}")
+        _check(1 <= self.decision_tokens <= 64, f"decision tokens must be 1..64, got {self.decision_tokens}")
         _check(0 <= self.val_fraction < 0.5, f"validation fraction must be in [0, 0.5), got {self.val_fraction}")
 
     def to_dict(self) -> dict:

@@ -110,10 +110,24 @@ def answer_logits(model, batch: dict, share_prefix: bool = False) -> torch.Tenso
     return head(hidden[:, :-1][mask[:, shared:]])
 
 
-def sft_loss(model, batch: dict) -> torch.Tensor:
-    """Cross-entropy on the answer tokens (mean over answer tokens), as the LM's own loss."""
+def sft_loss(model, batch: dict, decision_weight: float = 0.0, decision_tokens: int = 4) -> torch.Tensor:
+    """Cross-entropy on the answer tokens (mean over answer tokens), as the LM's own loss; with
+    decision_weight w, each answer's first decision_tokens tokens count 1 + w times (weighted mean)."""
     logits = answer_logits(model, batch)
-    return F.cross_entropy(logits.float(), batch["labels"][:, 1:][answer_mask(batch["labels"])])
+    mask = answer_mask(batch["labels"])
+    targets = batch["labels"][:, 1:][mask]
+    if not decision_weight:
+        return F.cross_entropy(logits.float(), targets)
+    weights = decision_weights(mask, decision_tokens, decision_weight)
+    token_loss = F.cross_entropy(logits.float(), targets, reduction="none")
+    return (weights * token_loss).sum() / weights.sum()
+
+
+def decision_weights(mask: torch.Tensor, tokens: int, weight: float) -> torch.Tensor:
+    """Per answer token [n_answer_tokens] (mask's True positions, in order): 1 + weight on each row's
+    first `tokens` answer tokens (where an answer opens by complying or refusing), 1 elsewhere."""
+    opening = (mask.cumsum(1) <= tokens)[mask]
+    return 1.0 + weight * opening.float()
 
 
 @torch.no_grad()

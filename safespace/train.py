@@ -192,7 +192,7 @@ def _task_gradient(model, stream: BatchStream, settings: TrainSettings, device) 
     for _ in range(settings.grad_accum):
         batch = stream.next()
         with models.autocast(device, settings.precision):
-            loss = safegrad.sft_loss(model, batch) / settings.grad_accum
+            loss = safegrad.sft_loss(model, batch, settings.decision_weight, settings.decision_tokens) / settings.grad_accum
         loss.backward()
         task_loss += loss.item()
         tokens += int(batch["attention_mask"].sum())

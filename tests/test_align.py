@@ -62,6 +62,9 @@ def test_key_ignores_safegrad_settings_that_do_not_act():
     assert align.build_key(off_every_5) == align.build_key()
     on = replace(align.ALIGN_SETTINGS, safegrad=replace(align.ALIGN_SETTINGS.safegrad, mode="kl"))
     assert align.build_key(on) != align.build_key()
+    unweighted = replace(align.ALIGN_SETTINGS, decision_weight=0.0)
+    assert align.build_key(replace(unweighted, decision_tokens=9)) == align.build_key(unweighted)
+    assert align.build_key(replace(align.ALIGN_SETTINGS, decision_tokens=9)) != align.build_key()
 
 
 def test_a_job_waiting_for_the_warm_up_build_shows_its_steps(tmp_path, monkeypatch):

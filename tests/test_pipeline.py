@@ -75,6 +75,8 @@ def _write(tmp_path, text):
     ("harmful_ratio: 1.5\n", "harmful ratios must be numbers in [0, 0.9]"),
     ("harmful_ratio: lots\n", "harmful ratios"),
     ("train: {steps: 0}\n", "steps must be 1..100000"),
+    ("train: {decision_weight: -1}\n", "decision weight must be in"),
+    ("train: {decision_tokens: 0}\n", "decision tokens must be 1..64"),
     ("train: {stpes: 3}\n", "unknown setting(s) stpes"),
     ("train: 5\n", "'train' must be a mapping"),
     ("variants: [sft, magic]\n", "variants must be a list"),

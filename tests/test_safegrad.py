@@ -149,6 +149,45 @@ def test_answer_logits_and_sft_loss_equal_the_full_forward(tiny_model, tokenizer
     assert safegrad.sft_loss(model, batch).item() == pytest.approx(full.loss.item(), rel=1e-5)
 
 
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.lists(st.booleans(), min_size=6, max_size=6), min_size=1, max_size=4),
+       st.integers(1, 7), st.floats(0.1, 20))
+def test_decision_weights_weight_each_rows_first_answer_tokens(rows, tokens, weight):
+    mask = torch.tensor(rows)
+    weights = safegrad.decision_weights(mask, tokens, weight)
+    assert weights.shape == (int(mask.sum()),)
+    at = 0
+    for row in rows:                         # in mask order: row by row, left to right
+        n = sum(row)
+        expected = [1 + weight] * min(n, tokens) + [1.0] * max(n - tokens, 0)
+        assert weights[at:at + n].tolist() == pytest.approx(expected)
+        at += n
+
+
+def test_decision_weighted_sft_loss_is_the_weighted_mean_of_token_losses(tiny_model, tokenizer):
+    torch.manual_seed(3)
+    model = _lora_model(tiny_model, init_b=True)
+    with torch.no_grad():                                      # token losses far apart, so weights show
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.mul_(40)
+    batch = _batch(tokenizer)
+    batch["labels"][1, :9] = -100                              # row 0 has 6 answer tokens, row 1 has 3
+    mask = safegrad.answer_mask(batch["labels"])
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"]).logits[:, :-1]
+        token_loss = torch.nn.functional.cross_entropy(
+            logits[mask].float(), batch["labels"][:, 1:][mask], reduction="none")
+        plain = safegrad.sft_loss(model, batch)
+        weighted = safegrad.sft_loss(model, batch, decision_weight=4.0, decision_tokens=3)
+        everywhere = safegrad.sft_loss(model, batch, decision_weight=4.0, decision_tokens=6)   # every token
+    w = torch.tensor([5.0, 5.0, 5.0, 1.0, 1.0, 1.0, 5.0, 5.0, 5.0])   # each row's first 3 tokens
+    assert weighted.item() == pytest.approx(((w * token_loss).sum() / w.sum()).item(), rel=1e-5)
+    assert plain.item() == pytest.approx(token_loss.mean().item(), rel=1e-5)
+    assert abs(weighted.item() - plain.item()) > 0.01
+    assert everywhere.item() == pytest.approx(plain.item(), rel=1e-5)   # uniform weights cancel out
+
+
 def test_shared_prefix_runs_once_and_gives_the_full_forward_logits(tiny_model, tokenizer):
     """Rows that open with the same tokens (a chat template): the prefix runs once as a cache, and the
     answer logits are those of the full forward, with right padding and uneven answer starts."""
