@@ -66,7 +66,8 @@ def build_key(settings: TrainSettings = ALIGN_SETTINGS) -> str:
     if not settings.safety_mix:
         acting.pop("safety_mix")        # likewise: a setting added later, unused at 0
     if not settings.decision_weight:
-        acting.pop("decision_weight"), acting.pop("decision_tokens")   # likewise
+        for name in ("decision_weight", "decision_tokens"):
+            acting.pop(name)            # likewise
     payload = {
         "model": settings.model, "settings": acting,
         "alignment": [(e.prompt, e.response) for e in data_mod.bundled("alignment")],
