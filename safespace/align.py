@@ -32,10 +32,10 @@ from .progress import console_progress
 # The recipe and the measurements that chose it (refusal against over-refusal): docs/stage0.md.
 # MLP targets: attention-only LoRA refused everything or nothing on this model.
 ALIGN_SETTINGS = TrainSettings(
-    model=models.EMBEDDED_KEY, quantization="none", steps=250, lr=3e-4, batch_size=8, max_length=192,
+    model=models.EMBEDDED_KEY, quantization="none", steps=300, lr=3e-4, batch_size=8, max_length=192,
     warmup=5, seed=0, decision_weight=4.0, decision_tokens=4, lora=LoraSettings(r=16, alpha=32, targets=(
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")))
-BENIGN_REPEATS = 3      # benign rows three times: refusals are easy to learn, helpfulness is not
+BENIGN_REPEATS = 5      # benign rows five times: the knee of refusal against over-refusal (docs/stage0.md)
 BENIGN_MAX_NEW_TOKENS = 64
 SHIPPED_ANSWERS = "benign_answers"   # the embedded raw model's answers to benign_align (see raw_answers)
 # one build per process (the app warms it up while a visitor may ask); re-entrant: ensure() holds it
