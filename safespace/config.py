@@ -84,7 +84,7 @@ class LoraSettings:
 
 
 SAFEGRAD_MODES = ("off", "sft", "kl")
-SAFE_DELTA_TOLERANCE = 0.06     # automatic budget's held-in loss rise, nats/token (docs/safedelta.md)
+SAFE_DELTA_TOLERANCE = 0.08     # automatic budget's held-in loss rise, nats/token (docs/safedelta.md)
 
 
 @dataclass
