@@ -56,3 +56,44 @@ def test_stage0_tradeoff_reads_the_measured_recipes():
     assert len({r["recipe"] for r in rows}) == len(rows) >= 5
     for r in rows:
         assert all(r[k] is None or 0 <= r[k] <= 100 for k in SHOWN) and r["rewrites"] is not None
+
+
+def test_quadratic_tradeoff_is_the_minimiser_of_its_two_costs():
+    import torch
+    from bench.safedelta_tradeoff import quadratic_tradeoff
+    torch.manual_seed(0)
+    X_s, X_t = torch.randn(40, 6, dtype=torch.float64), torch.randn(50, 6, dtype=torch.float64) * 3
+    H_s, H_t = X_s.T @ X_s, X_t.T @ X_t
+    A = torch.randn(2, 6, dtype=torch.float64)
+    eye = torch.eye(6, dtype=torch.float64)
+    Hs, Ht = H_s / H_s.diagonal().mean() + 0.01 * eye, H_t / H_t.diagonal().mean() + 0.01 * eye
+
+    def cost(M, weight):
+        return torch.trace(M @ Hs @ M.T) + weight * torch.trace((M - A) @ Ht @ (M - A).T)
+
+    for weight in (0.01, 0.3, 5.0):
+        best = quadratic_tradeoff(A, H_s, H_t, weight)
+        for _ in range(20):                   # any step away costs more: a convex cost at its minimum
+            assert cost(best + 1e-3 * torch.randn_like(A), weight) > cost(best, weight)
+    assert torch.equal(quadratic_tradeoff(A, H_s, H_t, 0.0), torch.zeros_like(A))     # the base
+    torch.testing.assert_close(quadratic_tradeoff(A, H_s, H_t, 1e9), A)              # the fine-tune
+
+
+def test_global_exclusions_take_the_highest_ratios_over_all_layers():
+    import torch
+    from bench.safedelta_tradeoff import global_exclusions
+    ratios = {"a": torch.tensor([1.0, 9.0, 8.0, 2.0]), "b": torch.tensor([7.0, 3.0]), "c": torch.tensor([0.5, 0.1])}
+    assert global_exclusions(ratios, 0.25) == {"a": 0.5, "b": 0.0, "c": 0.0}       # 9 and 8
+    assert global_exclusions(ratios, 0.5) == {"a": 0.5, "b": 1.0, "c": 0.0}        # and 7, 3
+    assert global_exclusions(ratios, 0.0) == {"a": 0.0, "b": 0.0, "c": 0.0}
+    assert global_exclusions(ratios, 1.0) == {"a": 1.0, "b": 1.0, "c": 1.0}
+
+
+def test_safedelta_tradeoff_reads_the_measured_budgets():
+    from bench.safedelta_tradeoff import SHOWN, bounds, read
+    rows = read()
+    harm_floor, task_floor = bounds(rows)
+    assert 0 < harm_floor < 100 and 0 < task_floor < 100
+    for r in rows:
+        assert all(r[k] is None or (0 <= r[k] <= 100 if k != "held_in_rise" else r[k] >= 0) for k in SHOWN)
+        assert r["harmbench"] is not None and r["task_accuracy"] is not None
