@@ -493,7 +493,7 @@ def describe() -> list[dict]:
         if spec.source == "aligned":
             from . import align   # noqa: PLC0415 - align imports this module
             ready = align.is_built()   # a folder from an older recipe is rebuilt, so it is not ready
-            status = "ready" if ready else "built on first use (about 15 min on a 2-core CPU)"
+            status = "ready" if ready else f"built on first use ({align.BUILD_TIME})"
         elif spec.source == "embedded":
             status = "embedded (offline)" if importlib.util.find_spec(GGUF_PACKAGE) else "missing package"
         else:

@@ -1,0 +1,50 @@
+"""How long stage 0 (the aligned base) takes to build on this CPU, with bf16 matmuls and without:
+the first steps of its training in each precision, side by side on the same batches, projected to
+its whole run (docs/stage0.md).
+
+    PYTHONPATH=. .venv/bin/python bench/stage0_time.py [--steps 30]
+
+fp32 is the arithmetic of a CPU without native bf16 (one without AVX-512 is slower still: this is a
+lower bound there). Run it with nothing else running: two torch processes on 2 cores slow each other.
+"""
+import argparse
+import statistics
+import tempfile
+from dataclasses import replace
+
+from bench.harness import cpu_model, table
+from safespace import align, data as data_mod, models, train
+
+
+def step_seconds(precision: str, steps: int, examples: list, loaded) -> list[float]:
+    """Seconds of each of stage 0's first `steps` training steps in `precision`."""
+    settings = replace(align.ALIGN_SETTINGS, steps=steps, precision=precision)
+    seconds = []
+    with tempfile.TemporaryDirectory() as out:
+        train.train(settings, examples, out, loaded=loaded, kind="align",
+                    on_event=lambda event: seconds.append(event.metrics["seconds"]) if event.kind == "step" else None)
+    return seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=30, help="steps timed per precision (the first 2 warm up)")
+    steps = parser.parse_args().steps
+    if steps < 4:
+        parser.error("--steps must be at least 4: the first 2 steps warm up and are not counted")
+    total = align.ALIGN_SETTINGS.steps
+    rows, medians = [], {}
+    for precision in ("auto", "fp32"):
+        loaded = models.load(models.EMBEDDED_KEY, quantization="none", device="cpu")
+        benign = align.benign_answers(loaded, data_mod.bundled("benign_align"), align.benign_asks())
+        examples = data_mod.bundled("alignment") + benign * align.BENIGN_REPEATS
+        arithmetic = "bf16" if models.cpu_bf16("cpu", precision) else "fp32"
+        medians[precision] = statistics.median(step_seconds(precision, steps, examples, loaded)[2:])
+        rows.append([f"{precision} ({arithmetic} matmuls)", round(medians[precision], 2),
+                     round(medians[precision] * total / 60, 1)])
+    table(["precision", "s/step (median)", f"{total} steps (min)"], rows)
+    print(f"{cpu_model()}: fp32 / auto = {medians['fp32'] / medians['auto']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
