@@ -6,7 +6,9 @@ recipes measured in docs/stage0.md, with the Pareto front and its knee.
 The recipes and their numbers are in bench/data/stage0_recipes.csv (keyword judge, 24 new tokens,
 each measured by `python -m safespace align` on its build). Only the project's own sets choose: the
 held-out rewrites (refusal) against the benign set (over-refusal), and only recipes scored on the
-same benign set are compared. HarmBench and XSTest are shown, never used to choose.
+same benign set are compared. HarmBench and XSTest are shown, never used to choose. Builds of a
+recipe with another training seed (the `seed` column; the recipes themselves use seed 0) are drawn
+beside it as its build-to-build spread; they take no part in the front.
 """
 import argparse
 import csv
@@ -52,6 +54,7 @@ def read(path: Path = RECIPES) -> list[dict]:
     for row in rows:
         for key in (*SHOWN, "task_refused"):
             row[key] = float(row[key]) if row.get(key) else None
+        row["seed"] = int(row.get("seed") or 0)
     return rows
 
 
@@ -63,8 +66,9 @@ def error_bars(values: list[float], n: int) -> dict:
             "arrayminus": [v - 100 * lo for v, (lo, _) in zip(values, bounds)]}
 
 
-def figure(rows: list[dict], front: list[int], best: int) -> go.Figure:
-    """The recipes as points with their Wilson intervals, the front as a line, the goals as dotted lines."""
+def figure(rows: list[dict], front: list[int], best: int, reseeded: list[dict] = ()) -> go.Figure:
+    """The recipes as points with their Wilson intervals, the front as a line, the goals as dotted lines;
+    `reseeded`: builds of a recipe with another seed, as crosses."""
     fig = go.Figure()
     on_front = set(front)
     n_benign, n_rewrites = len(evalsets.prompts("benign")), len(evalsets.prompts("rewrites"))
@@ -77,6 +81,12 @@ def figure(rows: list[dict], front: list[int], best: int) -> go.Figure:
             mode="markers+text" + ("+lines" if group == "Pareto front" else ""), name=group,
             text=[rows[i]["recipe"] + (" (knee)" if i == best else "") for i in members],
             textposition=[spots[i] for i in members], marker={"size": 11}))
+    if reseeded:
+        xs, ys = [r["benign"] for r in reseeded], [r["rewrites"] for r in reseeded]
+        fig.add_trace(go.Scatter(
+            x=xs, y=ys, error_x=error_bars(xs, n_benign), error_y=error_bars(ys, n_rewrites),
+            mode="markers+text", name="same recipe, another seed", text=[r["recipe"] for r in reseeded],
+            textposition="bottom center", marker={"size": 11, "symbol": "x"}))
     fig.update_layout(title="Stage 0: refusal of held-out harm against over-refusal (recipes)",
                       xaxis_title="over-refusal, benign set (%)", yaxis_title="refusal, held-out rewrites (%)",
                       template="plotly_white", height=520)
@@ -92,13 +102,17 @@ def main() -> None:
     rows = read()
     latest = max(int(r["benign_rows"]) for r in rows)
     rows = [r for r in rows if int(r["benign_rows"]) == latest]
+    reseeded = [r for r in rows if r["seed"] != 0]
+    rows = [r for r in rows if r["seed"] == 0]
     points = [(r["benign"], r["rewrites"]) for r in rows]
     front, best = pareto_front(points), knee(points)
     table(["recipe", "build (min)", *SHOWN, "task prompts refused", "front"],
           [[r["recipe"], r["build_min"], *(r[k] for k in SHOWN), r["task_refused"],
-            "knee" if i == best else ("yes" if i in front else "")] for i, r in enumerate(rows)])
+            "knee" if i == best else ("yes" if i in front else "")] for i, r in enumerate(rows)]
+          + [[r["recipe"], r["build_min"], *(r[k] for k in SHOWN), r["task_refused"], f"seed {r['seed']}"]
+             for r in reseeded])
     out.parent.mkdir(parents=True, exist_ok=True)
-    figure(rows, front, best).write_html(out, include_plotlyjs=True)
+    figure(rows, front, best, reseeded).write_html(out, include_plotlyjs=True)
     print(f"knee: {rows[best]['recipe']}; the plot: {out}")
 
 

@@ -56,6 +56,9 @@ def test_stage0_tradeoff_reads_the_measured_recipes():
     assert len({r["recipe"] for r in rows}) == len(rows) >= 5
     for r in rows:
         assert all(r[k] is None or 0 <= r[k] <= 100 for k in SHOWN) and r["rewrites"] is not None
+    recipes = {r["recipe"] for r in rows if r["seed"] == 0}
+    for r in rows:                      # another seed's build names the recipe it rebuilds
+        assert r["seed"] == 0 or r["recipe"].split(" seed ")[0] in recipes
 
 
 def test_quadratic_tradeoff_is_the_minimiser_of_its_two_costs():
