@@ -37,9 +37,9 @@ ALIGN_SETTINGS = TrainSettings(
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")))
 BENIGN_REPEATS = 5      # benign rows five times: the knee of refusal against over-refusal (docs/stage0.md)
 BENIGN_MAX_NEW_TOKENS = 64
-# What a build costs on a 2-core CPU: G 558 s with bf16 matmuls; its 300 steps 1.9x slower in fp32
-# (bench/stage0_time.py, docs/stage0.md); a CPU without AVX-512 is slower still.
-BUILD_TIME = "about 10 min on a 2-core CPU with bf16, 17 min or more without"
+# What a build costs on a 2-core CPU (docs/stage0.md): G 539-566 s with bf16 matmuls, 800 s in fp32
+# on the same AVX-512 CPU; one without AVX-512 is slower still.
+BUILD_TIME = "about 10 min on a 2-core CPU with bf16, 13 min or more without"
 SHIPPED_ANSWERS = "benign_answers"   # the embedded raw model's answers to benign_align (see raw_answers)
 # one build per process (the app warms it up while a visitor may ask); re-entrant: ensure() holds it
 # around build(); build_lock_path() serialises builds across processes sharing the cache folder
