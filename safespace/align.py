@@ -200,17 +200,22 @@ def _build(key: str, on_event: Callable[[train.Event], None], quantization: str 
     _say(f"building the aligned base {_named(quantization)} (once, {BUILD_TIME})...")
     loaded = models.load(models.EMBEDDED_KEY, quantization=quantization,
                          device=None if quantization == "4bit" else "cpu")
-    harmful = data_mod.bundled("alignment")
-    benign = benign_answers(loaded, data_mod.bundled("benign_align"), benign_asks())
-    examples = harmful + benign * BENIGN_REPEATS
+    examples, counts = training_rows(loaded)
     work = home() / "cache" / f"align-run-{key}"
     run = train.train(settings_for(quantization), examples, work, loaded=loaded, on_event=on_event,
                       kind="align", extra_config={"purpose": "stage-0 safety alignment"})
-    counts = {"refusals": len(harmful), "benign": len(benign), "benign_repeats": BENIGN_REPEATS}
     publish = save_stacked if quantization == "4bit" else save_aligned
     publish(run, key, counts, time.time() - start)
     _say(f"aligned base ready in {time.time() - start:.0f} s -> {folder}")
     return folder
+
+
+def training_rows(loaded: models.Loaded) -> tuple[list, dict]:
+    """Stage 0's training rows (the refusals, then the benign rows BENIGN_REPEATS times) and their counts."""
+    harmful = data_mod.bundled("alignment")
+    benign = benign_answers(loaded, data_mod.bundled("benign_align"), benign_asks())
+    counts = {"refusals": len(harmful), "benign": len(benign), "benign_repeats": BENIGN_REPEATS}
+    return harmful + benign * BENIGN_REPEATS, counts
 
 
 def save_aligned(run: runs.Run, key: str, counts: dict, seconds: float) -> Path:
