@@ -15,7 +15,7 @@ import tempfile
 from dataclasses import replace
 
 from bench.harness import cpu_model, table
-from safespace import align, data as data_mod, models, train
+from safespace import align, models, train
 
 
 def step_seconds(precision: str, steps: int, examples: list, loaded) -> list[float]:
@@ -32,14 +32,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=30, help="steps timed per precision (the first 2 warm up)")
     steps = parser.parse_args().steps
-    if steps < 4:
-        parser.error("--steps must be at least 4: the first 2 steps warm up and are not counted")
+    least = max(4, align.ALIGN_SETTINGS.warmup)       # 2 uncounted steps; stage 0's warm-up fits in the run
+    if steps < least:
+        parser.error(f"--steps must be at least {least}: the first 2 steps are not counted and stage 0 "
+                     f"warms up for {align.ALIGN_SETTINGS.warmup}")
     total = align.ALIGN_SETTINGS.steps
     rows, medians = [], {}
     for precision in ("auto", "fp32"):
-        loaded = models.load(models.EMBEDDED_KEY, quantization="none", device="cpu")
-        benign = align.benign_answers(loaded, data_mod.bundled("benign_align"), align.benign_asks())
-        examples = data_mod.bundled("alignment") + benign * align.BENIGN_REPEATS
+        loaded = models.load(models.EMBEDDED_KEY, quantization="none", device="cpu")   # LoRA wraps it: one each
+        examples, _ = align.training_rows(loaded)
         arithmetic = "bf16" if models.cpu_bf16("cpu", precision) else "fp32"
         medians[precision] = statistics.median(step_seconds(precision, steps, examples, loaded)[2:])
         rows.append([f"{precision} ({arithmetic} matmuls)", round(medians[precision], 2),
