@@ -6,6 +6,7 @@ Imports nothing heavy: bench/run.py reads it before it sets the environment torc
 from __future__ import annotations
 
 import argparse
+import csv
 import datetime as dt
 import json
 import os
@@ -32,6 +33,16 @@ GOALS = {"safegrad_overhead": "<= 1.6", "train_vs_trl": ">= 1.0", "compare_speed
 # ------------------------------------------------------------------------------------------- output
 def say(message: str = "") -> None:
     print(message, flush=True)
+
+
+def read_measured(path: Path, numeric: tuple[str, ...]) -> list[dict]:
+    """The rows of a bench/data csv, the `numeric` columns as floats (None where empty)."""
+    with path.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    for row in rows:
+        for key in numeric:
+            row[key] = float(row[key]) if row.get(key) else None
+    return rows
 
 
 def table(headers: list[str], rows: list[list]) -> None:

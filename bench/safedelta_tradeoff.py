@@ -15,7 +15,6 @@ its held-in safety loss rise; score it with `python -m safespace evaluate --runs
 HarmBench only shows where each lands; nothing here chooses a default.
 """
 import argparse
-import csv
 import math
 from dataclasses import replace
 from pathlib import Path
@@ -23,7 +22,7 @@ from pathlib import Path
 import plotly.graph_objects as go
 import torch
 
-from bench.harness import table
+from bench.harness import read_measured, table
 
 BUDGETS = Path(__file__).parent / "data" / "safedelta_budgets.csv"
 SHOWN = ("held_in_rise", "advbench", "rewrites", "harmbench", "benign", "task_accuracy")
@@ -66,13 +65,13 @@ def defended_state(way: str, value: float, model, hessians: dict, task_hessians:
     if way == "quadratic":
         return {name: (quadratic_tradeoff(layer.lora_A["ft"].weight.float(), hessians[name], task_hessians[name], value),
                        layer.lora_B["ft"].weight.float()) for name, layer in lora.items()}
-    c = {name: safedelta.column_sensitivity(hessians[name], settings.percdamp) for name in lora}
+    U = {name: safedelta.inverse_cholesky_upper(hessians[name], settings.percdamp) for name in lora}
+    c = {name: 1 / U[name].diagonal().pow(2) for name in lora}      # column_sensitivity, from the same U
     fractions = global_exclusions({name: c[name] / c_task[name] for name in lora}, value)
     state = {}
     for name, layer in lora.items():
-        U = safedelta.inverse_cholesky_upper(hessians[name], settings.percdamp)
         A_new, _, _ = safedelta.safe_delta_lora(layer.lora_A["ft"].weight.float(), layer.lora_B["ft"].weight.float(),
-                                                float(layer.scaling["ft"]), U, safedelta.relative_budget(1.0),
+                                                float(layer.scaling["ft"]), U[name], safedelta.relative_budget(1.0),
                                                 settings.block_size, fractions[name], True, c_task[name])
         state[name] = (A_new, layer.lora_B["ft"].weight.float())
     return state
@@ -110,12 +109,7 @@ def write_variant(run: Path, way: str, value: float, out: Path) -> None:
 
 # ----------------------------------------------------------------------------- the plot
 def read(path: Path = BUDGETS) -> list[dict]:
-    with path.open(newline="") as f:
-        rows = list(csv.DictReader(f))
-    for row in rows:
-        for key in SHOWN:
-            row[key] = float(row[key]) if row.get(key) else None
-    return rows
+    return read_measured(path, SHOWN)
 
 
 def bounds(rows: list[dict]) -> tuple[float, float]:

@@ -11,12 +11,11 @@ recipe with another training seed (the `seed` column; the recipes themselves use
 beside it as its build-to-build spread; they take no part in the front.
 """
 import argparse
-import csv
 from pathlib import Path
 
 import plotly.graph_objects as go
 
-from bench.harness import table
+from bench.harness import read_measured, table
 from safespace import evalsets
 from safespace.plots import label_positions
 from safespace.metrics import wilson_interval
@@ -49,11 +48,8 @@ def knee(points: list[tuple[float, float]]) -> int:
 
 
 def read(path: Path = RECIPES) -> list[dict]:
-    with path.open(newline="") as f:
-        rows = list(csv.DictReader(f))
+    rows = read_measured(path, (*SHOWN, "task_refused"))
     for row in rows:
-        for key in (*SHOWN, "task_refused"):
-            row[key] = float(row[key]) if row.get(key) else None
         row["seed"] = int(row.get("seed") or 0)
     return rows
 
@@ -106,11 +102,11 @@ def main() -> None:
     rows = [r for r in rows if r["seed"] == 0]
     points = [(r["benign"], r["rewrites"]) for r in rows]
     front, best = pareto_front(points), knee(points)
+    places = (["knee" if i == best else ("yes" if i in front else "") for i in range(len(rows))]
+              + [f"seed {r['seed']}" for r in reseeded])
     table(["recipe", "build (min)", *SHOWN, "task prompts refused", "front"],
-          [[r["recipe"], r["build_min"], *(r[k] for k in SHOWN), r["task_refused"],
-            "knee" if i == best else ("yes" if i in front else "")] for i, r in enumerate(rows)]
-          + [[r["recipe"], r["build_min"], *(r[k] for k in SHOWN), r["task_refused"], f"seed {r['seed']}"]
-             for r in reseeded])
+          [[r["recipe"], r["build_min"], *(r[k] for k in SHOWN), r["task_refused"], place]
+           for r, place in zip(rows + reseeded, places)])
     out.parent.mkdir(parents=True, exist_ok=True)
     figure(rows, front, best, reseeded).write_html(out, include_plotlyjs=True)
     print(f"knee: {rows[best]['recipe']}; the plot: {out}")
