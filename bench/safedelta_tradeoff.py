@@ -79,31 +79,20 @@ def defended_state(way: str, value: float, model, hessians: dict, task_hessians:
 
 def write_variant(run: Path, way: str, value: float, out: Path) -> None:
     """The defended run, written as `safespace safedelta` writes one, and its held-in rise."""
-    from safespace import defence, models, runs, safedelta
+    from safespace import defence, safedelta
 
-    source = runs.load_run(run)
-    settings = safedelta.SafeDeltaSettings()
-    loaded = models.load(source.model, source.config.get("quantization", "auto"))
-    rows = defence._calibration(loaded, settings.n_calibration)
-    site = defence._SafetySite(loaded, models.load_adapters(loaded.model, {"ft": source.adapter}), settings)
-    hessians, _ = site.cached("hessians", "", rows, lambda: site.hessians(rows, settings.tokens,
-                                                                        defence.SAFETY_H_PRECISION))
-    task_rows = defence._task_rows(source, settings.n_task)
+    site = defence.SafetySite(run, safedelta.SafeDeltaSettings())
+    hessians, _ = site.safety_hessians()
+    task_rows = site.task_rows()
     task_hessians, _ = site.cached("task-hessians", f"|task H|{site.arithmetic}", task_rows,
                                    lambda: site.hessians(task_rows, "all", "auto"))
-    state = defended_state(way, value, site.peft_model, hessians, task_hessians, settings)
-    checks = defence._check_batches(rows[:settings.check_rows], loaded.tokenizer, loaded.device, settings.check_tokens)
+    state = defended_state(way, value, site.peft_model, hessians, task_hessians, site.settings)
+    checks = site.check_batches()
     base = safedelta.answer_start_loss(site.peft_model, checks, None)["nll"].mean().item()
     with safedelta.edited_lora(site.peft_model, "ft", state):
         rise = safedelta.answer_start_loss(site.peft_model, checks, "ft")["nll"].mean().item() - base
-    tmp = runs.staging_dir(out)
-    safedelta.save_adapter(site.peft_model, "ft", state, tmp / "adapter")
-    runs.atomic_write_json(tmp / "config.json", {
-        "kind": "safedelta", "model": source.model, "quantization": source.config.get("quantization"),
-        "source_run": str(source.path), "data": source.config.get("data"), "safedelta": dict(vars(settings)),
-        "bench_way": {"way": way, "value": value}})
-    runs.atomic_write_json(tmp / "summary.json", {"status": "finished", "held_in_rise": rise})
-    runs.publish(tmp, out)
+    site.write(state, out, {"status": "finished", "held_in_rise": rise},
+               extra_config={"bench_way": {"way": way, "value": value}})
     print(f"{out}: {way} {value:g}, held-in safety loss {rise:+.3f} nats/token")
 
 

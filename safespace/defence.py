@@ -122,9 +122,6 @@ def defend(run_path, out, *, keep: float | None = None, scale: float | None = No
     loss, within `tolerance` (default SafeDeltaSettings.tolerance)."""
     say = on_progress or quiet
     start = time.time()
-    source = runs.load_run(run_path)
-    if source.kind != "train":
-        raise runs.RunError(f"{source.path}: Safe Delta needs a fine-tuned run, not a {source.kind} run")
     try:
         settings = safedelta.SafeDeltaSettings.for_budget(keep=keep, scale=scale, tolerance=tolerance,
                                                           compensate=compensate, tokens=tokens, ranking=ranking)
@@ -132,45 +129,45 @@ def defend(run_path, out, *, keep: float | None = None, scale: float | None = No
         raise ConfigError(str(exc)) from None
     # SAFESPACE_CALIBRATION_ROWS: fewer calibration rows for tests and quick demos (default 128)
     settings.n_calibration = n_calibration or env_count("SAFESPACE_CALIBRATION_ROWS") or settings.n_calibration
-    say("loading the base", 0.05)
-    loaded = models.load(source.model, source.config.get("quantization", "auto"))
-    say("safety calibration: the aligned model's own answers to harmful prompts", 0.15)
-    rows = _calibration(loaded, settings.n_calibration)
-    say("loading the fine-tuned adapter", 0.3)
-    site = _SafetySite(loaded, models.load_adapters(loaded.model, {"ft": source.adapter}), settings)
+    site = SafetySite(run_path, settings, say)
     say("safety Hessians (forward passes with the adapter disabled)", 0.35)
-    hessians, cached = site.cached("hessians", "", rows, lambda: site.hessians(rows, settings.tokens,
-                                                                             SAFETY_H_PRECISION))
-    task_rows = _task_rows(source, settings.n_task) if settings.ranking == "task" else []
+    hessians, cached = site.safety_hessians()
+    task_rows = site.task_rows() if settings.ranking == "task" else []
     task_sensitivity, task_cached = _task_sensitivity(site, task_rows, say)
     auto = None
     if settings.budget == "auto":
-        new_state, stats, auto = _auto_budget(site, rows, hessians, task_sensitivity, say)
+        new_state, stats, auto = _auto_budget(site, hessians, task_sensitivity, say)
     else:
         say("selecting and compensating the delta, layer by layer", 0.7)
         new_state, stats = safedelta.apply_to_adapter(site.peft_model, "ft", hessians, settings, task_sensitivity)
     summary = {"status": "finished", "seconds": time.time() - start, "hessian_cached": cached,
-               "task_cached": task_cached, "calibration_rows": len(rows), "task_rows": len(task_rows),
+               "task_cached": task_cached, "calibration_rows": len(site.rows), "task_rows": len(task_rows),
                **_kept_summary(stats), **({"auto": auto} if auto is not None else {})}
-    config = {"kind": "safedelta", "model": source.model, "quantization": source.config.get("quantization"),
-              "source_run": str(source.path), "data": source.config.get("data"), "safedelta": dict(vars(settings))}
-    tmp = runs.staging_dir(out)
-    safedelta.save_adapter(site.peft_model, "ft", new_state, tmp / "adapter")
-    runs.atomic_write_json(tmp / "config.json", config)
-    runs.atomic_write_json(tmp / "summary.json", summary)
+    run = site.write(new_state, out, summary)
     say("done", 1.0)
-    return runs.load_run(runs.publish(tmp, out))
+    return run
 
 
-class _SafetySite:
-    """The fine-tuned model Safe Delta works on, and its per-layer tensors cached by what they depend
-    on: the base weights and their quantisation, the LoRA layers, the rows and the settings."""
+class SafetySite:
+    """A fine-tuned run opened for Safe Delta: the base with the run's adapter "ft" loaded, the safety
+    calibration rows, and the per-layer tensors, cached by what they depend on (the base weights and
+    their quantisation, the LoRA layers, the rows and the settings). `write` publishes an edited
+    adapter as a new run; `safespace safedelta` and bench/safedelta_tradeoff.py both go through here."""
 
-    def __init__(self, loaded: models.Loaded, peft_model, settings):
-        self.loaded, self.peft_model, self.settings = loaded, peft_model, settings
-        self.layer_names = list(safedelta.lora_layers(peft_model, "ft"))
-        self.model_id = f"{models.fingerprint(loaded)}|{sorted(self.layer_names)}"
-        self.arithmetic = "bf16" if models.cpu_bf16(loaded.device) else "fp32"   # of "auto" passes (models.autocast)
+    def __init__(self, run_path, settings: safedelta.SafeDeltaSettings, say: Progress = quiet):
+        self.source = runs.load_run(run_path)
+        if self.source.kind != "train":
+            raise runs.RunError(f"{self.source.path}: Safe Delta needs a fine-tuned run, not a {self.source.kind} run")
+        self.settings = settings
+        say("loading the base", 0.05)
+        self.loaded = models.load(self.source.model, self.source.config.get("quantization", "auto"))
+        say("safety calibration: the aligned model's own answers to harmful prompts", 0.15)
+        self.rows = _calibration(self.loaded, settings.n_calibration)
+        say("loading the fine-tuned adapter", 0.3)
+        self.peft_model = models.load_adapters(self.loaded.model, {"ft": self.source.adapter})
+        self.layer_names = list(safedelta.lora_layers(self.peft_model, "ft"))
+        self.model_id = f"{models.fingerprint(self.loaded)}|{sorted(self.layer_names)}"
+        self.arithmetic = "bf16" if models.cpu_bf16(self.loaded.device) else "fp32"   # of "auto" passes (models.autocast)
 
     def hessians(self, rows: list, tokens: str, precision: str) -> dict:
         return safedelta.collect_hessians(self.peft_model, self.layer_names, _calibration_batches(
@@ -181,8 +178,33 @@ class _SafetySite:
         key = safedelta.hessian_cache_key(self.model_id + key_extra, texts, self.settings)
         return _layer_tensors(home() / "cache" / kind / f"{key}.safetensors", compute)
 
+    def safety_hessians(self) -> tuple[dict, bool]:
+        """The safety H per layer from the calibration rows (fp32 passes, adapter disabled); (H, cached)."""
+        return self.cached("hessians", "", self.rows, lambda: self.hessians(self.rows, self.settings.tokens,
+                                                                           SAFETY_H_PRECISION))
 
-def _task_sensitivity(site: _SafetySite, task_rows: list, say) -> tuple[dict | None, bool]:
+    def task_rows(self) -> list:
+        return _task_rows(self.source, self.settings.n_task)
+
+    def check_batches(self) -> list:
+        """The held-in safety check: the first check_rows calibration rows, cut after check_tokens answer tokens."""
+        return _check_batches(self.rows[:self.settings.check_rows], self.loaded.tokenizer, self.loaded.device,
+                              self.settings.check_tokens)
+
+    def write(self, state: dict, out, summary: dict, extra_config: dict | None = None) -> runs.Run:
+        """Publish the adapter edited to `state` ({layer: (A, B)}) as a Safe Delta run at `out`."""
+        source = self.source
+        config = {"kind": "safedelta", "model": source.model, "quantization": source.config.get("quantization"),
+                  "source_run": str(source.path), "data": source.config.get("data"),
+                  "safedelta": dict(vars(self.settings)), **(extra_config or {})}
+        tmp = runs.staging_dir(out)
+        safedelta.save_adapter(self.peft_model, "ft", state, tmp / "adapter")
+        runs.atomic_write_json(tmp / "config.json", config)
+        runs.atomic_write_json(tmp / "summary.json", summary)
+        return runs.load_run(runs.publish(tmp, out))
+
+
+def _task_sensitivity(site: SafetySite, task_rows: list, say) -> tuple[dict | None, bool]:
     """Per-column task sensitivity from every token of the run's own rows (docs/safedelta.md), or None
     (and the paper's ranking) when the run's data is unknown."""
     settings = site.settings
@@ -198,13 +220,13 @@ def _task_sensitivity(site: _SafetySite, task_rows: list, say) -> tuple[dict | N
                                                             settings.percdamp))
 
 
-def _auto_budget(site: _SafetySite, rows: list, hessians: dict, task_sensitivity, say) -> tuple:
+def _auto_budget(site: SafetySite, hessians: dict, task_sensitivity, say) -> tuple:
     """The automatic budget: the first rung whose held-in safety loss stays within the tolerance."""
     settings = site.settings
     say("budget from the measured safety loss: whole delta first, then stronger defences", 0.7)
-    check_rows = rows[:settings.check_rows]
-    checks = _check_batches(check_rows, site.loaded.tokenizer, site.loaded.device, settings.check_tokens)
-    base, _ = site.cached("safety-check", f"|check|{settings.check_tokens}|{site.arithmetic}", check_rows,
+    checks = site.check_batches()
+    base, _ = site.cached("safety-check", f"|check|{settings.check_tokens}|{site.arithmetic}",
+                          site.rows[:settings.check_rows],
                           lambda: safedelta.answer_start_loss(site.peft_model, checks, None))
 
     def tell(rung: dict) -> None:

@@ -100,3 +100,34 @@ def test_safedelta_tradeoff_reads_the_measured_budgets():
     for r in rows:
         assert all(r[k] is None or (0 <= r[k] <= 100 if k != "held_in_rise" else r[k] >= 0) for k in SHOWN)
         assert r["harmbench"] is not None and r["task_accuracy"] is not None
+
+
+def test_safedelta_tradeoff_writes_a_defended_run_each_way(tiny_model_dir, tmp_path, monkeypatch):
+    import torch
+    from bench.safedelta_tradeoff import write_variant
+    from safespace import models, runs, safedelta, train
+    from safespace.config import LoraSettings, TrainSettings
+    from safespace.data import Example
+
+    monkeypatch.setenv("SAFESPACE_HOME", str(tmp_path / "home"))
+    rows = [Example(f"Label this review: film {i} was {'good' if i % 2 else 'bad'}",
+                    "positive" if i % 2 else "negative") for i in range(8)]
+    settings = TrainSettings(model=tiny_model_dir, quantization="none", steps=3, batch_size=2, max_length=64,
+                             warmup=0, lr=1e-2, lora=LoraSettings(r=2, alpha=4))
+    source = train.train(settings, rows, tmp_path / "sft")
+    written, rise = {}, {}
+    for way, value in (("quadratic", 0.0), ("exclude", 0.0), ("global", 0.0), ("exclude", 0.5)):
+        out = tmp_path / f"{way}-{value}"
+        write_variant(source.path, way, value, out)
+        run = runs.load_run(out)
+        assert run.kind == "safedelta" and run.config["source_run"] == str(source.path)
+        assert run.config["bench_way"] == {"way": way, "value": value}
+        peft_model = models.load_adapters(models.load(tiny_model_dir, "none").model, {"ft": run.adapter})
+        written[way, value] = torch.cat([layer.lora_A["ft"].weight.flatten() for layer in
+                                         safedelta.lora_layers(peft_model, "ft").values()])
+        rise[way, value] = run.summary["held_in_rise"]
+    assert not written["quadratic", 0.0].any()           # safety weight only: A' = 0, the base itself
+    assert rise["quadratic", 0.0] == pytest.approx(0.0, abs=1e-5)
+    # no column excluded: per layer or over all layers, the same adapter; excluding half changes it
+    assert torch.allclose(written["exclude", 0.0], written["global", 0.0])
+    assert not torch.allclose(written["exclude", 0.0], written["exclude", 0.5])
