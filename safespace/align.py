@@ -32,14 +32,17 @@ from .progress import console_progress
 # The recipe and the measurements that chose it (refusal against over-refusal): docs/stage0.md.
 # MLP targets: attention-only LoRA refused everything or nothing on this model.
 ALIGN_SETTINGS = TrainSettings(
-    model=models.EMBEDDED_KEY, quantization="none", steps=300, lr=3e-4, batch_size=8, max_length=192,
+    model=models.EMBEDDED_KEY, quantization="none", steps=600, lr=3e-4, batch_size=8, max_length=192,
     warmup=5, seed=0, decision_weight=4.0, decision_tokens=4, lora=LoraSettings(r=16, alpha=32, targets=(
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")))
+# The 4-bit base's stage 0 keeps 300 steps, the recipe its measurements are of (README, "4-bit (nf4)");
+# 600 steps in nf4 are not measured yet.
+NF4_STEPS = 300
 BENIGN_REPEATS = 5      # benign rows five times: the knee of refusal against over-refusal (docs/stage0.md)
 BENIGN_MAX_NEW_TOKENS = 64
-# What a build costs on a 2-core CPU (docs/stage0.md): G 539-566 s with bf16 matmuls, 800 s in fp32
-# on the same AVX-512 CPU; one without AVX-512 is slower still.
-BUILD_TIME = "about 10 min on a 2-core CPU with bf16, 13 min or more without"
+# What a build costs on a 2-core CPU (docs/stage0.md): H 979-1438 s with bf16 matmuls; in fp32 G's 300
+# steps took 1.45x its bf16 builds on the same AVX-512 CPU; one without AVX-512 is slower still.
+BUILD_TIME = "about 17 to 24 min on a 2-core CPU with bf16, 25 min or more without"
 SHIPPED_ANSWERS = "benign_answers"   # the embedded raw model's answers to benign_align (see raw_answers)
 # one build per process (the app warms it up while a visitor may ask); re-entrant: ensure() holds it
 # around build(); build_lock_path() serialises builds across processes sharing the cache folder
@@ -53,7 +56,7 @@ _say = say     # console lines through the "safespace" logger
 
 def settings_for(quantization: str = "none") -> TrainSettings:
     """Stage 0's settings: on the full-precision original, or with nf4 in the loop for the 4-bit base."""
-    return replace(ALIGN_SETTINGS, quantization="4bit") if quantization == "4bit" else ALIGN_SETTINGS
+    return replace(ALIGN_SETTINGS, quantization="4bit", steps=NF4_STEPS) if quantization == "4bit" else ALIGN_SETTINGS
 
 
 def folder_for(quantization: str = "none") -> Path:
