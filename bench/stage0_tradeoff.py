@@ -64,7 +64,7 @@ def error_bars(values: list[float], n: int) -> dict:
 
 def figure(rows: list[dict], front: list[int], best: int, reseeded: list[dict] = ()) -> go.Figure:
     """The recipes as points with their Wilson intervals, the front as a line, the goals as dotted lines;
-    `reseeded`: builds of a recipe with another seed, as crosses."""
+    `reseeded`: builds of a recipe with another seed, as crosses, one legend entry per recipe."""
     fig = go.Figure()
     on_front = set(front)
     n_benign, n_rewrites = len(evalsets.prompts("benign")), len(evalsets.prompts("rewrites"))
@@ -77,12 +77,13 @@ def figure(rows: list[dict], front: list[int], best: int, reseeded: list[dict] =
             mode="markers+text" + ("+lines" if group == "Pareto front" else ""), name=group,
             text=[rows[i]["recipe"] + (" (knee)" if i == best else "") for i in members],
             textposition=[spots[i] for i in members], marker={"size": 11}))
-    if reseeded:
-        xs, ys = [r["benign"] for r in reseeded], [r["rewrites"] for r in reseeded]
+    for recipe in dict.fromkeys(r["recipe"].split(" seed ")[0] for r in reseeded):   # one legend entry a recipe
+        members = [r for r in reseeded if r["recipe"].split(" seed ")[0] == recipe]
         fig.add_trace(go.Scatter(
-            x=xs, y=ys, error_x=error_bars(xs, n_benign), error_y=error_bars(ys, n_rewrites),
-            mode="markers+text", name="same recipe, another seed", text=[r["recipe"] for r in reseeded],
-            textposition="bottom center", marker={"size": 11, "symbol": "x"}))
+            x=[r["benign"] for r in members], y=[r["rewrites"] for r in members], mode="markers",
+            name=f"{recipe}, other seeds", text=[f"seed {r['seed']}" for r in members],
+            hovertemplate="%{text}<br>over-refusal %{x:.1f} %<br>rewrites %{y:.1f} %<extra>" + recipe + "</extra>",
+            marker={"size": 11, "symbol": "x"}))
     fig.update_layout(title="Stage 0: refusal of held-out harm against over-refusal (recipes)",
                       xaxis_title="over-refusal, benign set (%)", yaxis_title="refusal, held-out rewrites (%)",
                       template="plotly_white", height=520)
