@@ -7,8 +7,8 @@ spread; it was measured and not adopted (docs/stage0.md, "Every refusal in 300 s
 
     PYTHONPATH=. .venv/bin/python bench/stage0_sampler.py --home /tmp/balanced0 --seed 0
 
---home is a cache folder of its own: the build carries the default's key, so in the default cache
-folder it would stand in for the default aligned base. Prints the build time and the aligned base's
+--home is a cache folder of its own: the build is written where the default aligned base lives, so in
+the default cache folder it would replace it. Prints the build time and the aligned base's
 report (refusal per set, per surface form and per category). Run it with nothing else running.
 """
 import argparse
@@ -72,11 +72,13 @@ def build(seed: int, per_batch: int) -> float:
     # G's 300 steps, as measured (docs/stage0.md), whatever the default's step count
     settings = align.ALIGN_SETTINGS = replace(align.ALIGN_SETTINGS, seed=seed, steps=300)
     n_first = len(data_mod.bundled("alignment"))         # training_rows puts the refusals first
-    n_rows = n_first + len(data_mod.bundled("benign_align")) * align.BENIGN_REPEATS
-    weight = refusal_weight(n_first, n_rows, per_batch, settings.batch_size)
-    print(f"{per_batch} refusals a batch, each drawn once, weight {weight:.3f}", flush=True)
+    weights = {}
 
     def next_batch(stream: train.BatchStream) -> dict:
+        if not weights:     # from the rows stage 0 trains on (benign rows whose raw answer hedges are dropped)
+            weights["refusal"] = refusal_weight(n_first, len(stream.tok.lengths), per_batch, settings.batch_size)
+            print(f"{per_batch} refusals a batch, each drawn once, weight {weights['refusal']:.3f}", flush=True)
+        weight = weights["refusal"]
         if not stream.queue:
             stream.queue = balanced_batches(stream.tok.lengths, n_first, per_batch, stream.batch_size, stream.rng)
             stream.epoch += 1
@@ -100,7 +102,7 @@ def main() -> None:
     parser.add_argument("--per-batch", type=int, default=3, help="refusal rows in each batch of 8")
     args = parser.parse_args()
     if args.home.expanduser().resolve() == DEFAULT_HOME.resolve():
-        parser.error("--home must not be the default cache folder: this build would stand in for the default base")
+        parser.error("--home must not be the default cache folder: this build would replace the default aligned base")
     if not 1 <= args.per_batch <= 7:
         parser.error("--per-batch must be 1..7 (a batch holds 8 rows)")
     os.environ["SAFESPACE_HOME"] = str(args.home)
