@@ -21,7 +21,6 @@ from pathlib import Path
 from unittest import mock
 
 import torch
-import torch.nn.functional as F
 
 DEFAULT_HOME = Path.home() / ".cache" / "safespace"
 
@@ -54,20 +53,9 @@ def refusal_weight(n_first: int, n_rows: int, per_batch: int, batch_size: int) -
     return share / (1 - share) * (batch_size - per_batch) / per_batch
 
 
-def weighted_sft_loss(model, batch: dict, decision_weight: float = 0.0, decision_tokens: int = 4) -> torch.Tensor:
-    """safegrad.sft_loss with each row's tokens also weighted by batch["row_weight"]."""
-    from safespace import safegrad
-    logits = safegrad.answer_logits(model, batch)
-    mask = safegrad.answer_mask(batch["labels"])
-    weights = safegrad.decision_weights(mask, decision_tokens, decision_weight)
-    weights = weights * batch["row_weight"][:, None].expand_as(mask)[mask]
-    token_loss = F.cross_entropy(logits.float(), batch["labels"][:, 1:][mask], reduction="none")
-    return (weights * token_loss).sum() / weights.sum()
-
-
 def build(seed: int, per_batch: int) -> float:
     """Build stage 0 in this process's cache folder with balanced batches; its seconds."""
-    from safespace import align, data as data_mod, safegrad, train
+    from safespace import align, data as data_mod, train
 
     # G's 300 steps, as measured (docs/stage0.md), whatever the default's step count
     settings = align.ALIGN_SETTINGS = replace(align.ALIGN_SETTINGS, seed=seed, steps=300)
@@ -89,8 +77,7 @@ def build(seed: int, per_batch: int) -> float:
         return {k: v.to(stream.device) for k, v in batch.items()}
 
     start = time.time()
-    with mock.patch.object(train.BatchStream, "next", next_batch), \
-            mock.patch.object(safegrad, "sft_loss", weighted_sft_loss):
+    with mock.patch.object(train.BatchStream, "next", next_batch):     # safegrad.sft_loss honours row_weight
         align.build(force=True, on_event=lambda event: None)
     return time.time() - start
 

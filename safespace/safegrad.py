@@ -112,13 +112,17 @@ def answer_logits(model, batch: dict, share_prefix: bool = False) -> torch.Tenso
 
 def sft_loss(model, batch: dict, decision_weight: float = 0.0, decision_tokens: int = 4) -> torch.Tensor:
     """Cross-entropy on the answer tokens (mean over answer tokens), as the LM's own loss; with
-    decision_weight w, each answer's first decision_tokens tokens count 1 + w times (weighted mean)."""
+    decision_weight w, each answer's first decision_tokens tokens count 1 + w times, and with
+    batch["row_weight"] ([B]) each row's tokens count that much (weighted means)."""
     logits = answer_logits(model, batch)
     mask = answer_mask(batch["labels"])
     targets = batch["labels"][:, 1:][mask]
-    if not decision_weight:
+    row_weight = batch.get("row_weight")
+    if not decision_weight and row_weight is None:
         return F.cross_entropy(logits.float(), targets)
     weights = decision_weights(mask, decision_tokens, decision_weight)
+    if row_weight is not None:
+        weights = weights * row_weight[:, None].expand_as(mask)[mask]
     token_loss = F.cross_entropy(logits.float(), targets, reduction="none")
     return (weights * token_loss).sum() / weights.sum()
 

@@ -133,11 +133,9 @@ def test_safedelta_tradeoff_writes_a_defended_run_each_way(tiny_model_dir, tmp_p
     assert not torch.allclose(written["exclude", 0.0], written["exclude", 0.5])
 
 
-def test_stage0_sampler_draws_each_refusal_once_with_the_defaults_share(tiny_model):
+def test_stage0_sampler_draws_each_refusal_once_with_the_defaults_share():
     import random
-    import torch
-    from bench.stage0_sampler import balanced_batches, refusal_weight, weighted_sft_loss
-    from safespace import safegrad
+    from bench.stage0_sampler import balanced_batches, refusal_weight
     lengths = [random.Random(i).randint(5, 90) for i in range(100)]       # rows 0-29 refusals, 30-99 benign
     batches = balanced_batches(lengths, 30, 3, 8, random.Random(0))
     assert len(batches) == 10 and all(len(b) == 8 and sum(i < 30 for i in b) == 3 for b in batches)
@@ -149,14 +147,3 @@ def test_stage0_sampler_draws_each_refusal_once_with_the_defaults_share(tiny_mod
     # the weight keeps the refusals' expected share of the loss: w * 3 / (w * 3 + 5) = 914 / 4734
     w = refusal_weight(914, 4734, 3, 8)
     assert w * 3 / (w * 3 + 5) == pytest.approx(914 / 4734) and refusal_weight(1, 8, 1, 8) == pytest.approx(1.0)
-    # with every row weighted 1 the loss is stage 0's own
-    ids = torch.randint(3, 100, (4, 12))
-    labels = ids.clone()
-    labels[:, :5] = -100
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
-    plain = safegrad.sft_loss(tiny_model, batch, 4.0, 4)
-    assert weighted_sft_loss(tiny_model, {**batch, "row_weight": torch.ones(4)}, 4.0, 4).item() == pytest.approx(plain.item())
-    # and a row weighted 0 drops out of it
-    half = {k: v[:2] for k, v in batch.items()}
-    assert weighted_sft_loss(tiny_model, {**batch, "row_weight": torch.tensor([1.0, 1.0, 0.0, 0.0])}, 4.0, 4).item() == \
-        pytest.approx(safegrad.sft_loss(tiny_model, half, 4.0, 4).item(), rel=1e-5)

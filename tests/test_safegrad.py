@@ -188,6 +188,22 @@ def test_decision_weighted_sft_loss_is_the_weighted_mean_of_token_losses(tiny_mo
     assert everywhere.item() == pytest.approx(plain.item(), rel=1e-5)   # uniform weights cancel out
 
 
+def test_row_weights_scale_each_rows_tokens_in_the_sft_loss(tiny_model, tokenizer):
+    torch.manual_seed(3)
+    model = _lora_model(tiny_model, init_b=True)
+    batch = _batch(tokenizer)
+    with torch.no_grad():
+        plain = safegrad.sft_loss(model, batch, 4.0, 3)
+        ones = safegrad.sft_loss(model, {**batch, "row_weight": torch.ones(2)}, 4.0, 3)
+        only_first = safegrad.sft_loss(model, {**batch, "row_weight": torch.tensor([1.0, 0.0])}, 4.0, 3)
+        first_row = safegrad.sft_loss(model, {k: v[:1] for k, v in batch.items()}, 4.0, 3)
+        no_decision = safegrad.sft_loss(model, {**batch, "row_weight": torch.tensor([1.0, 0.0])})
+        first_plain = safegrad.sft_loss(model, {k: v[:1] for k, v in batch.items()})
+    assert ones.item() == pytest.approx(plain.item(), rel=1e-6)            # unit weights: the loss as it was
+    assert only_first.item() == pytest.approx(first_row.item(), rel=1e-5)  # a row weighted 0 drops out
+    assert no_decision.item() == pytest.approx(first_plain.item(), rel=1e-5)
+
+
 def test_shared_prefix_runs_once_and_gives_the_full_forward_logits(tiny_model, tokenizer):
     """Rows that open with the same tokens (a chat template): the prefix runs once as a cache, and the
     answer logits are those of the full forward, with right padding and uneven answer starts."""
