@@ -1,6 +1,6 @@
-"""How long stage 0 (the aligned base) takes to build on this CPU, with bf16 matmuls and without:
-the first steps of its training in each precision, side by side on the same batches, projected to
-its whole run (docs/stage0.md).
+"""How long stage 0 (the aligned base) takes to build on this CPU: the first steps of its training
+side by side on the same batches, with bf16 matmuls and in fp32, and with the rows' shared chat
+template run once (what training does) or in every row, projected to its whole run (docs/stage0.md).
 
     PYTHONPATH=. .venv/bin/python bench/stage0_time.py [--steps 30]
 
@@ -13,16 +13,27 @@ import argparse
 import statistics
 import tempfile
 from dataclasses import replace
+from unittest import mock
 
 from bench.harness import cpu_model, table
-from safespace import align, models, train
+from safespace import align, models, safegrad, train
+
+# (label, precision, shared prefix); the first is what a build runs
+VARIANTS = [("bf16 where native, shared prefix (a build)", "auto", True),
+            ("bf16 where native, every row whole", "auto", False),
+            ("fp32, shared prefix", "fp32", True)]
 
 
-def step_seconds(precision: str, steps: int, examples: list, loaded) -> list[float]:
-    """Seconds of each of stage 0's first `steps` training steps in `precision`."""
+def step_seconds(precision: str, share: bool, steps: int, examples: list, loaded) -> list[float]:
+    """Seconds of each of stage 0's first `steps` training steps in `precision`, the shared prefix
+    run once (share) or in every row."""
     settings = replace(align.ALIGN_SETTINGS, steps=steps, precision=precision)
-    seconds = []
-    with tempfile.TemporaryDirectory() as out:
+    plain, seconds = safegrad.sft_loss, []
+
+    def loss(*args, **kwargs):
+        return plain(*args, **{**kwargs, "share_prefix": share})
+
+    with tempfile.TemporaryDirectory() as out, mock.patch.object(safegrad, "sft_loss", loss):
         train.train(settings, examples, out, loaded=loaded, kind="align",
                     on_event=lambda event: seconds.append(event.metrics["seconds"]) if event.kind == "step" else None)
     return seconds
@@ -30,23 +41,23 @@ def step_seconds(precision: str, steps: int, examples: list, loaded) -> list[flo
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=30, help="steps timed per precision (the first 2 warm up)")
+    parser.add_argument("--steps", type=int, default=30, help="steps timed per variant (the first 2 warm up)")
     steps = parser.parse_args().steps
     least = max(4, align.ALIGN_SETTINGS.warmup)       # 2 uncounted steps; stage 0's warm-up fits in the run
     if steps < least:
         parser.error(f"--steps must be at least {least}: the first 2 steps are not counted and stage 0 "
                      f"warms up for {align.ALIGN_SETTINGS.warmup}")
     total = align.ALIGN_SETTINGS.steps
-    rows, medians = [], {}
-    for precision in ("auto", "fp32"):
+    rows, medians = [], []
+    for label, precision, share in VARIANTS:
         loaded = models.load(models.EMBEDDED_KEY, quantization="none", device="cpu")   # LoRA wraps it: one each
         examples, _ = align.training_rows(loaded)
         arithmetic = "bf16" if models.cpu_bf16("cpu", precision) else "fp32"
-        medians[precision] = statistics.median(step_seconds(precision, steps, examples, loaded)[2:])
-        rows.append([f"{precision} ({arithmetic} matmuls)", round(medians[precision], 2),
-                     round(medians[precision] * total / 60, 1)])
-    table(["precision", "s/step (median)", f"{total} steps (min)"], rows)
-    print(f"{cpu_model()}: fp32 / auto = {medians['fp32'] / medians['auto']:.2f}x")
+        medians.append(statistics.median(step_seconds(precision, share, steps, examples, loaded)[2:]))
+        rows.append([f"{label} ({arithmetic} matmuls)", round(medians[-1], 2), round(medians[-1] * total / 60, 1),
+                     f"{medians[-1] / medians[0]:.2f}x"])
+    table(["variant", "s/step (median)", f"{total} steps (min)", "time / a build's"], rows)
+    print(cpu_model())
 
 
 if __name__ == "__main__":

@@ -110,11 +110,13 @@ def answer_logits(model, batch: dict, share_prefix: bool = False) -> torch.Tenso
     return head(hidden[:, :-1][mask[:, shared:]])
 
 
-def sft_loss(model, batch: dict, decision_weight: float = 0.0, decision_tokens: int = 4) -> torch.Tensor:
+def sft_loss(model, batch: dict, decision_weight: float = 0.0, decision_tokens: int = 4,
+             share_prefix: bool = False) -> torch.Tensor:
     """Cross-entropy on the answer tokens (mean over answer tokens), as the LM's own loss; with
     decision_weight w, each answer's first decision_tokens tokens count 1 + w times, and with
-    batch["row_weight"] ([B]) each row's tokens count that much (weighted means)."""
-    logits = answer_logits(model, batch)
+    batch["row_weight"] ([B]) each row's tokens count that much (weighted means).
+    share_prefix: the rows' common leading tokens run once (answer_logits); exact without dropout."""
+    logits = answer_logits(model, batch, share_prefix=share_prefix)
     mask = answer_mask(batch["labels"])
     targets = batch["labels"][:, 1:][mask]
     row_weight = batch.get("row_weight")
@@ -135,11 +137,11 @@ def decision_weights(mask: torch.Tensor, tokens: int, weight: float) -> torch.Te
 
 
 @torch.no_grad()
-def reference_log_probs(model, batch: dict) -> torch.Tensor:
+def reference_log_probs(model, batch: dict, share_prefix: bool = False) -> torch.Tensor:
     """log pi_ref on the answer positions, [n_answer_tokens, V], with the LoRA adapter disabled
     (no second model)."""
     with model.disable_adapter():
-        return F.log_softmax(answer_logits(model, batch).float(), dim=-1)
+        return F.log_softmax(answer_logits(model, batch, share_prefix=share_prefix).float(), dim=-1)
 
 
 def kl_divergence(ref_log_probs: torch.Tensor, log_probs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -160,17 +162,17 @@ def row_means(token_values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return per_seq / mask.sum(1).clamp(min=1)
 
 
-def kl_loss(model, batch: dict, ref_log_probs: torch.Tensor | None = None) -> torch.Tensor:
+def kl_loss(model, batch: dict, ref_log_probs: torch.Tensor | None = None, share_prefix: bool = False) -> torch.Tensor:
     """Token-level KL(pi_ref || pi_theta) on the alignment answers, reference = adapter disabled."""
     if ref_log_probs is None:
-        ref_log_probs = reference_log_probs(model, batch)
-    log_probs = F.log_softmax(answer_logits(model, batch).float(), dim=-1)
+        ref_log_probs = reference_log_probs(model, batch, share_prefix)
+    log_probs = F.log_softmax(answer_logits(model, batch, share_prefix=share_prefix).float(), dim=-1)
     return kl_divergence(ref_log_probs, log_probs, answer_mask(batch["labels"]))
 
 
-def alignment_loss(mode: str, model, batch: dict) -> torch.Tensor:
+def alignment_loss(mode: str, model, batch: dict, share_prefix: bool = False) -> torch.Tensor:
     if mode == "sft":
-        return sft_loss(model, batch)
+        return sft_loss(model, batch, share_prefix=share_prefix)
     if mode == "kl":
-        return kl_loss(model, batch)
+        return kl_loss(model, batch, share_prefix=share_prefix)
     raise ValueError(f"unknown SafeGrad alignment loss {mode!r}; expected sft or kl")

@@ -192,7 +192,8 @@ def _task_gradient(model, stream: BatchStream, settings: TrainSettings, device) 
     for _ in range(settings.grad_accum):
         batch = stream.next()
         with models.autocast(device, settings.precision):
-            loss = safegrad.sft_loss(model, batch, settings.decision_weight, settings.decision_tokens) / settings.grad_accum
+            loss = safegrad.sft_loss(model, batch, settings.decision_weight, settings.decision_tokens,
+                                     share_prefix=not settings.lora.dropout) / settings.grad_accum
         loss.backward()
         task_loss += loss.item()
         tokens += int(batch["attention_mask"].sum())
@@ -214,7 +215,8 @@ class _SafeGradStep:
         if self.g_a is None or step % sg.every == 0:
             self.optimizer.zero_grad(set_to_none=True)
             with models.autocast(self.device, self.settings.precision):
-                align_loss = safegrad.alignment_loss(sg.mode, self.model, self.stream.next())
+                align_loss = safegrad.alignment_loss(sg.mode, self.model, self.stream.next(),
+                                                     share_prefix=not self.settings.lora.dropout)
             align_loss.backward()
             self.g_a, self.align_loss = safegrad.flat_grad(self.params), align_loss.item()
         result = safegrad.surgery(g_u, self.g_a, sg.lam)

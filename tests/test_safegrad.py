@@ -204,6 +204,32 @@ def test_row_weights_scale_each_rows_tokens_in_the_sft_loss(tiny_model, tokenize
     assert no_decision.item() == pytest.approx(first_plain.item(), rel=1e-5)
 
 
+def test_training_with_a_shared_prefix_gives_the_full_forwards_gradient(tiny_model, tokenizer):
+    """The prefix's cache keeps its graph: the LoRA gradient through it is the full forward's."""
+    torch.manual_seed(5)
+    model = _lora_model(tiny_model, init_b=True)
+    ids = torch.randint(5, len(tokenizer), (3, 14))
+    ids[:, :6] = ids[0, :6]
+    attention = torch.ones_like(ids)
+    attention[1, 12:] = 0
+    labels = ids.masked_fill(attention == 0, -100)
+    labels[:, :8] = -100
+    batch = {"input_ids": ids, "attention_mask": attention, "labels": labels}
+    assert models.shared_prefix(ids, attention, safegrad.answer_mask(labels)) == 6
+    params = [p for p in model.parameters() if p.requires_grad]
+    losses = {"task": lambda share: safegrad.sft_loss(model, batch, 4.0, 3, share_prefix=share),
+              "SafeGrad sft": lambda share: safegrad.alignment_loss("sft", model, batch, share_prefix=share),
+              "SafeGrad kl": lambda share: safegrad.alignment_loss("kl", model, batch, share_prefix=share)}
+    for name, loss in losses.items():
+        grads = []
+        for share in (False, True):
+            model.zero_grad()
+            loss(share).backward()
+            grads.append(torch.cat([p.grad.flatten() for p in params]))
+        assert grads[0].norm() > 0, name
+        torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_shared_prefix_runs_once_and_gives_the_full_forward_logits(tiny_model, tokenizer):
     """Rows that open with the same tokens (a chat template): the prefix runs once as a cache, and the
     answer logits are those of the full forward, with right padding and uneven answer starts."""

@@ -59,7 +59,7 @@ def test_same_seed_same_run(tiny_model_dir, tmp_path):
 def test_decision_weight_reaches_the_training_loss(tiny_model_dir, tmp_path, monkeypatch):
     from safespace import safegrad
     seen, plain = [], safegrad.sft_loss
-    monkeypatch.setattr(safegrad, "sft_loss", lambda model, batch, *args: seen.append(args) or plain(model, batch, *args))
+    monkeypatch.setattr(safegrad, "sft_loss", lambda model, batch, *args, **kw: seen.append(args) or plain(model, batch, *args, **kw))
     train.train(settings(tiny_model_dir, decision_weight=4.0, decision_tokens=2), EXAMPLES, tmp_path / "w")
     train.train(settings(tiny_model_dir), EXAMPLES, tmp_path / "u")
     assert seen == [(4.0, 2)] * 4 + [(0.0, 4)] * 4     # the maths: tests/test_safegrad.py
