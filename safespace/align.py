@@ -40,9 +40,9 @@ ALIGN_SETTINGS = TrainSettings(
 NF4_STEPS = 300
 BENIGN_REPEATS = 5      # benign rows five times: the knee of refusal against over-refusal (docs/stage0.md)
 BENIGN_MAX_NEW_TOKENS = 64
-# What a build costs on a 2-core CPU (docs/stage0.md): H 979-1438 s with bf16 matmuls, 1930 s in fp32 (1.34x the
-# bf16 build that session) on the same AVX-512 CPU; one without AVX-512 is slower still.
-BUILD_TIME = "about 17 to 24 min on a 2-core CPU with bf16, 32 min or more without"
+# What a build costs on a 2-core CPU (docs/stage0.md, "Time"): 1362 s with bf16 matmuls in a slow session, steps
+# 1.37x faster than H's whole-row builds of 979-1438 s; fp32 1.34x bf16; a CPU without AVX-512 is slower still.
+BUILD_TIME = "about 12 to 23 min on a 2-core CPU with bf16, 24 min or more without"
 SHIPPED_ANSWERS = "benign_answers"   # the embedded raw model's answers to benign_align (see raw_answers)
 # one build per process (the app warms it up while a visitor may ask); re-entrant: ensure() holds it
 # around build(); build_lock_path() serialises builds across processes sharing the cache folder
