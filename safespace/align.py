@@ -35,9 +35,6 @@ ALIGN_SETTINGS = TrainSettings(
     model=models.EMBEDDED_KEY, quantization="none", steps=600, lr=3e-4, batch_size=8, max_length=192,
     warmup=5, seed=0, decision_weight=4.0, decision_tokens=4, lora=LoraSettings(r=16, alpha=32, targets=(
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")))
-# The 4-bit base's stage 0 keeps 300 steps, the recipe its measurements are of (README, "4-bit (nf4)");
-# 600 steps in nf4 are not measured yet.
-NF4_STEPS = 300
 BENIGN_REPEATS = 5      # benign rows five times: the knee of refusal against over-refusal (docs/stage0.md)
 BENIGN_MAX_NEW_TOKENS = 64
 # What a build costs on a 2-core CPU (docs/stage0.md, "Time"): 1362 s with bf16 matmuls in a slow session, steps
@@ -56,7 +53,7 @@ _say = say     # console lines through the "safespace" logger
 
 def settings_for(quantization: str = "none") -> TrainSettings:
     """Stage 0's settings: on the full-precision original, or with nf4 in the loop for the 4-bit base."""
-    return replace(ALIGN_SETTINGS, quantization="4bit", steps=NF4_STEPS) if quantization == "4bit" else ALIGN_SETTINGS
+    return replace(ALIGN_SETTINGS, quantization="4bit") if quantization == "4bit" else ALIGN_SETTINGS
 
 
 def folder_for(quantization: str = "none") -> Path:
