@@ -71,7 +71,9 @@ def parse_args(argv=None):
 def isolate(args: argparse.Namespace) -> Path:
     """A temporary SAFESPACE_HOME that links only models/ from the real cache folder (removed at exit),
     and the thread and offline settings: set before torch or safespace is imported, as both read them then."""
-    real_home = Path(os.environ.get("SAFESPACE_HOME") or Path.home() / ".cache" / "safespace")
+    from safespace.config import DEFAULT_HOME      # stdlib only: reads no setting when imported
+
+    real_home = Path(os.environ.get("SAFESPACE_HOME") or DEFAULT_HOME)
     home = Path(tempfile.mkdtemp(prefix="safespace-bench-"))
     atexit.register(shutil.rmtree, home, ignore_errors=True)   # rmtree unlinks models/, never follows it
     (real_home / "models").mkdir(parents=True, exist_ok=True)

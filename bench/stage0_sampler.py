@@ -22,7 +22,7 @@ from unittest import mock
 
 import torch
 
-DEFAULT_HOME = Path.home() / ".cache" / "safespace"
+from safespace.config import DEFAULT_HOME
 
 
 def balanced_batches(lengths: list[int], n_first: int, per_batch: int, batch_size: int,

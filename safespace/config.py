@@ -56,9 +56,12 @@ def env_number(name: str, default: float | None, error: type[Exception] = Config
     return value
 
 
+DEFAULT_HOME = Path.home() / ".cache" / "safespace"     # the cache folder when $SAFESPACE_HOME is unset
+
+
 def home() -> Path:
     """The cache folder for converted models, aligned bases and Hessians ($SAFESPACE_HOME)."""
-    path = Path(os.environ.get("SAFESPACE_HOME") or Path.home() / ".cache" / "safespace")
+    path = Path(os.environ.get("SAFESPACE_HOME") or DEFAULT_HOME)
     path.mkdir(parents=True, exist_ok=True)
     return path
 
