@@ -52,8 +52,10 @@ def _calibration_batches(rows: list, tokenizer, device, tokens: str = "answer", 
     """Calibration batches for H. tokens="all": every token of each (prompt + answer) sequence, as in
     the official code; "answer": only the inputs that predict an answer token (token_mask)."""
     tok = data_mod.tokenize(rows, tokenizer, max_length)
-    for start in range(0, len(tok.input_ids), batch_size):
-        batch = data_mod.collate(tok.input_ids[start:start + batch_size], tok.labels[start:start + batch_size],
+    order = sorted(range(len(tok.lengths)), key=tok.lengths.__getitem__)   # H is a sum: rows of like length pad little
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        batch = data_mod.collate([tok.input_ids[i] for i in chunk], [tok.labels[i] for i in chunk],
                                  tokenizer.pad_token_id)
         mask = batch["attention_mask"]
         if tokens == "answer":
@@ -127,8 +129,10 @@ def defend(run_path, out, *, keep: float | None = None, scale: float | None = No
                                                           compensate=compensate, tokens=tokens, ranking=ranking)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    # SAFESPACE_CALIBRATION_ROWS: fewer calibration rows for tests and quick demos (default 128)
+    # SAFESPACE_CALIBRATION_ROWS / SAFESPACE_TASK_ROWS: fewer safety calibration rows (default 128) and
+    # fine-tuning rows for the task sensitivity (default 64), for tests and quick demos
     settings.n_calibration = n_calibration or env_count("SAFESPACE_CALIBRATION_ROWS") or settings.n_calibration
+    settings.n_task = env_count("SAFESPACE_TASK_ROWS") or settings.n_task
     site = SafetySite(run_path, settings, say)
     say("safety Hessians (forward passes with the adapter disabled)", 0.35)
     hessians, cached = site.safety_hessians()

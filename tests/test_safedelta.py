@@ -338,7 +338,7 @@ def test_token_mask_restricts_H_to_the_answer_writing_inputs(tokenizer):
     batch = next(defence._calibration_batches(rows, tokenizer, "cpu", tokens="answer"))
     tok = data.tokenize(rows, tokenizer, 256)
     expected_mask = torch.zeros_like(batch["attention_mask"], dtype=torch.bool)
-    for i, labels in enumerate(tok.labels):
+    for i, labels in enumerate(sorted(tok.labels, key=len)):     # batched shortest first
         for t in range(len(labels) - 1):
             expected_mask[i, t] = labels[t + 1] != -100       # the input at t writes answer token t+1
     assert torch.equal(batch["token_mask"].bool(), expected_mask)
@@ -355,6 +355,19 @@ def test_token_mask_restricts_H_to_the_answer_writing_inputs(tokenizer):
     handle.remove()
     x = seen["x"][expected_mask]
     assert torch.allclose(H, 2 / 2 * x.T @ x, atol=1e-5)     # (2/N) sum, N = 2 sequences
+
+
+def test_calibration_batches_hold_every_row_once_rows_of_like_length_together(tokenizer):
+    """H is a sum over rows, so the batches may take them in any order: shortest first, which pads little."""
+    from safespace import data, defence
+
+    rows = [data.Example(prompt="word " * n, response="fine " * (n % 3 + 1)) for n in (9, 1, 30, 4, 17, 2, 25)]
+    batches = list(defence._calibration_batches(rows, tokenizer, "cpu", tokens="all", batch_size=3))
+    lengths = [int(n) for b in batches for n in b["attention_mask"].sum(1)]
+    assert [len(b["input_ids"]) for b in batches] == [3, 3, 1]
+    assert lengths == sorted(data.tokenize(rows, tokenizer, 256).lengths)          # every row once, by length
+    padded = sum(b["input_ids"].numel() for b in batches)
+    assert padded - sum(lengths) == 28         # in the given order: 78 padding tokens
 
 
 def test_layers_fed_the_same_input_share_one_hessian_equal_to_their_own(tmp_path):
