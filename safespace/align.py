@@ -38,8 +38,8 @@ ALIGN_SETTINGS = TrainSettings(
 BENIGN_REPEATS = 5      # benign rows five times: the knee of refusal against over-refusal (docs/stage0.md)
 BENIGN_MAX_NEW_TOKENS = 64
 # What a build costs on a 2-core CPU (docs/stage0.md, "Time"): 1362 s with bf16 matmuls in a slow session, steps
-# 1.37x faster than H's whole-row builds of 979-1438 s; fp32 1.34x bf16; a CPU without AVX-512 is slower still.
-BUILD_TIME = "about 12 to 23 min on a 2-core CPU with bf16, 24 min or more without"
+# 1.37x faster than H's whole-row builds of 979-1438 s; fp32 1.34x bf16; a step 3.6x slower without AVX-512.
+BUILD_TIME = "about 12 to 23 min on a 2-core CPU with bf16, 24 min or more without, about 70 min without AVX-512"
 SHIPPED_ANSWERS = "benign_answers"   # the embedded raw model's answers to benign_align (see raw_answers)
 # one build per process (the app warms it up while a visitor may ask); re-entrant: ensure() holds it
 # around build(); build_lock_path() serialises builds across processes sharing the cache folder

@@ -5,6 +5,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("SAFESPACE_CALIBRATION_ROWS", "8")   # Safe Delta calibration: 8 rows, not 128
+os.environ.setdefault("SAFESPACE_TASK_ROWS", "16")         # Safe Delta task sensitivity: 16 rows, not 64
 os.environ.setdefault("SAFESPACE_WORKERS", "1")            # queue positions as tests expect, whatever the hardware
 
 import json

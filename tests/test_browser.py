@@ -190,10 +190,10 @@ def test_click_through_the_whole_story(page):
     go_to(page, "train")
     page.locator("#ss-model input").click()
     page.get_by_role("option", name="smollm2-135m: embedded (offline)").click()
-    set_number(page, "ss-steps", 12)             # long enough that the reload below lands mid-job
+    set_number(page, "ss-steps", 6)              # long enough that the reload below lands mid-job
     set_number(page, "ss-batch", 2)
     page.locator("#ss-train-both").click()
-    page.wait_for_selector(r"#ss-train-status :text-matches('step \\d+/12')", timeout=120_000)
+    page.wait_for_selector(r"#ss-train-status :text-matches('step \\d+/6')", timeout=120_000)
     assert page.locator("#ss-stop").is_enabled()
     shot(page, "2-training")
     check_a_second_visitor_waits_with_an_estimate(page)

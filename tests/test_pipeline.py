@@ -199,6 +199,9 @@ def test_uploaded_rows_run_keeps_its_rows_for_the_task_ranking(tiny_model_dir, t
     assert defended.summary["task_rows"] == len(prepared.train)
     again = pipeline.defend(run.path, tmp_path / "sd2", n_calibration=4, keep=0.5)
     assert again.summary["hessian_cached"] and again.summary["task_cached"]
+    monkeypatch.setenv("SAFESPACE_TASK_ROWS", "5")                  # fewer rows for the task sensitivity
+    fewer = pipeline.defend(run.path, tmp_path / "sd3", n_calibration=4, keep=0.5)
+    assert fewer.summary["task_rows"] == 5 and not fewer.summary["task_cached"]
 
 
 def test_safe_delta_on_a_4bit_base_on_cpu(tiny_model_dir, tmp_path, monkeypatch):
