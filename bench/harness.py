@@ -106,6 +106,33 @@ def section_header(title: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------ machine
+def own_home_parser(doc: str) -> argparse.ArgumentParser:
+    """The arguments of a script that builds stage 0 in a cache folder of its own (--home, --seed)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--home", type=Path, required=True, help="a cache folder of its own")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def use_own_home(parser: argparse.ArgumentParser, home: Path) -> None:
+    """Point this process at `home`, never the default cache folder: a build there would replace the
+    default aligned base."""
+    from safespace.config import DEFAULT_HOME
+
+    if home.expanduser().resolve() == DEFAULT_HOME.resolve():
+        parser.error("--home must not be the default cache folder: this build would replace the default aligned base")
+    os.environ["SAFESPACE_HOME"] = str(home)
+
+
+def print_align_report(harmful_sets=None, benign_sets=None) -> None:
+    """The aligned base's refusal per set, surface form and category (every set unless named), then one JSON line."""
+    from safespace import demo, evalsets
+
+    report = demo.align_report(harmful_sets or evalsets.keys_of("harmful"), benign_sets or evalsets.keys_of("benign"))
+    print(demo.breadth_tables(report))
+    print(json.dumps({k: v["refusal"]["value"] for k, v in report["sets"].items()}))
+
+
 def cpu_model() -> str:
     """The CPU's model name (what lscpu says), else the platform's word for it."""
     try:

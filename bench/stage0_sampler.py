@@ -11,18 +11,14 @@ spread; it was measured and not adopted (docs/stage0.md, "Every refusal in 300 s
 the default cache folder it would replace it. Prints the build time and the aligned base's
 report (refusal per set, per surface form and per category). Run it with nothing else running.
 """
-import argparse
-import json
-import os
 import random
 import time
 from dataclasses import replace
-from pathlib import Path
 from unittest import mock
 
 import torch
 
-from safespace.config import DEFAULT_HOME
+from bench.harness import own_home_parser, print_align_report, use_own_home
 
 
 def balanced_batches(lengths: list[int], n_first: int, per_batch: int, batch_size: int,
@@ -83,22 +79,14 @@ def build(seed: int, per_batch: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--home", type=Path, required=True, help="a cache folder of its own")
-    parser.add_argument("--seed", type=int, default=0)
+    parser = own_home_parser(__doc__)
     parser.add_argument("--per-batch", type=int, default=3, help="refusal rows in each batch of 8")
     args = parser.parse_args()
-    if args.home.expanduser().resolve() == DEFAULT_HOME.resolve():
-        parser.error("--home must not be the default cache folder: this build would replace the default aligned base")
     if not 1 <= args.per_batch <= 7:
         parser.error("--per-batch must be 1..7 (a batch holds 8 rows)")
-    os.environ["SAFESPACE_HOME"] = str(args.home)
-    from safespace import demo
+    use_own_home(parser, args.home)
     print(f"build s {build(args.seed, args.per_batch):.0f}", flush=True)
-    report = demo.align_report()
-    print(demo.breadth_tables(report))
-    print(json.dumps({k: v["refusal"]["value"] for k, v in report["sets"].items()}))
-
+    print_align_report()
 
 if __name__ == "__main__":
     main()

@@ -1,0 +1,127 @@
+"""Stage 0 in fewer tokens: each benign answer trained on its opening only, and (--once) each benign
+row seen once with its loss weighted by its repeats instead of repeated.
+
+- --tokens N: the benign rows' answers (the raw model's own, about 49 tokens) are cut to their first
+  N tokens, and each cut row's loss weighted so that it carries the share of the batch loss its
+  whole answer had. Whether an answer helps or refuses shows in its opening; benign rows are 81 % of
+  stage 0's rows and 85 % of its tokens. 0 keeps them whole.
+- --once: the default repeats each benign row align.BENIGN_REPEATS times and makes one pass over
+  the lot; here the pass holds each row once, a benign row's loss weighted by the repeats, so the
+  expected refusal/benign share of the loss (the lever of docs/stage0.md) stays, in 2.8x fewer steps.
+
+The question these builds answer: does the base refuse and over-refuse as the default's does, in
+less time (docs/stage0.md, "Fewer tokens")?
+
+    PYTHONPATH=. .venv/bin/python bench/stage0_short.py --home /tmp/short16 --tokens 16 [--once]
+
+--home is a cache folder of its own: the build is written where the default aligned base lives, so in
+the default cache folder it would replace it. Prints the build time and the aligned base's report
+(refusal per set, per surface form and per category). Run it with nothing else running.
+`bench/stage0_time.py` times its steps beside the default's.
+"""
+import contextlib
+import math
+import time
+from unittest import mock
+
+import torch
+
+from bench.harness import own_home_parser, print_align_report, use_own_home
+from safespace.progress import console_progress
+
+
+def opening_weight(answer: int, tokens: int, decision_weight: float, decision_tokens: int) -> float:
+    """The loss weight of a row whose `answer` tokens are cut to `tokens`, so that the row's summed
+    token weights (each of its first decision_tokens counts 1 + decision_weight: safegrad.sft_loss)
+    are those of its whole answer."""
+    def mass(n: int) -> float:
+        return n + decision_weight * min(n, decision_tokens)
+    return mass(answer) / mass(min(answer, tokens))
+
+
+def cut_answers(tok, first: int, tokens: int, decision_weight: float, decision_tokens: int) -> list[float]:
+    """Cut rows [first, ...) of a data.Tokenized to their prompt and first `tokens` answer tokens,
+    in place; each row's loss weight (1 for the rows left whole)."""
+    weights = [1.0] * len(tok.input_ids)
+    for i in range(first, len(tok.input_ids)):
+        prompt = sum(1 for label in tok.labels[i] if label == -100)
+        answer = len(tok.labels[i]) - prompt
+        weights[i] = opening_weight(answer, tokens, decision_weight, decision_tokens)
+        keep = prompt + min(answer, tokens)
+        tok.input_ids[i], tok.labels[i] = tok.input_ids[i][:keep], tok.labels[i][:keep]
+        tok.lengths[i] = keep
+    return weights
+
+
+@contextlib.contextmanager
+def benign_openings(tokens: int, repeats_weight: float = 1.0):
+    """Inside: stage 0 trains its benign rows (those after the refusals: align.training_rows) on
+    their first `tokens` answer tokens (all of them at 0), weighted by opening_weight times
+    repeats_weight."""
+    from safespace import data as data_mod, train
+
+    n_first = len(data_mod.bundled("alignment"))
+    plain_streams, weights = train._streams, []
+
+    def streams(settings, examples, align_examples, tokenizer, device):
+        task, task_stream, align_stream = plain_streams(settings, examples, align_examples, tokenizer, device)
+        weights[:] = cut_answers(task, n_first, tokens or settings.max_length, settings.decision_weight,
+                                 settings.decision_tokens)
+        weights[n_first:] = [w * repeats_weight for w in weights[n_first:]]
+        return task, task_stream, align_stream
+
+    def next_batch(stream: train.BatchStream) -> dict:
+        if not stream.queue:
+            stream.queue = train.length_grouped_batches(stream.tok.lengths, stream.batch_size, stream.rng)
+            stream.epoch += 1
+        index = stream.queue.pop()
+        batch = data_mod.collate([stream.tok.input_ids[i] for i in index], [stream.tok.labels[i] for i in index],
+                                 stream.pad_id)
+        batch["row_weight"] = torch.tensor([weights[i] for i in index])
+        return {k: v.to(stream.device) for k, v in batch.items()}
+
+    with mock.patch.object(train, "_streams", streams), mock.patch.object(train.BatchStream, "next", next_batch):
+        yield
+
+
+def build(seed: int, tokens: int, once: bool) -> float:
+    """Build stage 0 (the default recipe, in fewer tokens) in this process's cache folder; its seconds.
+    The settings are changed for the whole process, so the report that follows finds this build."""
+    from dataclasses import replace
+    from safespace import align, data as data_mod
+
+    settings, repeats = align.ALIGN_SETTINGS, align.BENIGN_REPEATS
+    if once:        # one pass over each row once: the default's is over the benign rows `repeats` times
+        rows = len(data_mod.bundled("alignment")) + len(data_mod.bundled("benign_align"))
+        passes = settings.steps * settings.batch_size / (rows + (repeats - 1) * len(data_mod.bundled("benign_align")))
+        settings = replace(settings, steps=math.ceil(passes * rows / settings.batch_size))
+        align.BENIGN_REPEATS = 1
+    align.ALIGN_SETTINGS = replace(settings, seed=seed)
+    print(f"{align.ALIGN_SETTINGS.steps} steps, benign answers "
+          f"{f'cut to {tokens} tokens' if tokens else 'whole'}, benign rows weighted {repeats if once else 1}", flush=True)
+    start = time.time()
+    with benign_openings(tokens, repeats if once else 1.0):
+        align.build(force=True, on_event=console_progress("aligning"))
+    return time.time() - start
+
+
+def main() -> None:
+    from safespace import evalsets
+
+    parser = own_home_parser(__doc__)
+    parser.add_argument("--tokens", type=int, default=16, help="answer tokens kept of each benign row (0: all)")
+    parser.add_argument("--once", action="store_true", help="each benign row once, weighted by its repeats")
+    parser.add_argument("--sets", nargs="+", help="score only these evaluation sets (default: every one)")
+    args = parser.parse_args()
+    if args.tokens < 0:
+        parser.error("--tokens must be 0 (whole answers) or more")
+    known = {kind: evalsets.keys_of(kind) for kind in ("harmful", "benign")}
+    if set(args.sets or ()) - {*known["harmful"], *known["benign"]}:
+        parser.error(f"unknown --sets {sorted(set(args.sets) - {*known['harmful'], *known['benign']})}: "
+                     f"choose from {[*known['harmful'], *known['benign']]}")
+    use_own_home(parser, args.home)
+    print(f"build s {build(args.seed, args.tokens, args.once):.0f}", flush=True)
+    print_align_report(*([k for k in known[kind] if not args.sets or k in args.sets] for kind in ("harmful", "benign")))
+
+if __name__ == "__main__":
+    main()
