@@ -88,5 +88,6 @@ def main() -> None:
     print(f"build s {build(args.seed, args.per_batch):.0f}", flush=True)
     print_align_report()
 
+
 if __name__ == "__main__":
     main()

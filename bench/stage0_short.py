@@ -24,9 +24,8 @@ import math
 import time
 from unittest import mock
 
-import torch
-
 from bench.harness import own_home_parser, print_align_report, use_own_home
+from safespace.data import IGNORE
 from safespace.progress import console_progress
 
 
@@ -44,7 +43,7 @@ def cut_answers(tok, first: int, tokens: int, decision_weight: float, decision_t
     in place; each row's loss weight (1 for the rows left whole)."""
     weights = [1.0] * len(tok.input_ids)
     for i in range(first, len(tok.input_ids)):
-        prompt = sum(1 for label in tok.labels[i] if label == -100)
+        prompt = sum(1 for label in tok.labels[i] if label == IGNORE)
         answer = len(tok.labels[i]) - prompt
         weights[i] = opening_weight(answer, tokens, decision_weight, decision_tokens)
         keep = prompt + min(answer, tokens)
@@ -61,26 +60,16 @@ def benign_openings(tokens: int, repeats_weight: float = 1.0):
     from safespace import data as data_mod, train
 
     n_first = len(data_mod.bundled("alignment"))
-    plain_streams, weights = train._streams, []
+    plain_streams = train._streams
 
     def streams(settings, examples, align_examples, tokenizer, device):
         task, task_stream, align_stream = plain_streams(settings, examples, align_examples, tokenizer, device)
-        weights[:] = cut_answers(task, n_first, tokens or settings.max_length, settings.decision_weight,
-                                 settings.decision_tokens)
-        weights[n_first:] = [w * repeats_weight for w in weights[n_first:]]
+        weights = cut_answers(task, n_first, tokens or settings.max_length, settings.decision_weight,
+                              settings.decision_tokens)
+        task_stream.row_weight = weights[:n_first] + [w * repeats_weight for w in weights[n_first:]]
         return task, task_stream, align_stream
 
-    def next_batch(stream: train.BatchStream) -> dict:
-        if not stream.queue:
-            stream.queue = train.length_grouped_batches(stream.tok.lengths, stream.batch_size, stream.rng)
-            stream.epoch += 1
-        index = stream.queue.pop()
-        batch = data_mod.collate([stream.tok.input_ids[i] for i in index], [stream.tok.labels[i] for i in index],
-                                 stream.pad_id)
-        batch["row_weight"] = torch.tensor([weights[i] for i in index])
-        return {k: v.to(stream.device) for k, v in batch.items()}
-
-    with mock.patch.object(train, "_streams", streams), mock.patch.object(train.BatchStream, "next", next_batch):
+    with mock.patch.object(train, "_streams", streams):
         yield
 
 
@@ -116,12 +105,13 @@ def main() -> None:
     if args.tokens < 0:
         parser.error("--tokens must be 0 (whole answers) or more")
     known = {kind: evalsets.keys_of(kind) for kind in ("harmful", "benign")}
-    if set(args.sets or ()) - {*known["harmful"], *known["benign"]}:
-        parser.error(f"unknown --sets {sorted(set(args.sets) - {*known['harmful'], *known['benign']})}: "
-                     f"choose from {[*known['harmful'], *known['benign']]}")
+    unknown = set(args.sets or ()) - {*known["harmful"], *known["benign"]}
+    if unknown:
+        parser.error(f"unknown --sets {sorted(unknown)}: choose from {[*known['harmful'], *known['benign']]}")
     use_own_home(parser, args.home)
     print(f"build s {build(args.seed, args.tokens, args.once):.0f}", flush=True)
     print_align_report(*([k for k in known[kind] if not args.sets or k in args.sets] for kind in ("harmful", "benign")))
+
 
 if __name__ == "__main__":
     main()

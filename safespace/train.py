@@ -59,6 +59,7 @@ class BatchStream:
         self.rng = random.Random(seed)
         self.queue: list[list[int]] = []
         self.epoch = 0
+        self.row_weight: list[float] | None = None    # per row of `tokenized`: batches carry it (safegrad.sft_loss)
 
     def next(self) -> dict:
         if not self.queue:
@@ -66,6 +67,8 @@ class BatchStream:
             self.epoch += 1
         index = self.queue.pop()
         batch = data_mod.collate([self.tok.input_ids[i] for i in index], [self.tok.labels[i] for i in index], self.pad_id)
+        if self.row_weight is not None:
+            batch["row_weight"] = torch.tensor([self.row_weight[i] for i in index])
         return {k: v.to(self.device) for k, v in batch.items()}
 
     def state(self) -> dict:

@@ -162,3 +162,16 @@ def test_stage0_short_cuts_benign_answers_and_keeps_each_rows_loss_share():
     # the cut row's summed weights equal its whole answer's: 10 + 4 * 2 = 18 against (4 + 4 * 2) * 1.5
     assert weights == [1.0, pytest.approx(1.5), 1.0]
     assert opening_weight(10, 4, 0.0, 4) == pytest.approx(2.5) and opening_weight(3, 16, 4.0, 4) == 1.0
+
+
+def test_a_batch_stream_hands_each_batch_its_rows_weights():
+    from safespace.data import Tokenized
+    from safespace.train import BatchStream
+
+    ids = [[1, 2, 3 + i] for i in range(4)]
+    stream = BatchStream(Tokenized(ids, [[-100, 2, 3 + i] for i in range(4)], 0, [3] * 4), 2, 0, seed=0, device="cpu")
+    assert "row_weight" not in stream.next()                       # unweighted unless given
+    stream.row_weight = [0.5, 1.0, 2.0, 4.0]
+    batch = stream.next()
+    rows = [int(r[2]) - 3 for r in batch["input_ids"]]
+    assert batch["row_weight"].tolist() == [stream.row_weight[i] for i in rows]
