@@ -295,14 +295,18 @@ def logits_are_head_output(config) -> bool:
                    and value not in (None, False, 0, 1, 1.0) for key, value in values.items())
 
 
-def shared_prefix(ids: torch.Tensor, attention: torch.Tensor, wanted: torch.Tensor) -> int:
+def shared_prefix(ids: torch.Tensor, attention: torch.Tensor, wanted: torch.Tensor | None = None) -> int:
     """How many leading tokens are the same real tokens in every row (a chat template and its system
-    prompt), up to the first position whose output is wanted in any row (wanted: [B, >= T-1] bool)."""
+    prompt), up to the first position whose output is wanted in any row (wanted: [B, >= T-1] bool),
+    or, without `wanted`, up to the last token (the rows' remainder is never empty)."""
     if ids.shape[0] < 2:
         return 0
     same = (ids == ids[:1]).all(0) & attention.bool().all(0)
-    first_wanted = wanted.any(0).nonzero()
-    limit = int(first_wanted[0]) if len(first_wanted) else 0
+    if wanted is None:
+        limit = ids.shape[1] - 1
+    else:
+        first_wanted = wanted.any(0).nonzero()
+        limit = int(first_wanted[0]) if len(first_wanted) else 0
     return min(int(same.long().cumprod(0).sum()), limit)
 
 

@@ -59,9 +59,14 @@ class HessianAccumulator:
         self.n_sequences = 0
 
     @torch.no_grad()
-    def add_batch(self, x: torch.Tensor, n_sequences: int | None = None, mask: torch.Tensor | None = None):
-        """x: [..., d_in], e.g. [batch, tokens, d_in]; mask: x.shape[:-1], False on padding.
-        n_sequences defaults to the sequences with a token in the mask, else x.shape[0] for 3-D x, else 1."""
+    def add_batch(self, x: torch.Tensor, n_sequences: int | None = None, mask: torch.Tensor | None = None,
+                  weight: torch.Tensor | None = None):
+        """x: [..., d_in], e.g. [batch, tokens, d_in]; mask: x.shape[:-1], False on padding; weight:
+        x.shape[:-1], how many times each token counts (a prefix that many rows share, run once).
+        n_sequences defaults to the sequences with a token in the mask, else x.shape[0] for 3-D x, else 1;
+        0 adds tokens to sequences already counted."""
+        if weight is not None:
+            x = x.float() * weight.to(x.device, torch.float32).sqrt().unsqueeze(-1)
         if mask is not None:
             mask = mask.to(x.device).bool()
             if n_sequences is None:
@@ -70,7 +75,7 @@ class HessianAccumulator:
         elif n_sequences is None:
             n_sequences = x.shape[0] if x.dim() == 3 else 1
         x = x.reshape(-1, x.shape[-1]).to(self.H.device, torch.float32)
-        if n_sequences == 0:
+        if self.n_sequences + n_sequences == 0:
             return
         self.H *= self.n_sequences / (self.n_sequences + n_sequences)
         self.n_sequences += n_sequences
@@ -425,11 +430,11 @@ def collect_hessians(model, layer_names: Iterable[str], batches: Iterable[dict],
     device: where inputs and H go; the model's device by default. precision: of the forward passes,
     as models.autocast ("auto": bf16 on a CPU with native bf16); H always accumulates in fp32.
     Layers fed the very same input tensor (q/k/v, gate/up) share one accumulator. share_prefix:
-    leading tokens that every row shares and whose inputs do not count (a chat template before the
-    answer) run once, as a cache (models.prefix_cache)."""
+    leading tokens that every row shares (a chat template and its system prompt) run once, as a cache
+    (models.prefix_cache), their inputs counted once for each row whose token_mask holds them."""
     device = device or next(model.parameters()).device
     modules = dict(model.named_modules())
-    current = {"mask": None, "parent": None, "seen": []}
+    current = {"add": {}, "parent": None, "seen": []}     # add: how the inputs of this pass count (add_batch)
     accumulators, handles, owner = {}, [], {}
 
     def hook(name):
@@ -444,7 +449,7 @@ def collect_hessians(model, layer_names: Iterable[str], batches: Iterable[dict],
             elif first != name:                    # the very same input tensor: share its H
                 owner.setdefault(name, first)
             if owner.get(name, name) == name:
-                accumulators[name].add_batch(x, mask=current["mask"])
+                accumulators[name].add_batch(x, **current["add"])
         return add
 
     for name in layer_names:
@@ -461,11 +466,14 @@ def collect_hessians(model, layer_names: Iterable[str], batches: Iterable[dict],
                 mask = batch.get("attention_mask")
                 mask = torch.ones_like(input_ids) if mask is None else mask.to(device)
                 token_mask = mask if batch.get("token_mask") is None else batch["token_mask"].to(device)
-                shared = models.shared_prefix(input_ids, mask, token_mask) if share_prefix else 0
-                with models.autocast(device, precision):
-                    current.update(mask=torch.zeros_like(token_mask[:1, :shared]), parent=None, seen=[])
+                shared = models.shared_prefix(input_ids, mask) if share_prefix else 0
+                rows = int(token_mask.bool().any(1).sum())
+                with models.autocast(device, precision):   # the prefix's inputs, once, count for each row that wants them
+                    current.update(add={"n_sequences": rows, "weight": token_mask[:, :shared].sum(0, keepdim=True)},
+                                   parent=None, seen=[])
                     cache = models.prefix_cache(body, input_ids, shared) if shared else None
-                    current.update(mask=token_mask[:, shared:], parent=None, seen=[])
+                    current.update(add={"n_sequences": 0 if shared else None, "mask": token_mask[:, shared:]},
+                                   parent=None, seen=[])
                     body(input_ids=input_ids[:, shared:], attention_mask=mask, past_key_values=cache,
                          use_cache=cache is not None)
     finally:

@@ -66,6 +66,21 @@ def test_hessian_accumulator_is_per_sequence_and_skips_padding():
     torch.testing.assert_close(acc.H, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_hessian_accumulator_counts_a_weighted_token_as_its_copies():
+    """A token of weight k adds what k copies of it add; n_sequences=0 adds tokens to sequences counted."""
+    torch.manual_seed(1)
+    prefix, tails = torch.randn(3, 8), [torch.randn(n, 8) for n in (4, 2)]
+    expected = sum(2 * x.T @ x for x in (torch.cat([prefix, t]) for t in tails)) / 2
+    acc = HessianAccumulator(8)
+    acc.add_batch(prefix[None], n_sequences=2, weight=torch.full((1, 3), 2.0))    # the shared rows, once
+    x, mask = torch.zeros(2, 4, 8), torch.zeros(2, 4, dtype=torch.bool)
+    for i, t in enumerate(tails):
+        x[i, :len(t)], mask[i, :len(t)] = t, True
+    acc.add_batch(x, n_sequences=0, mask=mask)
+    assert acc.n_sequences == 2
+    torch.testing.assert_close(acc.H, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_inverse_cholesky_upper():
     _, H, _, _ = toy(0)
     H[3, :] = H[:, 3] = 0                                  # a dead input
@@ -355,6 +370,37 @@ def test_token_mask_restricts_H_to_the_answer_writing_inputs(tokenizer):
     handle.remove()
     x = seen["x"][expected_mask]
     assert torch.allclose(H, 2 / 2 * x.T @ x, atol=1e-5)     # (2/N) sum, N = 2 sequences
+
+
+def test_H_of_every_token_runs_the_shared_template_once_and_equals_whole_rows(tokenizer):
+    """tokens="all" (the task H): the chat template every row opens with runs once and counts once per
+    row, and H is the whole rows' H."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from safespace import data, defence, models
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2)
+    model = get_peft_model(LlamaForCausalLM(config), LoraConfig(r=4, target_modules=["q_proj", "down_proj"]))
+    rows = [data.Example(prompt=p, response=r) for p, r in
+            [("Summarise: the heating broke.", "The heating broke."), ("Is this review positive? Loved it", "Yes."),
+             ("Translate 'cat' to French", "chat")]]
+    batch = next(defence._calibration_batches(rows, tokenizer, "cpu", tokens="all"))
+    shared = models.shared_prefix(batch["input_ids"], batch["attention_mask"])
+    assert shared > 3 and models.shared_prefix(batch["input_ids"], batch["attention_mask"], batch["token_mask"]) == 0
+    names = [n for n in lora_layers(model) if ".layers.1." in n]
+    tokens_seen = []
+    layer = dict(model.named_modules())[names[0]].base_layer
+    handle = layer.register_forward_pre_hook(lambda mod, args: tokens_seen.append(args[0].shape[0] * args[0].shape[1]))
+    once = collect_hessians(model, names, [batch])
+    handle.remove()
+    whole = collect_hessians(model, names, [batch], share_prefix=False)
+    B, T = batch["input_ids"].shape
+    assert tokens_seen == [shared, B * (T - shared)]                  # the template ran once, not B times
+    for name in names:
+        torch.testing.assert_close(once[name], whole[name], rtol=1e-5, atol=1e-5)
 
 
 def test_calibration_batches_hold_every_row_once_rows_of_like_length_together(tokenizer):
