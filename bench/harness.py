@@ -6,6 +6,7 @@ Imports nothing heavy: bench/run.py reads it before it sets the environment torc
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import datetime as dt
 import json
@@ -122,6 +123,25 @@ def use_own_home(parser: argparse.ArgumentParser, home: Path) -> None:
     if home.expanduser().resolve() == DEFAULT_HOME.resolve():
         parser.error("--home must not be the default cache folder: this build would replace the default aligned base")
     os.environ["SAFESPACE_HOME"] = str(home)
+
+
+@contextlib.contextmanager
+def stage0_stream(adjust):
+    """Inside: stage 0's training stream, once made, goes through adjust(tokenized, stream, settings)
+    (a bench build changes which rows it draws or how they weigh; train.BatchStream)."""
+    from unittest import mock
+
+    from safespace import train
+
+    plain = train._streams
+
+    def streams(settings, examples, align_examples, tokenizer, device):
+        task, stream, align_stream = plain(settings, examples, align_examples, tokenizer, device)
+        adjust(task, stream, settings)
+        return task, stream, align_stream
+
+    with mock.patch.object(train, "_streams", streams):
+        yield
 
 
 def print_align_report(harmful_sets=None, benign_sets=None) -> None:

@@ -14,11 +14,8 @@ report (refusal per set, per surface form and per category). Run it with nothing
 import random
 import time
 from dataclasses import replace
-from unittest import mock
 
-import torch
-
-from bench.harness import own_home_parser, print_align_report, use_own_home
+from bench.harness import own_home_parser, print_align_report, stage0_stream, use_own_home
 
 
 def balanced_batches(lengths: list[int], n_first: int, per_batch: int, batch_size: int,
@@ -51,29 +48,21 @@ def refusal_weight(n_first: int, n_rows: int, per_batch: int, batch_size: int) -
 
 def build(seed: int, per_batch: int) -> float:
     """Build stage 0 in this process's cache folder with balanced batches; its seconds."""
-    from safespace import align, data as data_mod, train
+    from safespace import align, data as data_mod
 
     # G's 300 steps, as measured (docs/stage0.md), whatever the default's step count
-    settings = align.ALIGN_SETTINGS = replace(align.ALIGN_SETTINGS, seed=seed, steps=300)
+    align.ALIGN_SETTINGS = replace(align.ALIGN_SETTINGS, seed=seed, steps=300)
     n_first = len(data_mod.bundled("alignment"))         # training_rows puts the refusals first
-    weights = {}
 
-    def next_batch(stream: train.BatchStream) -> dict:
-        if not weights:     # from the rows stage 0 trains on (benign rows whose raw answer hedges are dropped)
-            weights["refusal"] = refusal_weight(n_first, len(stream.tok.lengths), per_batch, settings.batch_size)
-            print(f"{per_batch} refusals a batch, each drawn once, weight {weights['refusal']:.3f}", flush=True)
-        weight = weights["refusal"]
-        if not stream.queue:
-            stream.queue = balanced_batches(stream.tok.lengths, n_first, per_batch, stream.batch_size, stream.rng)
-            stream.epoch += 1
-        index = stream.queue.pop()
-        batch = data_mod.collate([stream.tok.input_ids[i] for i in index], [stream.tok.labels[i] for i in index],
-                                 stream.pad_id)
-        batch["row_weight"] = torch.tensor([weight if i < n_first else 1.0 for i in index])
-        return {k: v.to(stream.device) for k, v in batch.items()}
+    def balance(task, stream, settings):
+        # from the rows stage 0 trains on (benign rows whose raw answer hedges are dropped)
+        weight = refusal_weight(n_first, len(task.lengths), per_batch, settings.batch_size)
+        print(f"{per_batch} refusals a batch, each drawn once, weight {weight:.3f}", flush=True)
+        stream.plan = lambda lengths, batch_size, rng: balanced_batches(lengths, n_first, per_batch, batch_size, rng)
+        stream.row_weight = [weight] * n_first + [1.0] * (len(task.lengths) - n_first)   # safegrad.sft_loss honours it
 
     start = time.time()
-    with mock.patch.object(train.BatchStream, "next", next_batch):     # safegrad.sft_loss honours row_weight
+    with stage0_stream(balance):
         align.build(force=True, on_event=lambda event: None)
     return time.time() - start
 

@@ -22,9 +22,8 @@ the default cache folder it would replace it. Prints the build time and the alig
 import contextlib
 import math
 import time
-from unittest import mock
 
-from bench.harness import own_home_parser, print_align_report, use_own_home
+from bench.harness import own_home_parser, print_align_report, stage0_stream, use_own_home
 from safespace.data import IGNORE
 from safespace.progress import console_progress
 
@@ -57,19 +56,16 @@ def benign_openings(tokens: int, repeats_weight: float = 1.0):
     """Inside: stage 0 trains its benign rows (those after the refusals: align.training_rows) on
     their first `tokens` answer tokens (all of them at 0), weighted by opening_weight times
     repeats_weight."""
-    from safespace import data as data_mod, train
+    from safespace import data as data_mod
 
     n_first = len(data_mod.bundled("alignment"))
-    plain_streams = train._streams
 
-    def streams(settings, examples, align_examples, tokenizer, device):
-        task, task_stream, align_stream = plain_streams(settings, examples, align_examples, tokenizer, device)
+    def cut(task, stream, settings):
         weights = cut_answers(task, n_first, tokens or settings.max_length, settings.decision_weight,
                               settings.decision_tokens)
-        task_stream.row_weight = weights[:n_first] + [w * repeats_weight for w in weights[n_first:]]
-        return task, task_stream, align_stream
+        stream.row_weight = weights[:n_first] + [w * repeats_weight for w in weights[n_first:]]
 
-    with mock.patch.object(train, "_streams", streams):
+    with stage0_stream(cut):
         yield
 
 

@@ -60,10 +60,11 @@ class BatchStream:
         self.queue: list[list[int]] = []
         self.epoch = 0
         self.row_weight: list[float] | None = None    # per row of `tokenized`: batches carry it (safegrad.sft_loss)
+        self.plan = length_grouped_batches            # an epoch's batches: (lengths, batch_size, rng) -> [[row]]
 
     def next(self) -> dict:
         if not self.queue:
-            self.queue = length_grouped_batches(self.tok.lengths, min(self.batch_size, len(self.tok.lengths)), self.rng)
+            self.queue = self.plan(self.tok.lengths, min(self.batch_size, len(self.tok.lengths)), self.rng)
             self.epoch += 1
         index = self.queue.pop()
         batch = data_mod.collate([self.tok.input_ids[i] for i in index], [self.tok.labels[i] for i in index], self.pad_id)

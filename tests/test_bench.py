@@ -175,3 +175,31 @@ def test_a_batch_stream_hands_each_batch_its_rows_weights():
     batch = stream.next()
     rows = [int(r[2]) - 3 for r in batch["input_ids"]]
     assert batch["row_weight"].tolist() == [stream.row_weight[i] for i in rows]
+
+
+def test_a_batch_stream_draws_its_epochs_by_its_plan_and_bench_builds_reach_it(tokenizer):
+    from bench.harness import stage0_stream
+    from bench.stage0_sampler import balanced_batches
+    from safespace import data, train
+    from safespace.config import TrainSettings
+
+    rows = [data.Example(prompt=f"question {i}", response="answer " * (i % 5 + 1)) for i in range(16)]
+    seen, planned = [], []
+
+    def plan(lengths, batch_size, rng):      # what bench/stage0_sampler.py plans: 1 of rows 0-3 in each batch
+        planned.append(balanced_batches(lengths, 4, 1, batch_size, rng))
+        return list(planned[-1])
+
+    def balance(task, stream, settings):
+        seen.append((len(task.lengths), settings.batch_size))
+        stream.plan = plan
+
+    with stage0_stream(balance):
+        task, stream, _ = train._streams(TrainSettings(batch_size=4), rows, None, tokenizer, "cpu")
+    assert seen == [(16, 4)] and train._streams.__name__ == "_streams"        # unpatched outside
+    got = [stream.next() for _ in range(4)]
+    assert stream.epoch == 1 and len(planned) == 1 and not stream.queue
+    assert all(sum(i < 4 for i in b) == 1 for b in planned[0])
+    as_rows = [sorted(tuple(ids[mask.bool()].tolist()) for ids, mask in zip(b["input_ids"], b["attention_mask"]))
+               for b in got]
+    assert as_rows == [sorted(tuple(task.input_ids[i]) for i in b) for b in reversed(planned[0])]   # popped from the end
