@@ -135,8 +135,8 @@ def stage0_stream(adjust):
 
     plain = train._streams
 
-    def streams(settings, examples, align_examples, tokenizer, device):
-        task, stream, align_stream = plain(settings, examples, align_examples, tokenizer, device)
+    def streams(settings, *args, **kwargs):
+        task, stream, align_stream = plain(settings, *args, **kwargs)
         adjust(task, stream, settings)
         return task, stream, align_stream
 

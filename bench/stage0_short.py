@@ -3,7 +3,7 @@ row seen once with its loss weighted by its repeats instead of repeated.
 
 - --tokens N: the benign rows' answers (the raw model's own, about 49 tokens) are cut to their first
   N tokens, and each cut row's loss weighted so that it carries the share of the batch loss its
-  whole answer had. Whether an answer helps or refuses shows in its opening; benign rows are 81 % of
+  whole answer had (align.BENIGN_ANSWER_TOKENS, align.row_shape). Whether an answer helps or refuses shows in its opening; benign rows are 81 % of
   stage 0's rows and 85 % of its tokens. 0 keeps them whole.
 - --once: the default repeats each benign row align.BENIGN_REPEATS times and makes one pass over
   the lot; here the pass holds each row once, a benign row's loss weighted by the repeats, so the
@@ -24,49 +24,7 @@ import math
 import time
 
 from bench.harness import own_home_parser, print_align_report, stage0_stream, use_own_home
-from safespace.data import IGNORE
 from safespace.progress import console_progress
-
-
-def opening_weight(answer: int, tokens: int, decision_weight: float, decision_tokens: int) -> float:
-    """The loss weight of a row whose `answer` tokens are cut to `tokens`, so that the row's summed
-    token weights (each of its first decision_tokens counts 1 + decision_weight: safegrad.sft_loss)
-    are those of its whole answer."""
-    def mass(n: int) -> float:
-        return n + decision_weight * min(n, decision_tokens)
-    return mass(answer) / mass(min(answer, tokens))
-
-
-def cut_answers(tok, first: int, tokens: int, decision_weight: float, decision_tokens: int) -> list[float]:
-    """Cut rows [first, ...) of a data.Tokenized to their prompt and first `tokens` answer tokens,
-    in place; each row's loss weight (1 for the rows left whole)."""
-    weights = [1.0] * len(tok.input_ids)
-    for i in range(first, len(tok.input_ids)):
-        prompt = sum(1 for label in tok.labels[i] if label == IGNORE)
-        answer = len(tok.labels[i]) - prompt
-        weights[i] = opening_weight(answer, tokens, decision_weight, decision_tokens)
-        keep = prompt + min(answer, tokens)
-        tok.input_ids[i], tok.labels[i] = tok.input_ids[i][:keep], tok.labels[i][:keep]
-        tok.lengths[i] = keep
-    return weights
-
-
-@contextlib.contextmanager
-def benign_openings(tokens: int, repeats_weight: float = 1.0):
-    """Inside: stage 0 trains its benign rows (those after the refusals: align.training_rows) on
-    their first `tokens` answer tokens (all of them at 0), weighted by opening_weight times
-    repeats_weight."""
-    from safespace import data as data_mod
-
-    n_first = len(data_mod.bundled("alignment"))
-
-    def cut(task, stream, settings):
-        weights = cut_answers(task, n_first, tokens or settings.max_length, settings.decision_weight,
-                              settings.decision_tokens)
-        stream.row_weight = weights[:n_first] + [w * repeats_weight for w in weights[n_first:]]
-
-    with stage0_stream(cut):
-        yield
 
 
 def build(seed: int, tokens: int, once: bool) -> float:
@@ -82,10 +40,17 @@ def build(seed: int, tokens: int, once: bool) -> float:
         settings = replace(settings, steps=math.ceil(passes * rows / settings.batch_size))
         align.BENIGN_REPEATS = 1
     align.ALIGN_SETTINGS = replace(settings, seed=seed)
+    align.BENIGN_ANSWER_TOKENS = tokens or None          # align.row_shape cuts them (0: whole)
     print(f"{align.ALIGN_SETTINGS.steps} steps, benign answers "
           f"{f'cut to {tokens} tokens' if tokens else 'whole'}, benign rows weighted {repeats if once else 1}", flush=True)
+    n_first = len(data_mod.bundled("alignment"))       # training_rows puts the refusals first
+
+    def weigh_repeats(task, stream, settings):          # each benign row once, weighted by its repeats
+        weights = stream.row_weight or [1.0] * len(task.lengths)
+        stream.row_weight = weights[:n_first] + [w * repeats for w in weights[n_first:]]
+
     start = time.time()
-    with benign_openings(tokens, repeats if once else 1.0):
+    with stage0_stream(weigh_repeats) if once else contextlib.nullcontext():
         align.build(force=True, on_event=console_progress("aligning"))
     return time.time() - start
 

@@ -10,24 +10,23 @@ one (16.3 against 13.3 min; docs/stage0.md): the first steps are a sample, the w
 measure. Run it with nothing else running: two torch processes on 2 cores slow each other.
 """
 import argparse
-import contextlib
 import statistics
 import tempfile
 from dataclasses import replace
 from unittest import mock
 
 from bench.harness import cpu_model, table
-from bench.stage0_short import benign_openings
 from safespace import align, models, safegrad, train
 
-# (label, precision, shared prefix, benign answers cut to this many tokens or None); the first is what a build runs
+# (label, precision, shared prefix, benign answers cut to this many tokens, None: as a build); the first is what a build runs
 VARIANTS = [("bf16 where native, shared prefix (a build)", "auto", True, None),
             ("bf16 where native, every row whole", "auto", False, None),
             ("fp32, shared prefix", "fp32", True, None),
-            ("bf16 where native, shared prefix, benign openings of 16 tokens (bench/stage0_short.py)", "auto", True, 16)]
+            ("bf16 where native, shared prefix, benign openings of 16 tokens (align.BENIGN_ANSWER_TOKENS)", "auto", True, 16)]
 
 
-def step_seconds(precision: str, share: bool, steps: int, examples: list, loaded, opening: int | None = None) -> list[float]:
+def step_seconds(precision: str, share: bool, steps: int, examples: list, counts: dict, loaded,
+                 opening: int | None = None) -> list[float]:
     """Seconds of each of stage 0's first `steps` training steps in `precision`, the shared prefix
     run once (share) or in every row, the benign answers whole or cut to `opening` tokens."""
     settings = replace(align.ALIGN_SETTINGS, steps=steps, precision=precision)
@@ -36,9 +35,9 @@ def step_seconds(precision: str, share: bool, steps: int, examples: list, loaded
     def loss(*args, **kwargs):
         return plain(*args, **{**kwargs, "share_prefix": share})
 
-    cut = benign_openings(opening) if opening else contextlib.nullcontext()
-    with tempfile.TemporaryDirectory() as out, mock.patch.object(safegrad, "sft_loss", loss), cut:
+    with tempfile.TemporaryDirectory() as out, mock.patch.object(safegrad, "sft_loss", loss):
         train.train(settings, examples, out, loaded=loaded, kind="align",
+                    shape=align.row_shape(counts["refusals"], settings, opening),
                     on_event=lambda event: seconds.append(event.metrics["seconds"]) if event.kind == "step" else None)
     return seconds
 
@@ -55,9 +54,9 @@ def main() -> None:
     rows, medians = [], []
     for label, precision, share, opening in VARIANTS:
         loaded = models.load(models.EMBEDDED_KEY, quantization="none", device="cpu")   # LoRA wraps it: one each
-        examples, _ = align.training_rows(loaded)
+        examples, counts = align.training_rows(loaded)
         arithmetic = "bf16" if models.cpu_bf16("cpu", precision) else "fp32"
-        medians.append(statistics.median(step_seconds(precision, share, steps, examples, loaded, opening)[2:]))
+        medians.append(statistics.median(step_seconds(precision, share, steps, examples, counts, loaded, opening)[2:]))
         rows.append([f"{label} ({arithmetic} matmuls)", round(medians[-1], 2), round(medians[-1] * total / 60, 1),
                      f"{medians[-1] / medians[0]:.2f}x"])
     table(["variant", "s/step (median)", f"{total} steps (min)", "time / a build's"], rows)

@@ -37,6 +37,9 @@ ALIGN_SETTINGS = TrainSettings(
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")))
 BENIGN_REPEATS = 5      # benign rows five times: the knee of refusal against over-refusal (docs/stage0.md)
 BENIGN_MAX_NEW_TOKENS = 64
+# None: benign rows train on their whole answers; N: on their first N tokens, each row weighted to keep its
+# whole answer's share of the loss (0.60x a step; docs/stage0.md, "Fewer tokens")
+BENIGN_ANSWER_TOKENS: int | None = None
 # What a build costs on a 2-core CPU (docs/stage0.md, "Time"): 1362 s with bf16 matmuls in a slow session, steps
 # 1.37x faster than H's whole-row builds of 979-1438 s; fp32 1.34x bf16; a step 3.6x slower without AVX-512.
 BUILD_TIME = "about 12 to 23 min on a 2-core CPU with bf16, 24 min or more without, about 70 min without AVX-512"
@@ -79,6 +82,8 @@ def build_key(settings: TrainSettings = ALIGN_SETTINGS) -> str:
         "benign_answers": sorted(shipped_answers().items()),
         "benign_max_new_tokens": BENIGN_MAX_NEW_TOKENS, "benign_repeats": BENIGN_REPEATS, "format": 3,
     }
+    if BENIGN_ANSWER_TOKENS:
+        payload["benign_answer_tokens"] = BENIGN_ANSWER_TOKENS     # absent when whole: built bases stay
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -202,8 +207,9 @@ def _build(key: str, on_event: Callable[[train.Event], None], quantization: str 
                          device=None if quantization == "4bit" else "cpu")
     examples, counts = training_rows(loaded)
     work = home() / "cache" / f"align-run-{key}"
-    run = train.train(settings_for(quantization), examples, work, loaded=loaded, on_event=on_event,
-                      kind="align", extra_config={"purpose": "stage-0 safety alignment"})
+    settings = settings_for(quantization)
+    run = train.train(settings, examples, work, loaded=loaded, on_event=on_event, kind="align",
+                      extra_config={"purpose": "stage-0 safety alignment"}, shape=row_shape(counts["refusals"], settings))
     publish = save_stacked if quantization == "4bit" else save_aligned
     publish(run, key, counts, time.time() - start)
     _say(f"aligned base ready in {time.time() - start:.0f} s -> {folder}")
@@ -216,6 +222,39 @@ def training_rows(loaded: models.Loaded) -> tuple[list, dict]:
     benign = benign_answers(loaded, data_mod.bundled("benign_align"), benign_asks())
     counts = {"refusals": len(harmful), "benign": len(benign), "benign_repeats": BENIGN_REPEATS}
     return harmful + benign * BENIGN_REPEATS, counts
+
+
+def opening_weight(answer: int, tokens: int, decision_weight: float, decision_tokens: int) -> float:
+    """The loss weight of a row whose `answer` tokens are cut to `tokens`, so that the row's summed
+    token weights (each of its first decision_tokens counts 1 + decision_weight: safegrad.sft_loss)
+    are those of its whole answer."""
+    def mass(n: int) -> float:
+        return n + decision_weight * min(n, decision_tokens)
+    return mass(answer) / mass(min(answer, tokens))
+
+
+def cut_answers(tok: data_mod.Tokenized, first: int, tokens: int, decision_weight: float,
+                decision_tokens: int) -> list[float]:
+    """Cut rows [first, ...) of `tok` to their prompt and first `tokens` answer tokens, in place (no end
+    of turn is learnt where the answer goes on); each row's loss weight (1 for the rows left whole)."""
+    weights = [1.0] * len(tok.input_ids)
+    for i in range(first, len(tok.input_ids)):
+        prompt = sum(1 for label in tok.labels[i] if label == data_mod.IGNORE)
+        answer = len(tok.labels[i]) - prompt
+        weights[i] = opening_weight(answer, tokens, decision_weight, decision_tokens)
+        keep = prompt + min(answer, tokens)
+        tok.input_ids[i], tok.labels[i] = tok.input_ids[i][:keep], tok.labels[i][:keep]
+        tok.lengths[i] = keep
+    return weights
+
+
+def row_shape(n_refusals: int, settings: TrainSettings = ALIGN_SETTINGS, tokens: int | None = None):
+    """How stage 0 shapes its tokenised rows (train.train's `shape`): the benign rows, after the first
+    n_refusals, cut to their answers' first `tokens` (default BENIGN_ANSWER_TOKENS); None when whole."""
+    tokens = BENIGN_ANSWER_TOKENS if tokens is None else tokens
+    if not tokens:
+        return None
+    return lambda tok: cut_answers(tok, n_refusals, tokens, settings.decision_weight, settings.decision_tokens)
 
 
 def save_aligned(run: runs.Run, key: str, counts: dict, seconds: float) -> Path:

@@ -92,7 +92,7 @@ def train(settings: TrainSettings, examples: list, out: str | Path, *,
           align_examples: list | None = None, loaded: models.Loaded | None = None,
           on_event: Callable[[Event], None] | None = None, should_stop: Callable[[], bool] | None = None,
           kind: str = "train", extra_config: dict | None = None, checkpoint: str | Path | None = None,
-          checkpoint_every: int = 0) -> runs.Run:
+          checkpoint_every: int = 0, shape: Callable[[data_mod.Tokenized], list[float]] | None = None) -> runs.Run:
     """Fine-tune a LoRA adapter on `examples` and write the run folder `out`.
 
     align_examples: the (harmful prompt -> safe answer) set SafeGrad protects; defaults to the
@@ -100,6 +100,8 @@ def train(settings: TrainSettings, examples: list, out: str | Path, *,
     checkpoint: a folder for this run's checkpoint, written every `checkpoint_every` steps (0: never)
     and at a stop, removed once the run finishes; one found there for the same settings and data is
     continued from its step.
+    shape: changes the tokenised rows in place and gives each its loss weight (stage 0 cuts its benign
+    answers: align.row_shape); a checkpoint does not record it.
     """
     emit = on_event or (lambda event: None)
     stop = should_stop or (lambda: False)
@@ -110,7 +112,7 @@ def train(settings: TrainSettings, examples: list, out: str | Path, *,
     device = loaded.device
     model = models.add_lora(loaded.model, settings.lora)
     params = [p for p in model.parameters() if p.requires_grad]
-    task, task_stream, align_stream = _streams(settings, examples, align_examples, loaded.tokenizer, device)
+    task, task_stream, align_stream = _streams(settings, examples, align_examples, loaded.tokenizer, device, shape)
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, settings.warmup, settings.steps))
@@ -161,11 +163,14 @@ class Loop:
     surgery: "_SafeGradStep | None"
 
 
-def _streams(settings: TrainSettings, examples: list, align_examples: list | None, tokenizer, device):
-    """The tokenised task set, its batch stream, and SafeGrad's alignment batch stream (None when off)."""
+def _streams(settings: TrainSettings, examples: list, align_examples: list | None, tokenizer, device, shape=None):
+    """The tokenised task set (shaped, with its rows' weights, by `shape`), its batch stream, and
+    SafeGrad's alignment batch stream (None when off)."""
     sg = settings.safegrad
     task = data_mod.tokenize(examples, tokenizer, settings.max_length)
     task_stream = BatchStream(task, settings.batch_size, tokenizer.pad_token_id, settings.seed, device)
+    if shape is not None:
+        task_stream.row_weight = shape(task)
     align_stream = None
     if sg.mode != "off":
         align_examples = align_examples or data_mod.bundled("alignment")[:sg.align_size]

@@ -4,6 +4,8 @@ import threading
 import time
 from dataclasses import replace
 
+import pytest
+
 from safespace import align, models
 
 
@@ -65,6 +67,50 @@ def test_key_ignores_safegrad_settings_that_do_not_act():
     unweighted = replace(align.ALIGN_SETTINGS, decision_weight=0.0)
     assert align.build_key(replace(unweighted, decision_tokens=9)) == align.build_key(unweighted)
     assert align.build_key(replace(align.ALIGN_SETTINGS, decision_tokens=9)) != align.build_key()
+
+
+def test_stage0_cuts_benign_answers_and_keeps_each_rows_loss_share():
+    from safespace.data import Tokenized
+    # row 0 a refusal (left whole), rows 1-2 benign: 3 prompt tokens, then 10 and 2 answer tokens
+    ids = [[1, 2, 3, 4, 5], [1, 2, 3] + list(range(10, 20)), [1, 2, 3, 7, 8]]
+    labels = [[-100] * 3 + [4, 5], [-100] * 3 + list(range(10, 20)), [-100] * 3 + [7, 8]]
+    tok = Tokenized(ids, labels, 0, [len(r) for r in ids])
+    weights = align.cut_answers(tok, 1, 4, decision_weight=4.0, decision_tokens=2)
+    assert tok.input_ids == [[1, 2, 3, 4, 5], [1, 2, 3, 10, 11, 12, 13], [1, 2, 3, 7, 8]]
+    assert tok.labels[1] == [-100] * 3 + [10, 11, 12, 13] and tok.lengths == [5, 7, 5]
+    # the cut row's summed weights equal its whole answer's: 10 + 4 * 2 = 18 against (4 + 4 * 2) * 1.5
+    assert weights == [1.0, pytest.approx(1.5), 1.0]
+    assert align.opening_weight(10, 4, 0.0, 4) == pytest.approx(2.5) and align.opening_weight(3, 16, 4.0, 4) == 1.0
+
+
+def test_benign_openings_are_off_unless_set_and_key_the_build_when_on(monkeypatch):
+    whole = align.build_key()
+    assert align.BENIGN_ANSWER_TOKENS is None and align.row_shape(914) is None      # the default trains them whole
+    assert align.row_shape(914, tokens=0) is None and align.row_shape(914, tokens=16) is not None
+    monkeypatch.setattr(align, "BENIGN_ANSWER_TOKENS", 16)
+    assert align.build_key() != whole and align.row_shape(914) is not None
+
+
+def test_a_build_trains_its_benign_rows_on_their_openings(tiny_model_dir, tmp_path, monkeypatch):
+    """What a stage-0 build hands train.train reaches the batches: cut rows, weighted."""
+    from safespace import safegrad, train
+    from safespace.config import LoraSettings, TrainSettings
+    from safespace.data import Example
+
+    rows = [Example(prompt=f"Do harm {i}", response="I can't help with that.") for i in range(4)] + \
+           [Example(prompt=f"Tell me about cats {i}", response="Cats are small furry animals " * 6) for i in range(4)]
+    settings = TrainSettings(model=tiny_model_dir, quantization="none", steps=2, batch_size=8, max_length=96,
+                             warmup=1, decision_weight=4.0, decision_tokens=2, lora=LoraSettings(r=4, alpha=8))
+    seen, plain = [], safegrad.sft_loss
+    monkeypatch.setattr(safegrad, "sft_loss", lambda model, batch, *a, **kw: seen.append(batch) or plain(model, batch, *a, **kw))
+    whole = train.train(settings, rows, tmp_path / "whole")
+    cut = train.train(settings, rows, tmp_path / "cut", shape=align.row_shape(4, settings, tokens=3))
+    answers = [(b["labels"] != -100).sum(1).tolist() for b in seen]
+    assert "row_weight" not in seen[0] and max(answers[0]) > 20
+    assert sorted(answers[2]) == [3] * 4 + [8] * 4 and sorted(answers[0]) == [8] * 4 + [32] * 4   # benign: 3 tokens
+    weights = sorted(seen[2]["row_weight"].tolist())       # refusals whole, benign weighted to their whole answer's
+    assert weights == [1.0] * 4 + [pytest.approx(align.opening_weight(32, 3, 4.0, 2))] * 4
+    assert cut.summary["tokens"] < whole.summary["tokens"]
 
 
 def test_a_job_waiting_for_the_warm_up_build_shows_its_steps(tmp_path, monkeypatch):

@@ -149,21 +149,6 @@ def test_stage0_sampler_draws_each_refusal_once_with_the_defaults_share():
     assert w * 3 / (w * 3 + 5) == pytest.approx(914 / 4734) and refusal_weight(1, 8, 1, 8) == pytest.approx(1.0)
 
 
-def test_stage0_short_cuts_benign_answers_and_keeps_each_rows_loss_share():
-    from bench.stage0_short import cut_answers, opening_weight
-    from safespace.data import Tokenized
-    # row 0 a refusal (left whole), rows 1-2 benign: 3 prompt tokens, then 10 and 2 answer tokens
-    ids = [[1, 2, 3, 4, 5], [1, 2, 3] + list(range(10, 20)), [1, 2, 3, 7, 8]]
-    labels = [[-100] * 3 + [4, 5], [-100] * 3 + list(range(10, 20)), [-100] * 3 + [7, 8]]
-    tok = Tokenized(ids, labels, 0, [len(r) for r in ids])
-    weights = cut_answers(tok, 1, 4, decision_weight=4.0, decision_tokens=2)
-    assert tok.input_ids == [[1, 2, 3, 4, 5], [1, 2, 3, 10, 11, 12, 13], [1, 2, 3, 7, 8]]
-    assert tok.labels[1] == [-100] * 3 + [10, 11, 12, 13] and tok.lengths == [5, 7, 5]
-    # the cut row's summed weights equal its whole answer's: 10 + 4 * 2 = 18 against (4 + 4 * 2) * 1.5
-    assert weights == [1.0, pytest.approx(1.5), 1.0]
-    assert opening_weight(10, 4, 0.0, 4) == pytest.approx(2.5) and opening_weight(3, 16, 4.0, 4) == 1.0
-
-
 def test_a_batch_stream_hands_each_batch_its_rows_weights():
     from safespace.data import Tokenized
     from safespace.train import BatchStream
