@@ -100,9 +100,7 @@ def train(settings: TrainSettings, examples: list, out: str | Path, *,
     checkpoint: a folder for this run's checkpoint, written every `checkpoint_every` steps (0: never)
     and at a stop, removed once the run finishes; one found there for the same settings and data is
     continued from its step.
-    shape: changes the tokenised rows in place and gives each its loss weight (stage 0 cuts its benign
-    answers: align.row_shape); a checkpoint does not record it.
-    """
+    shape: reshapes the tokenised rows in place, giving each a loss weight (align.row_shape; not checkpointed)."""
     emit = on_event or (lambda event: None)
     stop = should_stop or (lambda: False)
     seed_everything(settings.seed)
