@@ -59,7 +59,8 @@ def build(seed: int, per_batch: int) -> float:
         weight = refusal_weight(n_first, len(task.lengths), per_batch, settings.batch_size)
         print(f"{per_batch} refusals a batch, each drawn once, weight {weight:.3f}", flush=True)
         stream.plan = lambda lengths, batch_size, rng: balanced_batches(lengths, n_first, per_batch, batch_size, rng)
-        stream.row_weight = [weight] * n_first + [1.0] * (len(task.lengths) - n_first)   # safegrad.sft_loss honours it
+        weights = stream.row_weight or [1.0] * len(task.lengths)      # a build's own weights (align.row_shape) stay
+        stream.row_weight = [w * weight for w in weights[:n_first]] + weights[n_first:]   # safegrad.sft_loss honours it
 
     start = time.time()
     with stage0_stream(balance):

@@ -3,8 +3,8 @@ row seen once with its loss weighted by its repeats instead of repeated.
 
 - --tokens N: the benign rows' answers (the raw model's own, about 49 tokens) are cut to their first
   N tokens, and each cut row's loss weighted so that it carries the share of the batch loss its
-  whole answer had (align.BENIGN_ANSWER_TOKENS, align.row_shape). Whether an answer helps or refuses shows in its opening; benign rows are 81 % of
-  stage 0's rows and 85 % of its tokens. 0 keeps them whole.
+  whole answer had (align.BENIGN_ANSWER_TOKENS, align.row_shape). Whether an answer helps or refuses
+  shows in its opening; benign rows are 81 % of stage 0's rows and 85 % of its tokens. 0 keeps them whole.
 - --once: the default repeats each benign row align.BENIGN_REPEATS times and makes one pass over
   the lot; here the pass holds each row once, a benign row's loss weighted by the repeats, so the
   expected refusal/benign share of the loss (the lever of docs/stage0.md) stays, in 2.8x fewer steps.

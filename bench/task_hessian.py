@@ -33,10 +33,10 @@ def main() -> None:
     random.Random(0).shuffle(rows)
     rows = rows[:args.rows]
     seconds, tokens, H = {True: [], False: []}, {}, {}
+    first = dict(model.named_modules())[names[0]].base_layer       # counts the tokens through the model
     for _ in range(args.rounds):
         for share in (True, False):
             seen = []
-            first = dict(model.named_modules())[names[0]].base_layer
             handle = first.register_forward_pre_hook(lambda mod, a: seen.append(a[0].shape[0] * a[0].shape[1]))
             start = time.perf_counter()
             H[share] = safedelta.collect_hessians(model, names, defence._calibration_batches(
