@@ -26,10 +26,12 @@ log = logging.getLogger(__name__)
 CHECKPOINT_FILE = "checkpoint.safetensors"
 
 
-def fingerprint(settings: TrainSettings, examples: list, align_examples: list | None, kind: str) -> str:
-    """What a checkpoint must match to be continued: the kind of run, its settings and its rows."""
-    digest = hashlib.sha256(json.dumps({"kind": kind, "settings": settings.to_dict()}, sort_keys=True,
-                                       default=str).encode())
+def fingerprint(settings: TrainSettings, examples: list, align_examples: list | None, kind: str,
+                shape_key: str | None = None) -> str:
+    """What a checkpoint must match to be continued: the kind of run, its settings, its rows and how
+    they were reshaped (train.train's `shape`, by its key; absent for a run that takes the rows whole)."""
+    described = {"kind": kind, "settings": settings.to_dict(), **({"shape": shape_key} if shape_key else {})}
+    digest = hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode())
     digest.update(data_mod.rows_jsonl(examples).encode())
     if align_examples:
         digest.update(b"\0align\0" + data_mod.rows_jsonl(align_examples).encode())

@@ -22,12 +22,13 @@ def console_progress(desc: str):
     from tqdm import tqdm
 
     bar = None
-    conflicts = 0
+    conflicts = first = 0
 
     def on_event(event) -> None:
-        nonlocal bar, conflicts
-        if event.kind == "start":
-            bar = tqdm(total=event.total, desc=desc, unit="step", file=sys.stderr, dynamic_ncols=True)
+        nonlocal bar, conflicts, first
+        if event.kind == "start":       # a resumed run starts at its checkpoint's step
+            first = event.step
+            bar = tqdm(total=event.total, initial=first, desc=desc, unit="step", file=sys.stderr, dynamic_ncols=True)
             if event.message:
                 bar.write(f"[safespace] {event.message}")
         elif event.kind == "step" and bar is not None:
@@ -36,7 +37,7 @@ def console_progress(desc: str):
             post = {"loss": f"{row['loss']:.3f}"}
             if row.get("align_loss") is not None:
                 post["align"] = f"{row['align_loss']:.3f}"
-                post["conflict"] = f"{conflicts / event.step:.0%}"
+                post["conflict"] = f"{conflicts / max(1, event.step - first):.0%}"
             bar.set_postfix(post)
             bar.update(1)
         elif event.kind == "end" and bar is not None:

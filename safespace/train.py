@@ -100,7 +100,8 @@ def train(settings: TrainSettings, examples: list, out: str | Path, *,
     checkpoint: a folder for this run's checkpoint, written every `checkpoint_every` steps (0: never)
     and at a stop, removed once the run finishes; one found there for the same settings and data is
     continued from its step.
-    shape: reshapes the tokenised rows in place, giving each a loss weight (align.row_shape; not checkpointed)."""
+    shape: reshapes the tokenised rows in place, giving each a loss weight (align.row_shape); a run that
+    checkpoints needs one with a `key` saying what it does, which its checkpoint must match."""
     emit = on_event or (lambda event: None)
     stop = should_stop or (lambda: False)
     seed_everything(settings.seed)
@@ -116,8 +117,7 @@ def train(settings: TrainSettings, examples: list, out: str | Path, *,
         optimizer, lambda s: lr_factor(s, settings.warmup, settings.steps))
     surgery = None if align_stream is None else _SafeGradStep(model, params, optimizer, align_stream, settings, device)
     loop = Loop(model, optimizer, scheduler, task_stream, align_stream, surgery)
-    saver = checkpoint_mod.Checkpoint(checkpoint, checkpoint_mod.fingerprint(settings, examples, align_examples, kind),
-                                      checkpoint_every) if checkpoint else None
+    saver = _saver(checkpoint, checkpoint_every, settings, examples, align_examples, kind, shape)
     metrics, seconds_before = saver.restore(loop) if saver else ([], 0.0)
     resumed = f", resumed at step {len(metrics)}" if metrics else ""
 
@@ -148,6 +148,19 @@ def train(settings: TrainSettings, examples: list, out: str | Path, *,
     emit(Event("end", len(metrics), settings.steps, summary,
                message=f"{status} after {len(metrics)} steps in {summary['seconds']:.0f} s -> {out}"))
     return run
+
+
+def _saver(checkpoint, every: int, settings: TrainSettings, examples: list, align_examples: list | None,
+           kind: str, shape) -> checkpoint_mod.Checkpoint | None:
+    """The run's checkpoint (None without a folder), keyed by all that makes the run what it is."""
+    if not checkpoint:
+        return None
+    shape_key = None if shape is None else getattr(shape, "key", None)
+    if shape is not None and not shape_key:
+        raise ValueError("a run that reshapes its rows checkpoints only when the shape says what it does "
+                         "(give the shape function a `key` string)")
+    return checkpoint_mod.Checkpoint(
+        checkpoint, checkpoint_mod.fingerprint(settings, examples, align_examples, kind, shape_key), every)
 
 
 @dataclass

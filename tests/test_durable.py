@@ -92,6 +92,43 @@ def test_a_checkpoint_for_other_settings_is_not_continued(tiny_model_dir, tmp_pa
     assert events[0].step == 0 and other.summary["steps_done"] == 5
 
 
+def test_the_console_bar_of_a_resumed_run_counts_from_its_checkpoint(capsys):
+    from safespace.progress import console_progress
+
+    show = console_progress("training")
+    show(train.Event("start", 20, 30))
+    for step in (21, 22):
+        show(train.Event("step", step, 30, {"loss": 1.0, "align_loss": 0.5, "conflict": step == 21}))
+    show(train.Event("end", 22, 30))
+    shown = capsys.readouterr().err
+    assert "22/30" in shown and "conflict=50%" in shown       # 1 conflict in the 2 steps run here
+
+
+def test_a_shaped_run_continues_only_under_the_same_shape(tiny_model_dir, tmp_path):
+    """A run whose rows a shape reshapes (stage 0's benign openings) checkpoints under the shape's key: a
+    checkpoint made under another shape is not continued, and a shape without a key refuses to checkpoint."""
+    def cut(tokens):
+        def shape(tok):
+            for i in range(len(tok.input_ids)):
+                tok.input_ids[i], tok.labels[i] = tok.input_ids[i][:tokens], tok.labels[i][:tokens]
+                tok.lengths[i] = len(tok.input_ids[i])
+            return [1.0] * len(tok.input_ids)
+        shape.key = f"cut to {tokens}"
+        return shape
+
+    s, seen = settings(tiny_model_dir, steps=4), []
+    train.train(s, EXAMPLES, tmp_path / "a", on_event=seen.append, should_stop=lambda: len(seen) >= 3,
+                checkpoint=tmp_path / "ck", shape=cut(20))
+    events = []
+    other = train.train(s, EXAMPLES, tmp_path / "b", on_event=events.append, checkpoint=tmp_path / "ck", shape=cut(16))
+    assert events[0].step == 0 and other.summary["steps_done"] == 4
+    assert checkpoint.fingerprint(s, EXAMPLES, None, "train", "cut to 20") != checkpoint.fingerprint(s, EXAMPLES, None, "train")
+    keyless = cut(16)
+    del keyless.key
+    with pytest.raises(ValueError, match="key"):
+        train.train(s, EXAMPLES, tmp_path / "c", checkpoint=tmp_path / "ck2", shape=keyless)
+
+
 # ------------------------------------------------------------------------------ durable job records
 
 GATES: dict[str, threading.Event] = {}
