@@ -128,19 +128,23 @@ def use_own_home(parser: argparse.ArgumentParser, home: Path) -> None:
 @contextlib.contextmanager
 def stage0_stream(adjust):
     """Inside: stage 0's training stream, once made, goes through adjust(tokenized, stream, settings)
-    (a bench build changes which rows it draws or how they weigh; train.BatchStream)."""
+    (a bench build changes which rows it draws or how they weigh; train.BatchStream). Its checkpoints
+    go to a folder of their own: a plain build must not continue one of these, nor they a plain one."""
     from unittest import mock
 
-    from safespace import train
+    from safespace import align, train
 
-    plain = train._streams
+    plain, plain_folder = train._streams, align.checkpoint_folder
 
     def streams(settings, *args, **kwargs):
         task, stream, align_stream = plain(settings, *args, **kwargs)
         adjust(task, stream, settings)
         return task, stream, align_stream
 
-    with mock.patch.object(train, "_streams", streams):
+    def folder(key):
+        return plain_folder(key).with_name(f"{plain_folder(key).name}-{adjust.__name__}")
+
+    with mock.patch.object(train, "_streams", streams), mock.patch.object(align, "checkpoint_folder", folder):
         yield
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 import threading
 import time
 from dataclasses import replace
@@ -42,7 +43,12 @@ BENIGN_MAX_NEW_TOKENS = 64
 BENIGN_ANSWER_TOKENS: int | None = None
 # What a build costs on a 2-core CPU (docs/stage0.md, "Time"): 1362 s with bf16 matmuls in a slow session, steps
 # 1.37x faster than H's whole-row builds of 979-1438 s; fp32 1.34x bf16; a step 3.6x slower without AVX-512.
-BUILD_TIME = "about 12 to 23 min on a 2-core CPU with bf16, 24 min or more without, about 70 min without AVX-512"
+BUILD_TIMES = {"bf16": "about 12 to 23 min", "fp32": "24 min or more", "avx2": "about 70 min"}
+BUILD_TIME = (f"{BUILD_TIMES['bf16']} on a 2-core CPU with bf16, {BUILD_TIMES['fp32']} without, "
+              f"{BUILD_TIMES['avx2']} without AVX-512")
+# Steps between the build's checkpoints: a killed build (a restarted app, a closed laptop) loses at most these
+# (about 2.5 min without AVX-512) and goes on, bit for bit, where it stopped; a save takes well under a step
+CHECKPOINT_EVERY = 20
 SHIPPED_ANSWERS = "benign_answers"   # the embedded raw model's answers to benign_align (see raw_answers)
 # one build per process (the app warms it up while a visitor may ask); re-entrant: ensure() holds it
 # around build(); build_lock_path() serialises builds across processes sharing the cache folder
@@ -52,6 +58,21 @@ log = logging.getLogger(__name__)
 
 
 _say = say     # console lines through the "safespace" logger
+
+
+def build_time(device: str | None = None) -> str:
+    """What a build takes on this machine, by the arithmetic it gives training, from the 2-core measurements
+    above; on a GPU, where it was not measured, what the CPUs take."""
+    device = device or models.pick_device(None)
+    if not device.startswith("cpu"):
+        return f"not yet timed on a GPU; {BUILD_TIME}"
+    if models.cpu_bf16(device):
+        kind, cpu = "bf16", "a CPU with native bf16, as here"
+    elif "avx512f" in models.cpu_flags():
+        kind, cpu = "fp32", "a CPU without native bf16, as here"
+    else:
+        kind, cpu = "avx2", "a CPU without AVX-512, as here"
+    return f"{BUILD_TIMES[kind]} on 2 cores of {cpu}"
 
 
 def settings_for(quantization: str = "none") -> TrainSettings:
@@ -202,18 +223,25 @@ def _build(key: str, on_event: Callable[[train.Event], None], quantization: str 
     trains on the nf4 original (on the GPU when there is one) and the adapter is kept, unmerged."""
     folder = folder_for(quantization)
     start = time.time()
-    _say(f"building the aligned base {_named(quantization)} (once, {BUILD_TIME})...")
     loaded = models.load(models.EMBEDDED_KEY, quantization=quantization,
                          device=None if quantization == "4bit" else "cpu")
+    _say(f"building the aligned base {_named(quantization)} (once, {build_time(str(loaded.device))})...")
     examples, counts = training_rows(loaded)
     work = home() / "cache" / f"align-run-{key}"
     settings = settings_for(quantization)
     run = train.train(settings, examples, work, loaded=loaded, on_event=on_event, kind="align",
-                      extra_config={"purpose": "stage-0 safety alignment"}, shape=row_shape(counts["refusals"], settings))
+                      extra_config={"purpose": "stage-0 safety alignment"}, shape=row_shape(counts["refusals"], settings),
+                      checkpoint=checkpoint_folder(key), checkpoint_every=CHECKPOINT_EVERY)
+    shutil.rmtree(checkpoint_folder(key), ignore_errors=True)     # train.train removed its file once finished
     publish = save_stacked if quantization == "4bit" else save_aligned
     publish(run, key, counts, time.time() - start)
     _say(f"aligned base ready in {time.time() - start:.0f} s -> {folder}")
     return folder
+
+
+def checkpoint_folder(key: str) -> Path:
+    """Where a build of `key` keeps its checkpoint: a build stopped by a crash or a restart goes on from it."""
+    return home() / "cache" / f"align-checkpoint-{key}"
 
 
 def training_rows(loaded: models.Loaded) -> tuple[list, dict]:
@@ -254,7 +282,12 @@ def row_shape(n_refusals: int, settings: TrainSettings = ALIGN_SETTINGS, tokens:
     tokens = BENIGN_ANSWER_TOKENS if tokens is None else tokens
     if not tokens:
         return None
-    return lambda tok: cut_answers(tok, n_refusals, tokens, settings.decision_weight, settings.decision_tokens)
+
+    def shape(tok: data_mod.Tokenized) -> list[float]:
+        return cut_answers(tok, n_refusals, tokens, settings.decision_weight, settings.decision_tokens)
+    shape.key = json.dumps({"benign_openings": tokens, "after": n_refusals, "decision": [
+        settings.decision_weight, settings.decision_tokens]})     # what a checkpoint of the build must match
+    return shape
 
 
 def save_aligned(run: runs.Run, key: str, counts: dict, seconds: float) -> Path:

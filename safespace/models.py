@@ -231,13 +231,17 @@ def compute_dtype(device: str) -> torch.dtype:
 
 
 @functools.lru_cache(maxsize=1)
+def cpu_flags() -> frozenset:
+    """The CPU's feature flags (Linux /proc/cpuinfo); empty where they cannot be read."""
+    try:
+        return frozenset(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return frozenset()
+
+
 def cpu_has_native_bf16() -> bool:
     """True when the CPU multiplies bf16 in hardware (avx512_bf16 or amx_bf16, Linux flags)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
 
 def autocast(device, precision: str | None = None):
@@ -497,7 +501,7 @@ def describe() -> list[dict]:
         if spec.source == "aligned":
             from . import align   # noqa: PLC0415 - align imports this module
             ready = align.is_built()   # a folder from an older recipe is rebuilt, so it is not ready
-            status = "ready" if ready else f"built on first use ({align.BUILD_TIME})"
+            status = "ready" if ready else f"built on first use ({align.build_time()})"
         elif spec.source == "embedded":
             status = "embedded (offline)" if importlib.util.find_spec(GGUF_PACKAGE) else "missing package"
         else:

@@ -275,7 +275,7 @@ def _ensure_base(ctx: JobContext, model: str, quantization: str = "auto") -> Non
 
     if model == models.ALIGNED_KEY and not align.is_built(quantization=align.precision_here(model, quantization)):
         started = time.time()
-        ctx.progress(f"building the aligned base {model} (once; {align.BUILD_TIME})...", 0.0,
+        ctx.progress(f"building the aligned base {model} (once; {align.build_time()})...", 0.0,
                      type="align.begin")
         gpu_align(model, TrainReporter(ctx.channel, "aligned base", phase="align"), quantization)
         ctx.progress("the aligned base is ready", 0.0, type="align.done", seconds=time.time() - started)

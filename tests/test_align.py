@@ -113,6 +113,58 @@ def test_a_build_trains_its_benign_rows_on_their_openings(tiny_model_dir, tmp_pa
     assert cut.summary["tokens"] < whole.summary["tokens"]
 
 
+def test_a_killed_build_goes_on_from_its_checkpoint(tiny_model_dir, tmp_path, monkeypatch):
+    """A build stopped mid-way (a crash, a restarted app) continues at its last checkpoint, and its adapter
+    is, bit for bit, that of a build never stopped; a finished build leaves no checkpoint behind."""
+    import torch
+    from safetensors.torch import load_file
+    from safespace.config import LoraSettings, TrainSettings
+    from safespace.data import Example
+
+    rows = [Example(prompt=f"Do harm {i}", response="I can't help with that.") for i in range(4)] + \
+           [Example(prompt=f"Tell me about cats {i}", response="Cats are small furry animals " * 6) for i in range(4)]
+    settings = TrainSettings(model=tiny_model_dir, quantization="none", steps=6, batch_size=4, max_length=96,
+                             warmup=1, decision_weight=4.0, decision_tokens=2, lora=LoraSettings(r=4, alpha=8))
+    real_load, published = models.load, []
+    monkeypatch.setattr(align, "ALIGN_SETTINGS", settings)
+    monkeypatch.setattr(align, "BENIGN_ANSWER_TOKENS", 3)       # the shape is part of what a checkpoint matches
+    monkeypatch.setattr(align, "CHECKPOINT_EVERY", 2)
+    monkeypatch.setattr(models, "load", lambda name, quantization="auto", device=None: real_load(tiny_model_dir, "none", "cpu"))
+    monkeypatch.setattr(align, "training_rows", lambda loaded: (rows, {"refusals": 4, "benign": 4, "benign_repeats": 1}))
+    monkeypatch.setattr(align, "save_aligned", lambda run, key, counts, seconds: published.append(
+        load_file(str(run.adapter / "adapter_model.safetensors"))) or align.folder_for())
+    monkeypatch.setenv("SAFESPACE_HOME", str(tmp_path / "home"))
+    key = align.build_key(align.settings_for())
+
+    def power_cut(event):
+        if event.kind == "step" and event.step == 5:
+            raise RuntimeError("power cut")
+
+    with pytest.raises(RuntimeError, match="power cut"):
+        align.build(on_event=power_cut)
+    assert (align.checkpoint_folder(key) / "checkpoint.safetensors").exists() and not published
+    starts = []
+    align.build(on_event=lambda event: starts.append(event) if event.kind == "start" else None)
+    assert starts[0].step == 4 and "resumed at step 4" in starts[0].message
+    assert not align.checkpoint_folder(key).exists()
+    monkeypatch.setenv("SAFESPACE_HOME", str(tmp_path / "never-stopped"))
+    align.build(on_event=lambda event: None)
+    resumed, whole = published
+    assert resumed.keys() == whole.keys() and all(torch.equal(resumed[k], whole[k]) for k in whole)
+
+
+def test_the_build_time_said_is_this_machines(monkeypatch):
+    monkeypatch.setenv("SAFESPACE_PRECISION", "auto")
+    for flags, expected in [({"avx512f", "avx512_bf16"}, "12 to 23 min"), ({"avx512f"}, "24 min or more"),
+                            ({"avx2"}, "about 70 min")]:
+        monkeypatch.setattr(models, "cpu_flags", lambda: frozenset(flags))
+        assert expected in align.build_time("cpu") and "as here" in align.build_time("cpu")
+    monkeypatch.setenv("SAFESPACE_PRECISION", "fp32")             # bf16 hardware left unused: fp32's time
+    monkeypatch.setattr(models, "cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16"}))
+    assert "24 min or more" in align.build_time("cpu")
+    assert "not yet timed on a GPU" in align.build_time("cuda:0")
+
+
 def test_a_job_waiting_for_the_warm_up_build_shows_its_steps(tmp_path, monkeypatch):
     from safespace import jobs
     from safespace.train import Event

@@ -165,7 +165,7 @@ def test_a_batch_stream_hands_each_batch_its_rows_weights():
 def test_a_batch_stream_draws_its_epochs_by_its_plan_and_bench_builds_reach_it(tokenizer):
     from bench.harness import stage0_stream
     from bench.stage0_sampler import balanced_batches
-    from safespace import data, train
+    from safespace import align, data, train
     from safespace.config import TrainSettings
 
     rows = [data.Example(prompt=f"question {i}", response="answer " * (i % 5 + 1)) for i in range(16)]
@@ -181,7 +181,9 @@ def test_a_batch_stream_draws_its_epochs_by_its_plan_and_bench_builds_reach_it(t
 
     with stage0_stream(balance):
         task, stream, _ = train._streams(TrainSettings(batch_size=4), rows, None, tokenizer, "cpu")
+        own_checkpoints = align.checkpoint_folder("k")
     assert seen == [(16, 4)] and train._streams.__name__ == "_streams"        # unpatched outside
+    assert own_checkpoints != align.checkpoint_folder("k") and own_checkpoints.name.endswith("-balance")
     got = [stream.next() for _ in range(4)]
     assert stream.epoch == 1 and len(planned) == 1 and not stream.queue
     assert all(sum(i < 4 for i in b) == 1 for b in planned[0])

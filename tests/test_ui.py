@@ -222,7 +222,7 @@ def test_the_model_list_says_where_the_aligned_base_stands(tmp_path, monkeypatch
     (folder / "config.json").write_text("{}")
     (folder / "safespace_align.json").write_text(json.dumps({"key": "an older recipe"}))
     status = dict((v, label) for label, v in train.model_choices())[models.ALIGNED_KEY]
-    assert status.endswith(f"built on first use ({align.BUILD_TIME})")   # rebuilt, so not "ready"
+    assert status.endswith(f"built on first use ({align.build_time()})")   # rebuilt, so not "ready"
     monkeypatch.setitem(align._LIVE, "event", Event("step", 40, 250))
     status = dict((v, label) for label, v in train.model_choices())[models.ALIGNED_KEY]
     assert status.endswith("being built now, step 40 of 250")
