@@ -5,6 +5,9 @@ row seen once with its loss weighted by its repeats instead of repeated.
   N tokens, and each cut row's loss weighted so that it carries the share of the batch loss its
   whole answer had (align.BENIGN_ANSWER_TOKENS, align.row_shape). Whether an answer helps or refuses
   shows in its opening; benign rows are 81 % of stage 0's rows and 85 % of its tokens. 0 keeps them whole.
+- --top-layers N: the LoRA adapter on the model's top N layers only (peft's layers_to_transform): the
+  backward pass stops at the lowest of them (bench/stage0_time.py times a step beside the default's, which
+  adapts every layer).
 - --once: the default repeats each benign row align.BENIGN_REPEATS times and makes one pass over
   the lot; here the pass holds each row once, a benign row's loss weighted by the repeats, so the
   expected refusal/benign share of the loss (the lever of docs/stage0.md) stays, in 2.8x fewer steps.
@@ -12,7 +15,7 @@ row seen once with its loss weighted by its repeats instead of repeated.
 The question these builds answer: does the base refuse and over-refuse as the default's does, in
 less time (docs/stage0.md, "Fewer tokens")?
 
-    PYTHONPATH=. .venv/bin/python bench/stage0_short.py --home /tmp/short16 --tokens 16 [--once]
+    PYTHONPATH=. .venv/bin/python bench/stage0_short.py --home /tmp/short16 --tokens 16 [--once] [--top-layers 15]
 
 --home is a cache folder of its own: the build is written where the default aligned base lives, so in
 the default cache folder it would replace it. Prints the build time and the aligned base's report
@@ -27,7 +30,31 @@ from bench.harness import own_home_parser, print_align_report, stage0_stream, us
 from safespace.progress import console_progress
 
 
-def build(seed: int, tokens: int, once: bool) -> float:
+@contextlib.contextmanager
+def top_layers(top: int):
+    """Inside: every LoRA adapter made covers only the model's top `top` layers (0: every layer)."""
+    from unittest import mock
+    from safespace import models
+
+    plain_add, plain_config = models.add_lora, models.lora_config
+
+    def add_lora(model, lora, adapter_name="default"):
+        n = model.config.num_hidden_layers
+        if not 0 < top <= n:
+            raise SystemExit(f"--top-layers must be 1..{n} for this model")
+
+        def config(settings):
+            made = plain_config(settings)
+            made.layers_to_transform = list(range(n - top, n))
+            return made
+        with mock.patch.object(models, "lora_config", config):
+            return plain_add(model, lora, adapter_name)
+
+    with mock.patch.object(models, "add_lora", add_lora) if top else contextlib.nullcontext():
+        yield
+
+
+def build(seed: int, tokens: int, once: bool, top: int = 0) -> float:
     """Build stage 0 (the default recipe, in fewer tokens) in this process's cache folder; its seconds.
     The settings are changed for the whole process, so the report that follows finds this build."""
     from dataclasses import replace
@@ -42,7 +69,8 @@ def build(seed: int, tokens: int, once: bool) -> float:
     align.ALIGN_SETTINGS = replace(settings, seed=seed)
     align.BENIGN_ANSWER_TOKENS = tokens or None          # align.row_shape cuts them (0: whole)
     print(f"{align.ALIGN_SETTINGS.steps} steps, benign answers "
-          f"{f'cut to {tokens} tokens' if tokens else 'whole'}, benign rows weighted {repeats if once else 1}", flush=True)
+          f"{f'cut to {tokens} tokens' if tokens else 'whole'}, benign rows weighted {repeats if once else 1}, "
+          f"LoRA on {f'the top {top} layers' if top else 'every layer'}", flush=True)
     n_first = len(data_mod.bundled("alignment"))       # training_rows puts the refusals first
 
     def weigh_repeats(task, stream, settings):          # each benign row once, weighted by its repeats
@@ -50,7 +78,7 @@ def build(seed: int, tokens: int, once: bool) -> float:
         stream.row_weight = weights[:n_first] + [w * repeats for w in weights[n_first:]]
 
     start = time.time()
-    with stage0_stream(weigh_repeats) if once else contextlib.nullcontext():
+    with stage0_stream(weigh_repeats) if once else contextlib.nullcontext(), top_layers(top):
         align.build(force=True, on_event=console_progress("aligning"))
     return time.time() - start
 
@@ -61,6 +89,7 @@ def main() -> None:
     parser = own_home_parser(__doc__)
     parser.add_argument("--tokens", type=int, default=16, help="answer tokens kept of each benign row (0: all)")
     parser.add_argument("--once", action="store_true", help="each benign row once, weighted by its repeats")
+    parser.add_argument("--top-layers", type=int, default=0, help="LoRA on the top N layers only (0: every layer)")
     parser.add_argument("--sets", nargs="+", help="score only these evaluation sets (default: every one)")
     args = parser.parse_args()
     if args.tokens < 0:
@@ -70,7 +99,9 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown --sets {sorted(unknown)}: choose from {[*known['harmful'], *known['benign']]}")
     use_own_home(parser, args.home)
-    print(f"build s {build(args.seed, args.tokens, args.once):.0f}", flush=True)
+    if args.top_layers < 0:
+        parser.error("--top-layers must be 0 (every layer) or more")
+    print(f"build s {build(args.seed, args.tokens, args.once, args.top_layers):.0f}", flush=True)
     print_align_report(*([k for k in known[kind] if not args.sets or k in args.sets] for kind in ("harmful", "benign")))
 
 

@@ -16,13 +16,17 @@ from dataclasses import replace
 from unittest import mock
 
 from bench.harness import cpu_model, table
+from bench.stage0_short import top_layers
 from safespace import align, models, safegrad, train
 
-# (label, precision, shared prefix, benign answers cut to this many tokens, None: as a build); the first is what a build runs
-VARIANTS = [("bf16 where native, shared prefix (a build)", "auto", True, None),
-            ("bf16 where native, every row whole", "auto", False, None),
-            ("fp32, shared prefix", "fp32", True, None),
-            ("bf16 where native, shared prefix, benign openings of 16 tokens (align.BENIGN_ANSWER_TOKENS)", "auto", True, 16)]
+# (label, precision, shared prefix, benign answers cut to this many tokens (None: as a build), LoRA on the top N
+# layers only (0: every layer, as a build)); the first is what a build runs
+VARIANTS = [("bf16 where native, shared prefix (a build)", "auto", True, None, 0),
+            ("bf16 where native, every row whole", "auto", False, None, 0),
+            ("fp32, shared prefix", "fp32", True, None, 0),
+            ("bf16 where native, shared prefix, benign openings of 16 tokens (align.BENIGN_ANSWER_TOKENS)", "auto", True, 16, 0),
+            ("bf16 where native, shared prefix, LoRA on the top 15 layers (bench/stage0_short.py --top-layers)",
+             "auto", True, None, 15)]
 
 
 def step_seconds(precision: str, share: bool, steps: int, examples: list, counts: dict, loaded,
@@ -52,11 +56,12 @@ def main() -> None:
                      f"warms up for {align.ALIGN_SETTINGS.warmup}")
     total = align.ALIGN_SETTINGS.steps
     rows, medians = [], []
-    for label, precision, share, opening in VARIANTS:
+    for label, precision, share, opening, top in VARIANTS:
         loaded = models.load(models.EMBEDDED_KEY, quantization="none", device="cpu")   # LoRA wraps it: one each
         examples, counts = align.training_rows(loaded)
         arithmetic = "bf16" if models.cpu_bf16("cpu", precision) else "fp32"
-        medians.append(statistics.median(step_seconds(precision, share, steps, examples, counts, loaded, opening)[2:]))
+        with top_layers(top):
+            medians.append(statistics.median(step_seconds(precision, share, steps, examples, counts, loaded, opening)[2:]))
         rows.append([f"{label} ({arithmetic} matmuls)", round(medians[-1], 2), round(medians[-1] * total / 60, 1),
                      f"{medians[-1] / medians[0]:.2f}x"])
     table(["variant", "s/step (median)", f"{total} steps (min)", "time / a build's"], rows)
