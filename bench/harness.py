@@ -142,9 +142,34 @@ def stage0_stream(adjust):
         return task, stream, align_stream
 
     def folder(key):
-        return plain_folder(key).with_name(f"{plain_folder(key).name}-{adjust.__name__}")
+        plain_path = plain_folder(key)
+        return plain_path.with_name(f"{plain_path.name}-{adjust.__name__}")
 
     with mock.patch.object(train, "_streams", streams), mock.patch.object(align, "checkpoint_folder", folder):
+        yield
+
+
+@contextlib.contextmanager
+def top_layers(top: int):
+    """Inside: every LoRA adapter made covers only the model's top `top` layers (0: every layer)."""
+    from unittest import mock
+    from safespace import models
+
+    plain_add, plain_config = models.add_lora, models.lora_config
+
+    def add_lora(model, lora, adapter_name="default"):
+        n = model.config.num_hidden_layers
+        if not 0 < top <= n:
+            raise SystemExit(f"--top-layers must be 1..{n} for this model")
+
+        def config(settings):
+            made = plain_config(settings)
+            made.layers_to_transform = list(range(n - top, n))
+            return made
+        with mock.patch.object(models, "lora_config", config):
+            return plain_add(model, lora, adapter_name)
+
+    with mock.patch.object(models, "add_lora", add_lora) if top else contextlib.nullcontext():
         yield
 
 

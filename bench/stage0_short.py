@@ -26,32 +26,8 @@ import contextlib
 import math
 import time
 
-from bench.harness import own_home_parser, print_align_report, stage0_stream, use_own_home
+from bench.harness import own_home_parser, print_align_report, stage0_stream, top_layers, use_own_home
 from safespace.progress import console_progress
-
-
-@contextlib.contextmanager
-def top_layers(top: int):
-    """Inside: every LoRA adapter made covers only the model's top `top` layers (0: every layer)."""
-    from unittest import mock
-    from safespace import models
-
-    plain_add, plain_config = models.add_lora, models.lora_config
-
-    def add_lora(model, lora, adapter_name="default"):
-        n = model.config.num_hidden_layers
-        if not 0 < top <= n:
-            raise SystemExit(f"--top-layers must be 1..{n} for this model")
-
-        def config(settings):
-            made = plain_config(settings)
-            made.layers_to_transform = list(range(n - top, n))
-            return made
-        with mock.patch.object(models, "lora_config", config):
-            return plain_add(model, lora, adapter_name)
-
-    with mock.patch.object(models, "add_lora", add_lora) if top else contextlib.nullcontext():
-        yield
 
 
 def build(seed: int, tokens: int, once: bool, top: int = 0) -> float:

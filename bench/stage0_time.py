@@ -15,8 +15,7 @@ import tempfile
 from dataclasses import replace
 from unittest import mock
 
-from bench.harness import cpu_model, table
-from bench.stage0_short import top_layers
+from bench.harness import cpu_model, table, top_layers
 from safespace import align, models, safegrad, train
 
 # (label, precision, shared prefix, benign answers cut to this many tokens (None: as a build), LoRA on the top N

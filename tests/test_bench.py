@@ -190,3 +190,18 @@ def test_a_batch_stream_draws_its_epochs_by_its_plan_and_bench_builds_reach_it(t
     as_rows = [sorted(tuple(ids[mask.bool()].tolist()) for ids, mask in zip(b["input_ids"], b["attention_mask"]))
                for b in got]
     assert as_rows == [sorted(tuple(task.input_ids[i]) for i in b) for b in reversed(planned[0])]   # popped from the end
+
+
+def test_top_layers_puts_lora_on_the_top_layers_only(tokenizer):
+    """bench/stage0_short.py --top-layers: the adapter trains the model's top N layers and no other."""
+    from bench.harness import top_layers
+    from helpers import tiny_llama
+    from safespace import models
+    from safespace.config import LoraSettings
+
+    def trained_layers(model):
+        return sorted({int(n.split(".layers.")[1].split(".")[0]) for n, p in model.named_parameters() if p.requires_grad})
+
+    with top_layers(2):
+        assert trained_layers(models.add_lora(tiny_llama(tokenizer, layers=4), LoraSettings(r=2, alpha=4))) == [2, 3]
+    assert trained_layers(models.add_lora(tiny_llama(tokenizer, layers=4), LoraSettings(r=2, alpha=4))) == [0, 1, 2, 3]
