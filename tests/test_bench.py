@@ -205,3 +205,44 @@ def test_top_layers_puts_lora_on_the_top_layers_only(tokenizer):
     with top_layers(2):
         assert trained_layers(models.add_lora(tiny_llama(tokenizer, layers=4), LoraSettings(r=2, alpha=4))) == [2, 3]
     assert trained_layers(models.add_lora(tiny_llama(tokenizer, layers=4), LoraSettings(r=2, alpha=4))) == [0, 1, 2, 3]
+
+
+def test_contrast_basis_finds_the_directions_refusals_use_and_benign_rows_do_not():
+    """bench/stage0_nullspace.py --mode contrast: the kept directions are those with the most refusal
+    energy per unit of benign energy, not the most refusal energy."""
+    import torch
+    from bench.stage0_nullspace import contrast_basis, projector
+
+    benign = torch.diag(torch.tensor([1.0, 1.0, 100.0, 100.0, 1.0, 1.0]))
+    harmful = torch.diag(torch.tensor([10.0, 10.0, 50.0, 50.0, 1.0, 1.0]))   # dims 2, 3: most energy, ratio 0.5
+    rotation = torch.linalg.qr(torch.randn(6, 6, generator=torch.Generator().manual_seed(0)))[0]
+    basis = contrast_basis(rotation @ benign @ rotation.T, rotation @ harmful @ rotation.T, m=2)
+    kept = projector(basis, keep=True)
+    assert torch.allclose(kept @ rotation[:, :2], rotation[:, :2], atol=1e-4)      # dims 0, 1 (ratio 10)
+    assert torch.allclose(kept @ rotation[:, 2:], torch.zeros(6, 4), atol=1e-4)
+    off = projector(basis, keep=False)
+    assert torch.allclose(off @ off, off, atol=1e-5) and torch.allclose(off + kept, torch.eye(6), atol=1e-5)
+
+
+def test_benign_nullspace_keeps_the_adapter_in_its_subspace_through_training(tokenizer):
+    """The constraint holds at initialisation and after optimiser steps, so the saved adapter is exact."""
+    import torch
+    from bench.stage0_nullspace import benign_nullspace
+    from helpers import tiny_llama
+    from safespace import models
+    from safespace.config import LoraSettings
+
+    model = tiny_llama(tokenizer, layers=2)
+    targets = {n: m for n, m in model.named_modules() if n.endswith(".q_proj")}
+    made = {n: torch.eye(m.in_features)[:, :3] @ torch.eye(m.in_features)[:3] for n, m in targets.items()}
+    with benign_nullspace(made):
+        peft_model = models.add_lora(model, LoraSettings(r=2, alpha=4, targets=("q_proj",)))
+        weights = [p for n, p in peft_model.named_parameters() if "lora_A" in n]
+        optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=0.1)
+        for _ in range(2):
+            peft_model(input_ids=torch.tensor([[1, 2, 3, 4]]), labels=torch.tensor([[1, 2, 3, 4]])).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    assert len(weights) == 2
+    for w in weights:
+        assert w.abs()[:, :3].sum() > 0 and torch.equal(w[:, 3:], torch.zeros_like(w[:, 3:]))
