@@ -25,6 +25,7 @@ import time
 
 import torch
 import torch.optim.optimizer as optimizer_hooks
+from safetensors.torch import load_file, save_file
 
 from bench.harness import own_home_parser, print_align_report, use_own_home
 from safespace.progress import console_progress
@@ -122,10 +123,11 @@ def covariances(probe: int) -> tuple[dict, dict]:
     `probe` refusal rows, cached in the cache folder (they take minutes)."""
     from safespace import align, config, data as data_mod, models
 
-    cache = config.home() / "cache" / f"stage0-covariances-{probe}.pt"
+    cache = config.home() / "cache" / f"stage0-covariances-{probe}.safetensors"
     if cache.exists():
-        saved = torch.load(cache)
-        return saved["benign"], saved["harmful"]
+        saved = load_file(cache)
+        return ({k[7:]: v for k, v in saved.items() if k.startswith("benign:")},
+                {k[8:]: v for k, v in saved.items() if k.startswith("harmful:")})
     settings = align.ALIGN_SETTINGS
     loaded = models.load(models.EMBEDDED_KEY, quantization="none", device="cpu")
     benign = align.benign_answers(loaded, data_mod.bundled("benign_align"), align.benign_asks())
@@ -134,7 +136,7 @@ def covariances(probe: int) -> tuple[dict, dict]:
             for kind, rows in (("benign", benign), ("harmful", data_mod.bundled("alignment")[:probe]))}
     print(f"covariances of {len(benign)} benign and {probe} refusal rows in {time.time() - start:.0f} s", flush=True)
     cache.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(covs, cache)
+    save_file({f"{kind}:{n}": c.contiguous() for kind, part in covs.items() for n, c in part.items()}, cache)
     return covs["benign"], covs["harmful"]
 
 
