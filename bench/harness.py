@@ -108,11 +108,24 @@ def section_header(title: str) -> None:
 
 # ------------------------------------------------------------------------------------------ machine
 def own_home_parser(doc: str) -> argparse.ArgumentParser:
-    """The arguments of a script that builds stage 0 in a cache folder of its own (--home, --seed)."""
+    """The arguments of a script that builds stage 0 in a cache folder of its own (--home, --seed, --sets)."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--home", type=Path, required=True, help="a cache folder of its own")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--sets", nargs="+", help="score only these evaluation sets (default: every one)")
     return parser
+
+
+def chosen_sets(parser: argparse.ArgumentParser, sets: list[str] | None) -> tuple[list[str], list[str]]:
+    """The harmful and the benign evaluation sets named by --sets (every one when None); a clear error
+    for a name that is not a set."""
+    from safespace import evalsets
+
+    known = {kind: evalsets.keys_of(kind) for kind in ("harmful", "benign")}
+    unknown = set(sets or ()) - {*known["harmful"], *known["benign"]}
+    if unknown:
+        parser.error(f"unknown --sets {sorted(unknown)}: choose from {[*known['harmful'], *known['benign']]}")
+    return tuple([k for k in known[kind] if not sets or k in sets] for kind in ("harmful", "benign"))
 
 
 def use_own_home(parser: argparse.ArgumentParser, home: Path) -> None:

@@ -27,38 +27,8 @@ import torch
 import torch.optim.optimizer as optimizer_hooks
 from safetensors.torch import load_file, save_file
 
-from bench.harness import own_home_parser, print_align_report, use_own_home
+from bench.harness import chosen_sets, own_home_parser, print_align_report, use_own_home
 from safespace.progress import console_progress
-
-
-@torch.no_grad()
-def input_covariances(model, tokenizer, examples, targets, max_length: int, batch: int = 8) -> dict:
-    """{module name: mean over real tokens of x x^T} for the inputs of every Linear named *.<target>."""
-    from safespace import data as data_mod
-
-    tok = data_mod.tokenize(examples, tokenizer, max_length)
-    sums, hooks, mask = {}, [], {}
-
-    def hook(name):
-        def add(_module, args):
-            x = args[0].float()[mask["now"]]
-            sums[name] = sums.get(name, 0) + x.T @ x
-        return add
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets:
-            hooks.append(module.register_forward_pre_hook(hook(name)))
-    tokens = 0
-    try:
-        for start in range(0, len(tok.input_ids), batch):
-            rows = data_mod.collate(tok.input_ids[start:start + batch], tok.labels[start:start + batch],
-                                    tokenizer.pad_token_id)
-            mask["now"] = rows["attention_mask"].bool()
-            tokens += int(mask["now"].sum())
-            model(input_ids=rows["input_ids"], attention_mask=rows["attention_mask"])
-    finally:
-        for h in hooks:
-            h.remove()
-    return {name: s / tokens for name, s in sums.items()}
 
 
 def protected_basis(cov: torch.Tensor, energy: float) -> torch.Tensor:
@@ -120,8 +90,10 @@ def benign_nullspace(projectors: dict):
 
 def covariances(probe: int) -> tuple[dict, dict]:
     """The input covariances of the embedded raw model's adapted layers over the benign rows and over
-    `probe` refusal rows, cached in the cache folder (they take minutes)."""
+    `probe` refusal rows, each up to a scale (safedelta.collect_hessians; the bases and energy shares
+    below do not depend on it), cached in the cache folder (they take minutes)."""
     from safespace import align, config, data as data_mod, models
+    from safespace.safedelta import collect_hessians
 
     cache = config.home() / "cache" / f"stage0-covariances-{probe}.safetensors"
     if cache.exists():
@@ -132,7 +104,14 @@ def covariances(probe: int) -> tuple[dict, dict]:
     loaded = models.load(models.EMBEDDED_KEY, quantization="none", device="cpu")
     benign = align.benign_answers(loaded, data_mod.bundled("benign_align"), align.benign_asks())
     start = time.time()
-    covs = {kind: input_covariances(loaded.model, loaded.tokenizer, rows, settings.lora.targets, settings.max_length)
+    names = [n for n, m in loaded.model.named_modules()
+             if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in settings.lora.targets]
+
+    def batches(rows):           # every real token counts (collect_hessians: a per-row scale of the sum of x x^T)
+        tok = data_mod.tokenize(rows, loaded.tokenizer, settings.max_length)
+        return (data_mod.collate(tok.input_ids[i:i + 8], tok.labels[i:i + 8], loaded.tokenizer.pad_token_id)
+                for i in range(0, len(tok.input_ids), 8))
+    covs = {kind: collect_hessians(loaded.model, names, batches(rows))
             for kind, rows in (("benign", benign), ("harmful", data_mod.bundled("alignment")[:probe]))}
     print(f"covariances of {len(benign)} benign and {probe} refusal rows in {time.time() - start:.0f} s", flush=True)
     cache.parent.mkdir(parents=True, exist_ok=True)
@@ -183,8 +162,6 @@ def build(seed: int, mode: str, size: float, passes: float, probe: int, openings
 
 
 def main() -> None:
-    from safespace import evalsets
-
     parser = own_home_parser(__doc__)
     parser.add_argument("--mode", choices=("complement", "contrast"), default="contrast",
                         help="complement: A off the benign inputs' top energy; contrast: A on the directions "
@@ -196,12 +173,15 @@ def main() -> None:
                         help="N: train the benign rows too, once each, on their first N answer tokens "
                              "(bench/stage0_short.py --once --tokens N), under the constraint")
     parser.add_argument("--probe", type=int, default=160, help="refusal rows whose covariance is measured")
-    parser.add_argument("--sets", nargs="+", help="score only these evaluation sets (default: every one)")
     args = parser.parse_args()
+    if args.mode == "complement" and not 0 < args.size < 1:
+        parser.error("--mode complement takes --size in (0, 1): the share of the benign energy protected")
+    if args.mode == "contrast" and (args.size < 1 or args.size != int(args.size)):
+        parser.error("--mode contrast takes --size as a whole number of directions, 1 or more")
+    sets = chosen_sets(parser, args.sets)
     use_own_home(parser, args.home)
-    known = {kind: evalsets.keys_of(kind) for kind in ("harmful", "benign")}
     print(f"build s {build(args.seed, args.mode, args.size, args.passes, args.probe, args.benign_openings):.0f}", flush=True)
-    print_align_report(*([k for k in known[kind] if not args.sets or k in args.sets] for kind in ("harmful", "benign")))
+    print_align_report(*sets)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import random
 import time
 from dataclasses import replace
 
-from bench.harness import own_home_parser, print_align_report, stage0_stream, use_own_home
+from bench.harness import chosen_sets, own_home_parser, print_align_report, stage0_stream, use_own_home
 
 
 def balanced_batches(lengths: list[int], n_first: int, per_batch: int, batch_size: int,
@@ -74,9 +74,10 @@ def main() -> None:
     args = parser.parse_args()
     if not 1 <= args.per_batch <= 7:
         parser.error("--per-batch must be 1..7 (a batch holds 8 rows)")
+    sets = chosen_sets(parser, args.sets)
     use_own_home(parser, args.home)
     print(f"build s {build(args.seed, args.per_batch):.0f}", flush=True)
-    print_align_report()
+    print_align_report(*sets)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ import contextlib
 import math
 import time
 
-from bench.harness import own_home_parser, print_align_report, stage0_stream, top_layers, use_own_home
+from bench.harness import chosen_sets, own_home_parser, print_align_report, stage0_stream, top_layers, use_own_home
 from safespace.progress import console_progress
 
 
@@ -60,25 +60,19 @@ def build(seed: int, tokens: int, once: bool, top: int = 0) -> float:
 
 
 def main() -> None:
-    from safespace import evalsets
-
     parser = own_home_parser(__doc__)
     parser.add_argument("--tokens", type=int, default=16, help="answer tokens kept of each benign row (0: all)")
     parser.add_argument("--once", action="store_true", help="each benign row once, weighted by its repeats")
     parser.add_argument("--top-layers", type=int, default=0, help="LoRA on the top N layers only (0: every layer)")
-    parser.add_argument("--sets", nargs="+", help="score only these evaluation sets (default: every one)")
     args = parser.parse_args()
     if args.tokens < 0:
         parser.error("--tokens must be 0 (whole answers) or more")
-    known = {kind: evalsets.keys_of(kind) for kind in ("harmful", "benign")}
-    unknown = set(args.sets or ()) - {*known["harmful"], *known["benign"]}
-    if unknown:
-        parser.error(f"unknown --sets {sorted(unknown)}: choose from {[*known['harmful'], *known['benign']]}")
+    sets = chosen_sets(parser, args.sets)
     use_own_home(parser, args.home)
     if args.top_layers < 0:
         parser.error("--top-layers must be 0 (every layer) or more")
     print(f"build s {build(args.seed, args.tokens, args.once, args.top_layers):.0f}", flush=True)
-    print_align_report(*([k for k in known[kind] if not args.sets or k in args.sets] for kind in ("harmful", "benign")))
+    print_align_report(*sets)
 
 
 if __name__ == "__main__":
