@@ -5,7 +5,9 @@ safety to preserve. We teach it to refuse with a short LoRA run on
     (harmful prompt -> refusal)           the bundled alignment split, written refusals
     (benign prompt  -> its own answer)    the raw model's greedy answers, so it stays helpful
 then merge the adapter in fp32 and cache the result under a key of model + data + settings.
-Deterministic: same inputs, same key, same weights. Built on first use, reused afterwards.
+Deterministic: same inputs, same key, same weights on the same kind of machine. Built on first use, on
+the GPU when there is one (bf16 there, so its weights differ from a CPU build's in the last bits), reused
+afterwards.
 The 4-bit aligned base is a build of its own: the same data trains on the nf4 original, and the adapter
 stays apart, added at load time (safespace.stack); rounding merged weights to nf4 loses stage 0.
 """
@@ -220,11 +222,10 @@ def _named(quantization: str) -> str:
 
 def _build(key: str, on_event: Callable[[train.Event], None], quantization: str = "none") -> Path:
     """Train and publish the aligned base (the lock is held by build()). In 4-bit the same data
-    trains on the nf4 original (on the GPU when there is one) and the adapter is kept, unmerged."""
+    trains on the nf4 original and the adapter is kept, unmerged. Either trains on the GPU when there is one."""
     folder = folder_for(quantization)
     start = time.time()
-    loaded = models.load(models.EMBEDDED_KEY, quantization=quantization,
-                         device=None if quantization == "4bit" else "cpu")
+    loaded = models.load(models.EMBEDDED_KEY, quantization=quantization)
     _say(f"building the aligned base {_named(quantization)} (once, {build_time(str(loaded.device))})...")
     examples, counts = training_rows(loaded)
     work = home() / "cache" / f"align-run-{key}"
@@ -234,7 +235,7 @@ def _build(key: str, on_event: Callable[[train.Event], None], quantization: str 
                       checkpoint=checkpoint_folder(key), checkpoint_every=CHECKPOINT_EVERY)
     shutil.rmtree(checkpoint_folder(key), ignore_errors=True)     # train.train removed its file once finished
     publish = save_stacked if quantization == "4bit" else save_aligned
-    publish(run, key, counts, time.time() - start)
+    publish(run, key, counts, time.time() - start, str(loaded.device))
     _say(f"aligned base ready in {time.time() - start:.0f} s -> {folder}")
     return folder
 
@@ -290,7 +291,7 @@ def row_shape(n_refusals: int, settings: TrainSettings = ALIGN_SETTINGS, tokens:
     return shape
 
 
-def save_aligned(run: runs.Run, key: str, counts: dict, seconds: float) -> Path:
+def save_aligned(run: runs.Run, key: str, counts: dict, seconds: float, device: str = "cpu") -> Path:
     """Merge the alignment adapter in fp32 and publish the aligned base with its key marker."""
     folder = models.aligned_checkpoint()
     merged, tokenizer = _merge(run)
@@ -299,11 +300,11 @@ def save_aligned(run: runs.Run, key: str, counts: dict, seconds: float) -> Path:
     tokenizer.save_pretrained(tmp)
     runs.atomic_write_json(tmp / "safespace_align.json", {
         "key": key, "from": models.EMBEDDED_KEY, "examples": counts,
-        "settings": ALIGN_SETTINGS.to_dict(), "seconds": seconds})
+        "settings": ALIGN_SETTINGS.to_dict(), "seconds": seconds, "device": device})
     return runs.publish(tmp, folder)
 
 
-def save_stacked(run: runs.Run, key: str, counts: dict, seconds: float) -> Path:
+def save_stacked(run: runs.Run, key: str, counts: dict, seconds: float, device: str = "cpu") -> Path:
     """Publish the 4-bit aligned base's stage-0 adapter as it was trained, with its key marker: it is
     added, unmerged, over the nf4 original at load time (safespace.stack)."""
     folder = models.aligned_nf4_adapter()
@@ -312,7 +313,7 @@ def save_stacked(run: runs.Run, key: str, counts: dict, seconds: float) -> Path:
         (tmp / name).write_bytes((run.adapter / name).read_bytes())
     runs.atomic_write_json(tmp / "safespace_align.json", {
         "key": key, "from": models.EMBEDDED_KEY, "quantization": "4bit", "examples": counts,
-        "settings": settings_for("4bit").to_dict(), "seconds": seconds})
+        "settings": settings_for("4bit").to_dict(), "seconds": seconds, "device": device})
     return runs.publish(tmp, folder)
 
 

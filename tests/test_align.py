@@ -131,7 +131,7 @@ def test_a_killed_build_goes_on_from_its_checkpoint(tiny_model_dir, tmp_path, mo
     monkeypatch.setattr(align, "CHECKPOINT_EVERY", 2)
     monkeypatch.setattr(models, "load", lambda name, quantization="auto", device=None: real_load(tiny_model_dir, "none", "cpu"))
     monkeypatch.setattr(align, "training_rows", lambda loaded: (rows, {"refusals": 4, "benign": 4, "benign_repeats": 1}))
-    monkeypatch.setattr(align, "save_aligned", lambda run, key, counts, seconds: published.append(
+    monkeypatch.setattr(align, "save_aligned", lambda run, key, counts, seconds, device: published.append(
         load_file(str(run.adapter / "adapter_model.safetensors"))) or align.folder_for())
     monkeypatch.setenv("SAFESPACE_HOME", str(tmp_path / "home"))
     key = align.build_key(align.settings_for())
@@ -235,3 +235,22 @@ def test_the_4bit_stage0_is_published_as_trained(tiny_model_dir, tmp_path, monke
     assert not align.is_built()                       # the full-precision base is another build
     for name in ("adapter_config.json", "adapter_model.safetensors"):
         assert (folder / name).read_bytes() == (run.adapter / name).read_bytes()
+
+
+@pytest.mark.parametrize("quantization", ["none", "4bit"])
+def test_stage0_trains_on_the_gpu_when_there_is_one(tmp_path, monkeypatch, quantization):
+    monkeypatch.setenv("SAFESPACE_HOME", str(tmp_path))
+    monkeypatch.setattr(models, "pick_device", lambda device=None: device or "cuda:0")
+    asked = []
+
+    class Loaded(Exception):
+        pass
+
+    def load(name, quantization="auto", device=None):
+        asked.append(models.pick_device(device))
+        raise Loaded
+
+    monkeypatch.setattr(models, "load", load)
+    with pytest.raises(Loaded):
+        align._build(align.build_key(align.settings_for(quantization)), lambda event: None, quantization)
+    assert asked == ["cuda:0"]
