@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The GPU path in one call, on a CUDA machine without the model hub (about 8 minutes with the aligned
-# base already built; building it once runs on the CPU first):
-#   align       build the aligned base smollm2-135m-safe if it is not cached (`python -m safespace align`)
-#   align_4bit  build the 4-bit aligned base (stage 0 on the nf4 original, on the GPU) if it is not cached
+# The GPU path in one call, on a CUDA machine without the model hub. Measured on a fresh H200 (bench/RESULTS.md,
+# "GPU check"): align 258 s, demo_none 189 s, align_4bit about 6 min (projected), so the whole check comes to about 20 min
+# there; with both aligned bases already in the cache folder, well under half that. Phases, in this order:
+#   align       build the aligned base smollm2-135m-safe on the GPU if it is not cached (`python -m safespace align`)
 #   demo_none   bench/gpu_check.yaml (the demo at reduced size: plain, SafeGrad, Safe Delta) in bf16
+#   align_4bit  build the 4-bit aligned base (stage 0 on the nf4 original, on the GPU) if it is not cached
 #   demo_4bit   the same with `quantization: 4bit` (nf4)
 #   bench       bench/run.py --quick --json on CUDA
 # Each phase logs to OUT_DIR/<phase>.log; the last line on stdout is ONE JSON summary
@@ -69,8 +70,8 @@ phase() {
 }
 
 phase align "$PYTHON" -m safespace align --no-report
-phase align_4bit "$PYTHON" -m safespace align --quantization 4bit
 phase demo_none "$PYTHON" -m safespace run bench/gpu_check.yaml --out "$OUT_DIR/none" --overwrite
+phase align_4bit "$PYTHON" -m safespace align --quantization 4bit
 sed 's/^quantization: none\b/quantization: 4bit/' bench/gpu_check.yaml > "$OUT_DIR/gpu_check_4bit.yaml"
 grep -q '^quantization: 4bit' "$OUT_DIR/gpu_check_4bit.yaml" \
   || { echo "gpu_check: bench/gpu_check.yaml has no 'quantization: none' line to turn into 4bit" >&2; exit 2; }

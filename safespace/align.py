@@ -48,6 +48,9 @@ BENIGN_ANSWER_TOKENS: int | None = None
 BUILD_TIMES = {"bf16": "about 12 to 23 min", "fp32": "24 min or more", "avx2": "about 70 min"}
 BUILD_TIME = (f"{BUILD_TIMES['bf16']} on a 2-core CPU with bf16, {BUILD_TIMES['fp32']} without, "
               f"{BUILD_TIMES['avx2']} without AVX-512")
+# On an H200 (bench/RESULTS.md, "GPU check"): 600 steps in 227 s, 254 s with loading and the merge; nf4 ran
+# 1.74 steps/s for its first 220 steps, so about 6 min
+GPU_BUILD_TIMES = {"none": "about 4 min", "4bit": "about 6 min"}
 # Steps between the build's checkpoints: a killed build (a restarted app, a closed laptop) loses at most these
 # (about 2.5 min without AVX-512) and goes on, bit for bit, where it stopped; a save takes well under a step
 CHECKPOINT_EVERY = 20
@@ -62,12 +65,12 @@ log = logging.getLogger(__name__)
 _say = say     # console lines through the "safespace" logger
 
 
-def build_time(device: str | None = None) -> str:
-    """What a build takes on this machine, by the arithmetic it gives training, from the 2-core measurements
-    above; on a GPU, where it was not measured, what the CPUs take."""
+def build_time(device: str | None = None, quantization: str = "none") -> str:
+    """What a build takes on this machine: on a CPU by the arithmetic it gives training, from the 2-core
+    measurements above; on a GPU as timed on an H200 (launch-bound at this size: bench/RESULTS.md)."""
     device = device or models.pick_device(None)
     if not device.startswith("cpu"):
-        return f"not yet timed on a GPU; {BUILD_TIME}"
+        return f"{GPU_BUILD_TIMES[quantization]} on an NVIDIA H200, the one GPU it was timed on"
     if models.cpu_bf16(device):
         kind, cpu = "bf16", "a CPU with native bf16, as here"
     elif "avx512f" in models.cpu_flags():
@@ -226,7 +229,7 @@ def _build(key: str, on_event: Callable[[train.Event], None], quantization: str 
     folder = folder_for(quantization)
     start = time.time()
     loaded = models.load(models.EMBEDDED_KEY, quantization=quantization)
-    _say(f"building the aligned base {_named(quantization)} (once, {build_time(str(loaded.device))})...")
+    _say(f"building the aligned base {_named(quantization)} (once, {build_time(str(loaded.device), quantization)})...")
     examples, counts = training_rows(loaded)
     work = home() / "cache" / f"align-run-{key}"
     settings = settings_for(quantization)

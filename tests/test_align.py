@@ -162,7 +162,8 @@ def test_the_build_time_said_is_this_machines(monkeypatch):
     monkeypatch.setenv("SAFESPACE_PRECISION", "fp32")             # bf16 hardware left unused: fp32's time
     monkeypatch.setattr(models, "cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16"}))
     assert "24 min or more" in align.build_time("cpu")
-    assert "not yet timed on a GPU" in align.build_time("cuda:0")
+    assert "H200" in align.build_time("cuda:0") and "CPU" not in align.build_time("cuda:0")
+    assert align.build_time("cuda:0", "4bit") != align.build_time("cuda:0")      # nf4 steps are slower
 
 
 def test_a_job_waiting_for_the_warm_up_build_shows_its_steps(tmp_path, monkeypatch):

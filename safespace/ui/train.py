@@ -281,7 +281,7 @@ def _training_inputs(limits) -> tuple:
     quantization = gr.Radio(["auto", "4bit", "none"], value="auto", label="Quantization",
                             info="auto: 4-bit (nf4) on a GPU, full precision on CPU and for the 135M embedded models. "
                                  "4bit on the aligned base: its own stage 0, trained in nf4 (built once, "
-                                 f"{align.build_time()})")
+                                 f"{align.build_time(quantization='4bit')})")
     with gr.Row():
         steps = gr.Slider(1, limits.max_steps, value=min(DEFAULTS.steps, limits.max_steps), step=1,
                           label="Steps", info=f"optimizer steps (at most {limits.max_steps} on this shared "
