@@ -13,11 +13,21 @@
 #   bash bench/gpu_check.sh [OUT_DIR]     OUT_DIR default: $OUT, else a new temp folder
 #   PYTHON=...                            the interpreter (default .venv/bin/python, else python3)
 #   GPU_CHECK_BUDGET_S=470                seconds for all phases; a phase gets what is left, later ones are skipped
+#   GPU_CHECK_PHASES="align_4bit demo_4bit"   run only these phases (default all), e.g. the rest of a check
+#                                         whose first call ran out of time, on the same machine
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
 OUT_DIR="${1:-${OUT:-$(mktemp -d -t safespace-gpu-check-XXXXXX)}}"
 BUDGET_S="${GPU_CHECK_BUDGET_S:-470}"
+ALL_PHASES="align demo_none align_4bit demo_4bit bench"
+CHOSEN=" $(echo "${GPU_CHECK_PHASES:-$ALL_PHASES}" | tr ',' ' ') "
+for name in $CHOSEN; do
+  case " $ALL_PHASES " in
+    *" $name "*) ;;
+    *) echo "gpu_check: unknown phase '$name' in GPU_CHECK_PHASES; the phases are: $ALL_PHASES" >&2; exit 2 ;;
+  esac
+done
 if [ -z "${PYTHON:-}" ]; then
   if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
 fi
@@ -55,6 +65,10 @@ fi
 phase() {
   local name=$1 left t0 rc
   shift
+  case "$CHOSEN" in
+    *" $name "*) ;;
+    *) printf '%s\tnot chosen\t0\n' "$name" >> "$PHASES"; return 0 ;;
+  esac
   left=$(( BUDGET_S - ($(date +%s) - START) ))
   if [ "$left" -lt 20 ]; then
     printf '%s\tskipped\t0\n' "$name" >> "$PHASES"

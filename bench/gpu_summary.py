@@ -3,11 +3,11 @@
 
     python bench/gpu_summary.py OUT_DIR
 
-OUT_DIR holds what gpu_check.sh wrote: phases.tsv (one line per phase: name, exit status or
-"skipped", seconds), the demo run at each quantization (none/ and 4bit/, each a `safespace run`
-folder: results.json plus one run folder per variant) and bench.log (the output of
-`bench/run.py --quick --json`, whose last JSON line is its summary). Missing parts become null, so a
-check that stopped early is still summed up. Exit status: 0 when every phase finished with status 0.
+OUT_DIR holds what gpu_check.sh wrote: phases.tsv (one line per phase: name, exit status, "skipped" or
+"not chosen", seconds), the demo run at each quantization (none/ and 4bit/, each a `safespace run` folder:
+results.json plus one run folder per variant) and bench.log (the output of `bench/run.py --quick --json`,
+whose last JSON line is its summary). Missing parts become null, so a check that stopped early is still
+summed up. Exit status: 0 when every chosen phase finished with status 0.
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 QUANTIZATIONS = ("none", "4bit")
+NOT_CHOSEN = "not chosen"     # a phase left out by GPU_CHECK_PHASES
 BENCH_KEYS = ("safegrad_overhead", "train_vs_trl", "safedelta_seconds", "compare_speedup", "seconds")
 
 
@@ -117,9 +118,11 @@ def gpu() -> dict:
 
 def summarise(out: Path) -> dict:
     ran = phases(out)
+    chosen = {name: p for name, p in ran.items() if p["status"] != NOT_CHOSEN}
     demos = {q: demo(out / q) for q in QUANTIZATIONS}
     summary = {
-        "ok": bool(ran) and all(p["status"] == 0 for p in ran.values()) and all(demos.values()),
+        "ok": bool(chosen) and all(p["status"] == 0 for p in chosen.values())
+        and all(demos[q] for q in QUANTIZATIONS if f"demo_{q}" in chosen),
         "gpu": gpu(), "versions": versions(),
         "refusal": {q: d and d["refusal"] for q, d in demos.items()},
         "over_refusal": {q: d and d["over_refusal"] for q, d in demos.items()},

@@ -65,12 +65,14 @@ esac
 """ % json.dumps(BENCH_LINE)
 
 
-def run_with_stand_in(tmp_path, budget: int):
+def run_with_stand_in(tmp_path, budget: int, phases: str | None = None):
     python = tmp_path / "python"
     python.write_text(STAND_IN)
     python.chmod(0o755)
     env = dict(os.environ, PYTHON=str(python), REAL_PYTHON=sys.executable, CALLS=str(tmp_path / "calls"),
                GPU_CHECK_BUDGET_S=str(budget))
+    if phases is not None:
+        env["GPU_CHECK_PHASES"] = phases
     out = tmp_path / "out"
     done = subprocess.run(["bash", str(SCRIPT), str(out)], capture_output=True, text=True, env=env, timeout=120)
     calls = (tmp_path / "calls").read_text().splitlines() if (tmp_path / "calls").exists() else []
@@ -100,6 +102,23 @@ def test_a_spent_budget_skips_the_phases_and_still_sums_up(tmp_path):
     assert summary["ok"] is False and set(summary["status"].values()) == {"skipped"}
     assert summary["refusal"] == {"none": None, "4bit": None} and summary["bench"] is None
     assert not any("safespace run" in c for c in calls)
+
+
+def test_chosen_phases_run_alone_and_the_summary_judges_them_alone(tmp_path):
+    done, out, calls = run_with_stand_in(tmp_path, budget=470, phases="align_4bit,demo_4bit")
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout.splitlines()[-1])
+    assert summary["ok"] is True and summary["refusal"] == {"none": None, "4bit": {"base": 0.7}}
+    assert summary["status"] == {"align": "not chosen", "demo_none": "not chosen", "align_4bit": 0,
+                                 "demo_4bit": 0, "bench": "not chosen"}
+    assert [c for c in calls if c.startswith("-m safespace")] == [
+        "-m safespace align --quantization 4bit", f"-m safespace run {out}/gpu_check_4bit.yaml --out {out}/4bit --overwrite"]
+
+
+def test_an_unknown_phase_stops_at_once_with_one_clear_line(tmp_path):
+    done, out, calls = run_with_stand_in(tmp_path, budget=470, phases="align demo_8bit")
+    assert done.returncode == 2 and done.stdout == "" and not calls
+    assert "unknown phase 'demo_8bit'" in done.stderr and "align demo_none align_4bit demo_4bit bench" in done.stderr
 
 
 def test_the_summary_reads_each_demo_run_and_the_bench_line(tmp_path):
