@@ -28,7 +28,7 @@ import torch
 from . import data as data_mod
 from . import evaluate, locks, models, runs, train
 from .judge import KeywordJudge
-from .config import LoraSettings, TrainSettings, home
+from .config import LoraSettings, TrainSettings, home, on_zero_gpu
 from .log import say
 from .progress import console_progress
 
@@ -65,10 +65,16 @@ log = logging.getLogger(__name__)
 _say = say     # console lines through the "safespace" logger
 
 
+def build_device(quantization: str = "none") -> str:
+    """Where stage 0 trains: on the GPU when there is one. On ZeroGPU the full-precision build stays on the
+    CPU: the app's warm-up runs it outside a GPU call, and a GPU call's time limit is shorter than a build."""
+    return "cpu" if quantization != "4bit" and on_zero_gpu() else models.pick_device(None)
+
+
 def build_time(device: str | None = None, quantization: str = "none") -> str:
     """What a build takes on this machine: on a CPU by the arithmetic it gives training, from the 2-core
     measurements above; on a GPU as timed on an H200 (launch-bound at this size: bench/RESULTS.md)."""
-    device = device or models.pick_device(None)
+    device = device or build_device(quantization)
     if not device.startswith("cpu"):
         return f"{GPU_BUILD_TIMES[quantization]} on an NVIDIA H200, the one GPU it was timed on"
     if models.cpu_bf16(device):
@@ -228,7 +234,7 @@ def _build(key: str, on_event: Callable[[train.Event], None], quantization: str 
     trains on the nf4 original and the adapter is kept, unmerged. Either trains on the GPU when there is one."""
     folder = folder_for(quantization)
     start = time.time()
-    loaded = models.load(models.EMBEDDED_KEY, quantization=quantization)
+    loaded = models.load(models.EMBEDDED_KEY, quantization=quantization, device=build_device(quantization))
     _say(f"building the aligned base {_named(quantization)} (once, {build_time(str(loaded.device), quantization)})...")
     examples, counts = training_rows(loaded)
     work = home() / "cache" / f"align-run-{key}"

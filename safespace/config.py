@@ -169,3 +169,9 @@ def from_dict(cls, data: dict):
         return cls(**data)
     except TypeError as exc:  # wrong types that reach comparisons
         raise ConfigError(f"{cls.__name__}: {exc}") from None
+
+
+def on_zero_gpu() -> bool:
+    """Whether this is a ZeroGPU Space: its main process must not touch CUDA; a GPU exists only inside
+    `spaces.GPU` calls, each limited in time."""
+    return bool(os.environ.get("SPACES_ZERO_GPU"))

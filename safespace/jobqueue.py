@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import jobstore
-from .config import env_count
+from .config import env_count, on_zero_gpu
 
 log = logging.getLogger("safespace.jobs")
 
@@ -131,7 +131,7 @@ def worker_name() -> str:
     machine (the word accelerator only where there is one)."""
     if not _WORKER:
         name = "the shared machine"
-        if os.environ.get("SPACES_ZERO_GPU"):
+        if on_zero_gpu():
             name = "the shared GPU"
         else:
             try:
@@ -290,7 +290,7 @@ def default_workers(cpu_count: int | None, gpu_free_bytes: int | None = None, jo
 def gpu_free_bytes() -> int | None:
     """Free memory on the first CUDA device, or None without one (or on ZeroGPU, where the main
     process must not touch CUDA and each call gets its own GPU anyway)."""
-    if os.environ.get("SPACES_ZERO_GPU"):
+    if on_zero_gpu():
         return None
     try:
         import torch  # noqa: PLC0415 - only to ask about the device

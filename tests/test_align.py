@@ -238,9 +238,13 @@ def test_the_4bit_stage0_is_published_as_trained(tiny_model_dir, tmp_path, monke
         assert (folder / name).read_bytes() == (run.adapter / name).read_bytes()
 
 
-@pytest.mark.parametrize("quantization", ["none", "4bit"])
-def test_stage0_trains_on_the_gpu_when_there_is_one(tmp_path, monkeypatch, quantization):
+@pytest.mark.parametrize("quantization, zero_gpu, where", [
+    ("none", "", "cuda:0"), ("4bit", "", "cuda:0"),
+    ("none", "1", "cpu"),           # ZeroGPU: the app's warm-up builds outside a GPU call
+    ("4bit", "1", "cuda:0")])
+def test_stage0_trains_on_the_gpu_when_there_is_one(tmp_path, monkeypatch, quantization, zero_gpu, where):
     monkeypatch.setenv("SAFESPACE_HOME", str(tmp_path))
+    monkeypatch.setenv("SPACES_ZERO_GPU", zero_gpu)
     monkeypatch.setattr(models, "pick_device", lambda device=None: device or "cuda:0")
     asked = []
 
@@ -254,4 +258,5 @@ def test_stage0_trains_on_the_gpu_when_there_is_one(tmp_path, monkeypatch, quant
     monkeypatch.setattr(models, "load", load)
     with pytest.raises(Loaded):
         align._build(align.build_key(align.settings_for(quantization)), lambda event: None, quantization)
-    assert asked == ["cuda:0"]
+    assert asked == [where]
+    assert ("H200" in align.build_time(quantization=quantization)) == (where != "cpu")
