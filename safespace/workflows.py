@@ -273,8 +273,10 @@ def _ensure_base(ctx: JobContext, model: str, quantization: str = "auto") -> Non
     """Build the aligned base first when the plan trains on it and it is not built yet (in 4-bit: its own)."""
     from . import align, models
 
+    if model != models.ALIGNED_KEY:
+        return
     precision = align.precision_here(model, quantization)
-    if model == models.ALIGNED_KEY and not align.is_built(quantization=precision):
+    if not align.is_built(quantization=precision):
         started = time.time()
         ctx.progress(f"building the aligned base {model} (once; {align.build_time(quantization=precision)})...", 0.0,
                      type="align.begin")
