@@ -8,7 +8,8 @@ import pytest
 
 from safespace import align, compare, models, pipeline, presets, train
 
-N_PROMPTS = 40          # held-out AdvBench prompts: a 40-point gap is far outside sampling noise here
+N_PROMPTS = 32          # held-out AdvBench prompts: a 40-point gap is far outside sampling noise here
+NEW_TOKENS = 16         # a refusal or a compliance shows in its opening; fewer than the app's 24 keep the suite short
 CLEARLY = 0.4           # "clearly": 40 points of refusal
 
 
@@ -24,7 +25,7 @@ def story(tmp_path_factory):
     safedelta = pipeline.defend(sft.path, out / "safedelta")          # the app's defaults
     variants = {"base": None, "sft": sft.path, "safegrad": safegrad.path, "safedelta": safedelta.path}
     results, _ = compare.evaluate_variants(variants, None, n_harmful=N_PROMPTS, harmful_sets=["advbench"],
-                                           benign_sets=[], max_new_tokens=24)
+                                           benign_sets=[], max_new_tokens=NEW_TOKENS)
     return {name: entry["refusal"]["value"] for name, entry in results["variants"].items()}
 
 
