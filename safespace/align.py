@@ -43,9 +43,9 @@ BENIGN_MAX_NEW_TOKENS = 64
 # None: benign rows train on their whole answers; N: on their first N tokens, each row weighted to keep its
 # whole answer's share of the loss (0.60x a step; docs/stage0.md, "Fewer tokens")
 BENIGN_ANSWER_TOKENS: int | None = None
-# What a build costs on a 2-core CPU (docs/stage0.md, "Time"): 1362 s with bf16 matmuls in a slow session, steps
+# What a build costs on a 2-core CPU (docs/stage0.md, "Time"): 1362 to 1610 s with bf16 matmuls in slow sessions, steps
 # 1.37x faster than H's whole-row builds of 979-1438 s; fp32 1.34x bf16; without AVX-512 a build measured 62 min.
-BUILD_TIMES = {"bf16": "about 12 to 23 min", "fp32": "24 min or more", "avx2": "about 62 to 70 min"}
+BUILD_TIMES = {"bf16": "about 12 to 27 min", "fp32": "24 min or more", "avx2": "about 62 to 70 min"}
 BUILD_TIME = (f"{BUILD_TIMES['bf16']} on a 2-core CPU with bf16, {BUILD_TIMES['fp32']} without, "
               f"{BUILD_TIMES['avx2']} without AVX-512")
 # On an H200 (bench/RESULTS.md, "GPU check"): 600 steps in 227 s, 254 s with loading and the merge; nf4 ran
