@@ -586,7 +586,7 @@ def apply_auto(model, adapter_name: str, hessians: dict, settings: SafeDeltaSett
     A fine-tune that did not move the safety loss keeps everything; an attack gets the defence it
     needs. Returns (new_state, stats, report) as apply_to_adapter; report["rungs"] = the rungs
     measured, weakest defence first (a rung between two ladder rungs, "rung": None, is the refinement
-    of _refined_exclusion), report["chosen"] = the position of the one taken in that list.
+    of _refined_rung), report["chosen"] = the position of the one taken in that list.
     base: the aligned model's answer_start_loss on check_batches, when it is known already."""
     base = base or answer_start_loss(model, check_batches, None)
     base_loss = base["nll"].mean().item()
@@ -613,8 +613,8 @@ def apply_auto(model, adapter_name: str, hessians: dict, settings: SafeDeltaSett
     with models.bf16_linear_weights(models.decoder_body(model), models.cpu_bf16(device)):   # cast once
         chosen, values = first_within(positions, lambda i: measure(*AUTO_LADDER[i], i)["rise"],
                                       settings.tolerance, start=AUTO_START)
-        between = _refined_exclusion(chosen, values, settings.tolerance, {H.shape[0] for H in hessians.values()})
-        if between is not None and measure(1.0, between, None)["rise"] <= settings.tolerance:
+        between = _refined_rung(chosen, values, settings.tolerance, {H.shape[0] for H in hessians.values()})
+        if between is not None and measure(*between, None)["rise"] <= settings.tolerance:
             chosen = None
     trail.sort(key=lambda step: ladder_strength(math.inf if step["keep"] is None else step["keep"],
                                                 step["exclude_frac"]))
@@ -626,23 +626,30 @@ def apply_auto(model, adapter_name: str, hessians: dict, settings: SafeDeltaSett
     return new_state, stats, report
 
 
-def _refined_exclusion(chosen: int, values: dict, limit: float, widths: set) -> float | None:
-    """Between two neighbouring exclusion rungs, the last failing and the first passing: the fraction
-    where log(rise) crosses log(limit) on the line through them, rounded up to a whole column of the
-    widest layer, when it excludes a number of columns between the two on some layer (widths: the
-    layers' input sizes); else None. The ladder's steps are coarse (5 % is 29 columns of the embedded
-    model's 576) and a task can lean on the columns of one step: the refined rung, taken when within
-    the limit, stops at the crossing instead."""
-    if chosen < 1 or chosen - 1 not in values or limit <= 0:
-        return None
+def _refined_rung(chosen: int, values: dict, limit: float, widths: set) -> tuple[float, float] | None:
+    """Between two neighbouring rungs, the last failing and the first passing: (keep, exclude_frac) where
+    log(rise) crosses log(limit) on the line through them, rounded towards the stronger defence, when
+    that is strictly between the two; else None. Exclusion rungs (keep 1) are refined to a whole column
+    of the widest layer (widths: the layers' input sizes), keep rungs (one exclusion) to 0.01 of keep.
+    The ladder's steps are coarse (5 % is 29 columns of the embedded model's 576; keep moves by 0.2)
+    and a task can lean on what one step takes: the refined rung, taken when within the limit, stops at
+    the crossing instead."""
+    if chosen < 1 or chosen - 1 not in values or limit <= 0 or values[chosen] > limit:
+        return None                                    # nothing failed before it, or nothing passed
     (keep_lo, x_lo), (keep_hi, x_hi) = AUTO_LADDER[chosen - 1], AUTO_LADDER[chosen]
-    if min(keep_lo, keep_hi) < 1 or values[chosen] > limit:
-        return None                                    # not two exclusion rungs around the crossing
-    x = _log_crossing(x_lo, values[chosen - 1], x_hi, values[chosen], limit)   # falls: failing, then passing
-    widest = max(widths)
-    x = math.ceil(x * widest - 1e-9) / widest          # the first whole column at or past the crossing
-    if any(excluded_columns(x_lo, d) < excluded_columns(x, d) < excluded_columns(x_hi, d) for d in widths):
-        return x
+    if keep_hi == 1 and keep_lo >= 1:                  # two exclusion rungs (the first: the whole delta)
+        x = _log_crossing(x_lo, values[chosen - 1], x_hi, values[chosen], limit)   # falls: failing, then passing
+        widest = max(widths)
+        x = math.ceil(x * widest - 1e-9) / widest      # the first whole column at or past the crossing
+        if any(excluded_columns(x_lo, d) < excluded_columns(x, d) < excluded_columns(x_hi, d) for d in widths):
+            return 1.0, x
+        return None
+    if x_lo == x_hi and keep_hi < keep_lo <= 1:        # two keep rungs at one exclusion: keep given up falls
+        given = _log_crossing(1 - keep_lo, values[chosen - 1], 1 - keep_hi, values[chosen], limit)
+        if given is None:
+            return None
+        keep = math.floor(round((1 - given) * 100, 6)) / 100      # the first 0.01 of keep at or past it
+        return (keep, x_hi) if keep_hi < keep < keep_lo else None
     return None
 
 

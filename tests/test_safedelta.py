@@ -601,8 +601,9 @@ def test_automatic_budget_climbs_the_ladder_until_the_measured_loss_is_within_to
     for rung in mid["rungs"]:                                # each measured rise is that rung's own
         if rung["rung"] is not None:
             assert rung["rise"] == pytest.approx(rises[rung["rung"]], abs=1e-3)
-        else:                                                # a refined exclusion, between two rungs
-            state, _ = apply_to_adapter(model, "default", hessians, SafeDeltaSettings(keep=1.0, exclude_frac=rung["exclude_frac"]))
+        else:                                                # a refined rung, between two rungs
+            state, _ = apply_to_adapter(model, "default", hessians,
+                                        SafeDeltaSettings(keep=rung["keep"], exclude_frac=rung["exclude_frac"]))
             with edited_lora(model, "default", state):
                 alone = answer_start_loss(model, checks, "default", precision="fp32")["nll"].mean().item() - base
             assert rung["rise"] == pytest.approx(alone, abs=1e-3)
@@ -635,21 +636,37 @@ def test_sweep_in_lora_coordinates_equals_the_full_size_sweep(budget, compensate
 
 
 def test_refinement_excludes_the_first_whole_column_past_the_interpolated_crossing():
-    from safespace.safedelta import _refined_exclusion
+    from safespace.safedelta import _refined_rung
     at = lambda x: next(i for i, (keep, exclude) in enumerate(AUTO_LADDER) if keep == 1.0 and exclude == x)
     six, seven = at(0.06), at(0.07)
     # log-linear from 0.101 at 6 % (34 of 576 columns) to 0.074 at 7 % (40): 0.1 at 6.03 % -> 35 columns
-    x = _refined_exclusion(seven, {six: 0.101, seven: 0.074}, 0.1, {576})
-    assert math.floor(x * 576 + 1e-9) == 35
+    keep, x = _refined_rung(seven, {six: 0.101, seven: 0.074}, 0.1, {576})
+    assert keep == 1.0 and math.floor(x * 576 + 1e-9) == 35
     assert 0.06 < x < 0.07
     # the crossing right at the passing rung: no whole column in between -> nothing to refine
-    assert _refined_exclusion(seven, {six: 0.2, seven: 0.0999}, 0.1, {576}) is None
-    assert _refined_exclusion(seven, {six: 0.101, seven: 0.074}, 0.1, {32}) is None     # 1 column apart
-    assert _refined_exclusion(seven, {seven: 0.074}, 0.1, {576}) is None                # below not measured
-    assert _refined_exclusion(0, {0: 0.05}, 0.1, {576}) is None                         # the whole delta passed
-    assert _refined_exclusion(seven, {six: 0.3, seven: 0.2}, 0.1, {576}) is None        # none passed
-    last = len(AUTO_LADDER) - 1                                 # keep rungs are not refined
-    assert _refined_exclusion(last, {last - 1: 0.2, last: 0.05}, 0.1, {576}) is None
+    assert _refined_rung(seven, {six: 0.2, seven: 0.0999}, 0.1, {576}) is None
+    assert _refined_rung(seven, {six: 0.101, seven: 0.074}, 0.1, {32}) is None     # 1 column apart
+    assert _refined_rung(seven, {seven: 0.074}, 0.1, {576}) is None                # below not measured
+    assert _refined_rung(0, {0: 0.05}, 0.1, {576}) is None                         # the whole delta passed
+    assert _refined_rung(seven, {six: 0.3, seven: 0.2}, 0.1, {576}) is None        # none passed
+
+
+def test_refinement_between_keep_rungs_takes_the_first_hundredth_past_the_crossing():
+    from safespace.safedelta import _refined_rung
+    at = lambda k: next(i for i, (keep, exclude) in enumerate(AUTO_LADDER) if keep == k and exclude == 0.4)
+    eight, six = at(0.8), at(0.6)
+    assert six == eight + 1
+    # log(rise) linear in the keep given up: 0.081 at keep 0.8, 0.033 at 0.6 -> 0.08 at keep 0.797 -> 0.79
+    assert _refined_rung(six, {eight: 0.081, six: 0.033}, 0.08, {576}) == (0.79, 0.4)
+    # crossing halfway in log: 0.16 at 0.8, 0.04 at 0.6, limit 0.08 -> keep 0.7 exactly
+    assert _refined_rung(six, {eight: 0.16, six: 0.04}, 0.08, {576}) == (0.7, 0.4)
+    # the crossing within 0.01 of the passing rung: nothing strictly between
+    assert _refined_rung(six, {eight: 0.5, six: 0.0801}, 0.08, {576}) is None
+    assert _refined_rung(six, {eight: 0.2, six: 0.09}, 0.08, {576}) is None        # none passed
+    first_keep = at(1.0)                                        # 40 % excluded, keep 1 -> keep 0.8
+    assert first_keep + 1 == eight
+    keep, x = _refined_rung(eight, {first_keep: 0.1, eight: 0.06}, 0.08, {576})
+    assert 0.8 < keep < 1.0 and x == 0.4
 
 
 @torch.no_grad()
